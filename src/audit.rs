@@ -1,0 +1,286 @@
+//! The audit: every entry of a `CacheIndex` judged against what storage holds, producing
+//! findings and a summary. It decides kinds, severities and `live`; blob checks come
+//! from `rehash` (the parallel part), link checks from `storage`. It never writes
+//! anything, and never reads Redis itself.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::cache_index::{self, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash};
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind, Severity};
+use crate::rehash::{self, BlobCheck, Content};
+use crate::storage::Storage;
+
+#[derive(Debug, Clone, Copy)]
+pub struct AuditOptions {
+    pub jobs: usize,
+    pub quick: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Registry-shaped keys read.
+    pub keys_scanned: u64,
+    /// Members of repository sets read.
+    pub set_members_scanned: u64,
+    /// Keys of other applications in the same database, left alone.
+    pub foreign_keys_skipped: u64,
+    /// Distinct digests checked against storage.
+    pub blobs_checked: u64,
+    /// Of those, how many storage does not have.
+    pub blobs_absent: u64,
+    pub bytes_hashed: u64,
+    pub findings_by_kind: BTreeMap<Kind, u64>,
+    pub errors: u64,
+    pub warnings: u64,
+    /// Findings about entries the registry serves as hits.
+    pub live: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub findings: Vec<Finding>,
+    pub summary: Summary,
+}
+
+/// Audits every entry of `index` against `storage`.
+pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions) -> Result<Audit, String> {
+    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
+    digests.sort_unstable();
+    let totals = rehash::Totals::default();
+    let checks = rehash::verify(storage, &digests, opts.jobs, opts.quick, &totals)?;
+
+    let mut findings = Vec::new();
+    let mut absent = 0;
+    for (d, check) in digests.iter().zip(&checks) {
+        let Some(entry) = index.entry(d) else {
+            continue;
+        };
+        if *check == BlobCheck::Absent {
+            absent += 1;
+        }
+        judge(storage, &index, d, entry, check, &mut findings);
+    }
+
+    let counts = index.counts;
+    findings.extend(index.into_malformed());
+    finding::sort(&mut findings);
+    findings.dedup();
+
+    let mut summary = Summary {
+        keys_scanned: counts.keys,
+        set_members_scanned: counts.set_members,
+        foreign_keys_skipped: counts.foreign_keys,
+        blobs_checked: digests.len() as u64,
+        blobs_absent: absent,
+        bytes_hashed: totals.bytes_hashed.load(Ordering::Relaxed),
+        findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
+        ..Summary::default()
+    };
+    for f in &findings {
+        *summary.findings_by_kind.entry(f.kind).or_default() += 1;
+        match f.severity {
+            Severity::Error => summary.errors += 1,
+            Severity::Warning => summary.warnings += 1,
+        }
+        summary.live += u64::from(f.live);
+    }
+    Ok(Audit { findings, summary })
+}
+
+fn severity_by_live(live: bool) -> Severity {
+    if live {
+        Severity::Error
+    } else {
+        Severity::Warning
+    }
+}
+
+/// Findings for one digest's entries.
+fn judge(
+    storage: &Storage,
+    index: &CacheIndex,
+    d: &Digest,
+    entry: &DigestEntry,
+    check: &BlobCheck,
+    out: &mut Vec<Finding>,
+) {
+    let global_live = entry.global_live();
+    let global = entry
+        .global
+        .filter(|g| matches!(g, GlobalEntry::Hash { .. }));
+    let finding =
+        |kind, severity, live, repository: Option<&str>, key: String, detail: String| Finding {
+            kind,
+            severity,
+            live,
+            digest: Some(*d),
+            repository: repository.map(str::to_string),
+            key,
+            member: None,
+            detail,
+        };
+    match check {
+        BlobCheck::Absent => {
+            if let Some(g) = global {
+                let detail = if global_live {
+                    "blob data is absent from storage, yet the registry serves this descriptor: clients are told the blob exists".to_string()
+                } else {
+                    format!(
+                        "blob data is absent from storage; inert ({})",
+                        global_inert_reason(&g)
+                    )
+                };
+                out.push(finding(
+                    Kind::PhantomBlobDescriptor,
+                    severity_by_live(global_live),
+                    global_live,
+                    None,
+                    cache_index::global_key(d),
+                    detail,
+                ));
+            }
+            for r in &entry.repos {
+                let repo = index.repo_name(r.repo);
+                let Some(key) = repo_entry_key(repo, d, r) else {
+                    continue;
+                };
+                let live = entry.repo_live(r);
+                let detail = if live {
+                    format!(
+                        "blob data is absent from storage, yet {repo} answers that the blob exists"
+                    )
+                } else {
+                    format!(
+                        "blob data is absent from storage; inert ({})",
+                        repo_inert_reason(entry, r)
+                    )
+                };
+                out.push(finding(
+                    Kind::PhantomRepositoryBlob,
+                    severity_by_live(live),
+                    live,
+                    Some(repo),
+                    key,
+                    detail,
+                ));
+            }
+        }
+        BlobCheck::Unreadable { reason } => {
+            let key = primary_key(index, d, entry);
+            out.push(finding(
+                Kind::UnreadableBlob,
+                Severity::Error,
+                global_live,
+                None,
+                key,
+                format!("blob cannot be read: {reason}"),
+            ));
+        }
+        BlobCheck::Present { size, content } => {
+            if let Some(cached) = global.and_then(|g| g.cached_size())
+                && cached != *size as i64
+            {
+                out.push(finding(
+                    Kind::SizeMismatch,
+                    severity_by_live(global_live),
+                    global_live,
+                    None,
+                    cache_index::global_key(d),
+                    format!("cached size {cached} but storage holds {size} bytes"),
+                ));
+            }
+            if let Content::Mismatch { actual } = content {
+                out.push(finding(
+                    Kind::DigestMismatch,
+                    Severity::Error,
+                    global_live,
+                    None,
+                    primary_key(index, d, entry),
+                    format!(
+                        "stored content hashes to {actual}: the blob is corrupt; restore it from a backup or delete it and push the image again"
+                    ),
+                ));
+            }
+            for r in &entry.repos {
+                let repo = index.repo_name(r.repo);
+                if r.member {
+                    if !storage.is_linked(repo, d) {
+                        let live = entry.repo_live(r);
+                        out.push(finding(
+                            Kind::UnlinkedRepositoryBlob,
+                            Severity::Warning,
+                            live,
+                            Some(repo),
+                            cache_index::repo_set_key(repo),
+                            format!(
+                                "blob exists but {repo} has no _layers or _manifests/revisions link to it{}",
+                                if live { "; the registry serves it in this repository" } else { "" }
+                            ),
+                        ));
+                    }
+                } else if matches!(r.hash, RepoHash::WithMediatype | RepoHash::WithoutMediatype) {
+                    out.push(finding(
+                        Kind::OrphanRepositoryDescriptor,
+                        Severity::Warning,
+                        false,
+                        Some(repo),
+                        cache_index::repo_hash_key(repo, d),
+                        format!(
+                            "per-repository descriptor without the digest in {}",
+                            cache_index::repo_set_key(repo)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The key a repository entry is reported under: the set when the digest is a member
+/// (membership is what makes the registry answer), else the per-repository hash.
+fn repo_entry_key(repo: &str, d: &Digest, r: &RepoEntry) -> Option<String> {
+    if r.member {
+        Some(cache_index::repo_set_key(repo))
+    } else if matches!(r.hash, RepoHash::WithMediatype | RepoHash::WithoutMediatype) {
+        Some(cache_index::repo_hash_key(repo, d))
+    } else {
+        None
+    }
+}
+
+/// The key a finding about the blob itself is reported under.
+fn primary_key(index: &CacheIndex, d: &Digest, entry: &DigestEntry) -> String {
+    if entry.global.is_some() {
+        return cache_index::global_key(d);
+    }
+    entry
+        .repos
+        .iter()
+        .filter_map(|r| repo_entry_key(index.repo_name(r.repo), d, r))
+        .min()
+        .unwrap_or_else(|| cache_index::global_key(d))
+}
+
+fn global_inert_reason(g: &GlobalEntry) -> &'static str {
+    match g {
+        GlobalEntry::Hash {
+            has_digest: false, ..
+        } => "no digest field, so the registry misses",
+        GlobalEntry::Hash { .. } => "no usable size field, so the registry misses",
+        GlobalEntry::WrongType => "not a hash",
+    }
+}
+
+fn repo_inert_reason(entry: &DigestEntry, r: &RepoEntry) -> &'static str {
+    if !r.member {
+        "the digest is not in the repository set"
+    } else if !entry.global_live() {
+        "the global descriptor is missing or unusable"
+    } else {
+        "the repository hash has no mediatype field"
+    }
+}

@@ -1,0 +1,535 @@
+//! The registry's blob-descriptor cache as a compact per-digest index, whatever it was
+//! read from. This module owns the registry's key shapes (`blobs::<digest>`,
+//! `repository::<name>::blobs`, `repository::<name>::blobs::<digest>`), the checks that
+//! turn an unusable entry into a `malformed-cache-entry` finding, and the registry's rule
+//! for when an entry is served as a hit (`live`). It never talks to Redis or storage:
+//! `redis_cache` feeds it.
+
+use std::collections::HashMap;
+
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind, Severity};
+use crate::repo_name;
+
+/// What a raw key is, by its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyShape {
+    /// `blobs::<digest>`: the global descriptor hash.
+    Global(Digest),
+    /// `repository::<name>::blobs`: the set of digests known in a repository.
+    RepoSet(String),
+    /// `repository::<name>::blobs::<digest>`: the per-repository descriptor hash.
+    RepoHash(String, Digest),
+    /// Registry-shaped, but the registry could never look it up.
+    Malformed {
+        repository: Option<String>,
+        reason: String,
+    },
+    /// Not the registry's: another application's key.
+    Foreign,
+}
+
+pub const GLOBAL_PREFIX: &[u8] = b"blobs::";
+pub const REPO_PREFIX: &[u8] = b"repository::";
+const SET_SUFFIX: &[u8] = b"::blobs";
+const HASH_INFIX: &[u8] = b"::blobs::";
+
+pub fn global_key(d: &Digest) -> String {
+    format!("blobs::{d}")
+}
+
+pub fn repo_set_key(repo: &str) -> String {
+    format!("repository::{repo}::blobs")
+}
+
+pub fn repo_hash_key(repo: &str, d: &Digest) -> String {
+    format!("repository::{repo}::blobs::{d}")
+}
+
+/// Classifies a raw Redis key by the registry's key shapes.
+pub fn classify(key: &[u8]) -> KeyShape {
+    if let Some(rest) = key.strip_prefix(GLOBAL_PREFIX) {
+        return match Digest::parse(rest) {
+            Some(d) => KeyShape::Global(d),
+            None => KeyShape::Malformed {
+                repository: None,
+                reason: format!("'{}' is not a valid digest", finding::escape(rest)),
+            },
+        };
+    }
+    let Some(rest) = key.strip_prefix(REPO_PREFIX) else {
+        return KeyShape::Foreign;
+    };
+    let (name, digest) = if let Some(name) = rest.strip_suffix(SET_SUFFIX) {
+        (name, None)
+    } else if let Some(at) = find(rest, HASH_INFIX) {
+        (&rest[..at], Some(&rest[at + HASH_INFIX.len()..]))
+    } else {
+        return KeyShape::Foreign;
+    };
+    let repository = match std::str::from_utf8(name) {
+        Ok(n) if repo_name::is_valid(n) => n.to_string(),
+        _ => {
+            return KeyShape::Malformed {
+                repository: None,
+                reason: format!("'{}' is not a valid repository name", finding::escape(name)),
+            };
+        }
+    };
+    match digest {
+        None => KeyShape::RepoSet(repository),
+        Some(raw) => match Digest::parse(raw) {
+            Some(d) => KeyShape::RepoHash(repository, d),
+            None => KeyShape::Malformed {
+                repository: Some(repository),
+                reason: format!("'{}' is not a valid digest", finding::escape(raw)),
+            },
+        },
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The `size` field of a global descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeField {
+    Missing,
+    Valid(i64),
+    /// Present but not an integer: the registry's read fails, a miss.
+    Invalid,
+}
+
+/// A `blobs::<digest>` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalEntry {
+    Hash {
+        has_digest: bool,
+        size: SizeField,
+    },
+    /// Not a hash: every lookup errors, a miss.
+    WrongType,
+}
+
+impl GlobalEntry {
+    /// The registry serves the global descriptor when the hash has both `digest` and a
+    /// `size` it can parse as an integer (a missing `mediatype` does not matter).
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            GlobalEntry::Hash {
+                has_digest: true,
+                size: SizeField::Valid(_)
+            }
+        )
+    }
+
+    pub fn cached_size(&self) -> Option<i64> {
+        match self {
+            GlobalEntry::Hash {
+                size: SizeField::Valid(s),
+                ..
+            } => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+/// The `repository::<name>::blobs::<digest>` hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoHash {
+    Absent,
+    WithMediatype,
+    /// The hash exists without `mediatype`: the registry's HGET finds nothing, a miss.
+    WithoutMediatype,
+    WrongType,
+}
+
+/// One repository's entries for one digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoEntry {
+    pub repo: u32,
+    /// The digest is a member of `repository::<name>::blobs`.
+    pub member: bool,
+    pub hash: RepoHash,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DigestEntry {
+    pub global: Option<GlobalEntry>,
+    pub repos: Vec<RepoEntry>,
+}
+
+impl DigestEntry {
+    pub fn global_live(&self) -> bool {
+        self.global.is_some_and(|g| g.is_live())
+    }
+
+    /// The registry answers a repository-scoped lookup from the cache only when the
+    /// digest is in the repository's set, the global descriptor is live, and the
+    /// repository hash has a `mediatype` field.
+    pub fn repo_live(&self, entry: &RepoEntry) -> bool {
+        entry.member && self.global_live() && entry.hash == RepoHash::WithMediatype
+    }
+}
+
+/// Raw fields read from a global descriptor hash.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalFields<'a> {
+    pub digest: Option<&'a [u8]>,
+    pub size: Option<&'a [u8]>,
+    pub length: Option<&'a [u8]>,
+}
+
+/// Counts of what was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanCounts {
+    /// Registry-shaped keys read.
+    pub keys: u64,
+    /// Members of repository sets read.
+    pub set_members: u64,
+    /// Keys of other applications, skipped.
+    pub foreign_keys: u64,
+}
+
+/// Every registry-shaped cache entry, indexed by digest, plus the findings about
+/// entries that could not be indexed because they are malformed.
+#[derive(Debug, Default)]
+pub struct CacheIndex {
+    repos: Vec<String>,
+    repo_ids: HashMap<String, u32>,
+    digests: HashMap<Digest, DigestEntry>,
+    malformed: Vec<Finding>,
+    pub counts: ScanCounts,
+}
+
+impl CacheIndex {
+    pub fn new() -> CacheIndex {
+        CacheIndex::default()
+    }
+
+    pub fn repo_name(&self, id: u32) -> &str {
+        &self.repos[id as usize]
+    }
+
+    pub fn digests(&self) -> impl Iterator<Item = (&Digest, &DigestEntry)> {
+        self.digests.iter()
+    }
+
+    pub fn entry(&self, d: &Digest) -> Option<&DigestEntry> {
+        self.digests.get(d)
+    }
+
+    pub fn digest_count(&self) -> usize {
+        self.digests.len()
+    }
+
+    pub fn has_global(&self, d: &Digest) -> bool {
+        self.digests.get(d).is_some_and(|e| e.global.is_some())
+    }
+
+    pub fn into_malformed(self) -> Vec<Finding> {
+        self.malformed
+    }
+
+    pub fn malformed(&self) -> &[Finding] {
+        &self.malformed
+    }
+
+    fn repo_id(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.repo_ids.get(name) {
+            return id;
+        }
+        let id = self.repos.len() as u32;
+        self.repos.push(name.to_string());
+        self.repo_ids.insert(name.to_string(), id);
+        id
+    }
+
+    fn repo_entry(&mut self, repo: &str, d: Digest) -> &mut RepoEntry {
+        let id = self.repo_id(repo);
+        let entry = self.digests.entry(d).or_default();
+        let pos = match entry.repos.iter().position(|r| r.repo == id) {
+            Some(p) => p,
+            None => {
+                entry.repos.push(RepoEntry {
+                    repo: id,
+                    member: false,
+                    hash: RepoHash::Absent,
+                });
+                entry.repos.len() - 1
+            }
+        };
+        &mut entry.repos[pos]
+    }
+
+    /// Records a malformed registry-shaped key.
+    pub fn add_malformed_key(&mut self, key: &[u8], repository: Option<String>, reason: String) {
+        self.malformed
+            .push(malformed(None, repository, key, None, reason));
+    }
+
+    /// Records a `blobs::<digest>` key of a type other than hash.
+    pub fn add_global_wrong_type(&mut self, key: &[u8], d: Digest, redis_type: &str) {
+        self.digests.entry(d).or_default().global = Some(GlobalEntry::WrongType);
+        self.malformed.push(malformed(
+            Some(d),
+            None,
+            key,
+            None,
+            format!("is a {redis_type}, not a hash: the registry cannot read it"),
+        ));
+    }
+
+    /// Records a `blobs::<digest>` hash from its raw fields.
+    pub fn add_global(&mut self, key: &[u8], d: Digest, fields: GlobalFields<'_>) {
+        let size = match fields.size {
+            None => SizeField::Missing,
+            Some(raw) => match std::str::from_utf8(raw)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(n) => SizeField::Valid(n),
+                None => SizeField::Invalid,
+            },
+        };
+        let entry = GlobalEntry::Hash {
+            has_digest: fields.digest.is_some(),
+            size,
+        };
+        let live = entry.is_live();
+        let mut problems = Vec::new();
+        match (size, fields.size) {
+            (SizeField::Invalid, Some(raw)) => {
+                problems.push(format!("size '{}' is not an integer", finding::escape(raw)))
+            }
+            (SizeField::Valid(n), _) if n < 0 => problems.push(format!("size {n} is negative")),
+            _ => {}
+        }
+        if let Some(raw) = fields.digest
+            && Digest::parse(raw) != Some(d)
+        {
+            problems.push(format!(
+                "digest field '{}' disagrees with the key",
+                finding::escape(raw)
+            ));
+        }
+        if !problems.is_empty() {
+            let mut f = malformed(Some(d), None, key, None, problems.join("; "));
+            f.live = live;
+            self.malformed.push(f);
+        }
+        let _ = fields.length; // the old `length` field alone is a miss: not malformed
+        self.digests.entry(d).or_default().global = Some(entry);
+    }
+
+    /// Records one member of `repository::<repo>::blobs`.
+    pub fn add_member(&mut self, set_key: &[u8], repo: &str, member: &[u8]) {
+        self.counts.set_members += 1;
+        match Digest::parse(member) {
+            Some(d) => self.repo_entry(repo, d).member = true,
+            None => self.malformed.push(malformed(
+                None,
+                Some(repo.to_string()),
+                set_key,
+                Some(member),
+                format!("member '{}' is not a valid digest", finding::escape(member)),
+            )),
+        }
+    }
+
+    /// Records a repository set key of a type other than set.
+    pub fn add_set_wrong_type(&mut self, key: &[u8], repo: &str, redis_type: &str) {
+        self.malformed.push(malformed(
+            None,
+            Some(repo.to_string()),
+            key,
+            None,
+            format!("is a {redis_type}, not a set: the registry cannot read it"),
+        ));
+    }
+
+    /// Records a `repository::<repo>::blobs::<digest>` key.
+    pub fn add_repo_hash(
+        &mut self,
+        key: &[u8],
+        repo: &str,
+        d: Digest,
+        hash: RepoHash,
+        redis_type: &str,
+    ) {
+        self.repo_entry(repo, d).hash = hash;
+        if hash == RepoHash::WrongType {
+            self.malformed.push(malformed(
+                Some(d),
+                Some(repo.to_string()),
+                key,
+                None,
+                format!("is a {redis_type}, not a hash: the registry cannot read it"),
+            ));
+        }
+    }
+}
+
+fn malformed(
+    digest: Option<Digest>,
+    repository: Option<String>,
+    key: &[u8],
+    member: Option<&[u8]>,
+    detail: String,
+) -> Finding {
+    Finding {
+        kind: Kind::MalformedCacheEntry,
+        severity: Severity::Warning,
+        live: false,
+        digest,
+        repository,
+        key: finding::escape(key),
+        member: member.map(finding::escape),
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn d() -> Digest {
+        Digest::parse_str(D).expect("digest")
+    }
+
+    #[test]
+    fn classifies_the_registry_key_shapes() {
+        assert_eq!(
+            classify(format!("blobs::{D}").as_bytes()),
+            KeyShape::Global(d())
+        );
+        assert_eq!(
+            classify(b"repository::team/app::blobs"),
+            KeyShape::RepoSet("team/app".into())
+        );
+        assert_eq!(
+            classify(format!("repository::team/app::blobs::{D}").as_bytes()),
+            KeyShape::RepoHash("team/app".into(), d())
+        );
+    }
+
+    #[test]
+    fn hostile_keys_are_malformed_and_foreign_keys_are_not_ours() {
+        for bad in [
+            &b"blobs::sha256:../../etc/passwd"[..],
+            b"blobs::",
+            b"repository::../../etc::blobs",
+            b"repository::\xff::blobs",
+            b"repository::a/b::blobs::sha256:zz",
+            b"repository::::blobs",
+        ] {
+            assert!(
+                matches!(classify(bad), KeyShape::Malformed { .. }),
+                "{}",
+                finding::escape(bad)
+            );
+        }
+        for foreign in [
+            &b"session:42"[..],
+            b"repository::x",
+            b"blob::x",
+            b"myapp::blobs::x",
+        ] {
+            assert_eq!(classify(foreign), KeyShape::Foreign);
+        }
+    }
+
+    #[test]
+    fn live_follows_the_registry_lookup() {
+        let mut idx = CacheIndex::new();
+        let key = format!("blobs::{D}");
+        idx.add_global(
+            key.as_bytes(),
+            d(),
+            GlobalFields {
+                digest: Some(D.as_bytes()),
+                size: Some(b"12"),
+                length: None,
+            },
+        );
+        let set = b"repository::a::blobs";
+        idx.add_member(set, "a", D.as_bytes());
+        idx.add_member(set, "b", D.as_bytes());
+        idx.add_repo_hash(b"k", "a", d(), RepoHash::WithMediatype, "hash");
+        idx.add_repo_hash(b"k", "b", d(), RepoHash::WithoutMediatype, "hash");
+        idx.add_repo_hash(b"k", "c", d(), RepoHash::WithMediatype, "hash");
+        let e = idx.entry(&d()).expect("entry");
+        assert!(e.global_live());
+        let live: Vec<(String, bool)> = e
+            .repos
+            .iter()
+            .map(|r| (idx.repo_name(r.repo).to_string(), e.repo_live(r)))
+            .collect();
+        assert_eq!(
+            live,
+            vec![("a".into(), true), ("b".into(), false), ("c".into(), false)]
+        );
+        assert!(idx.malformed().is_empty());
+    }
+
+    #[test]
+    fn unusable_global_fields_are_malformed_and_not_live() {
+        let mut idx = CacheIndex::new();
+        let key = format!("blobs::{D}");
+        idx.add_global(
+            key.as_bytes(),
+            d(),
+            GlobalFields {
+                digest: Some(D.as_bytes()),
+                size: Some(b"twelve"),
+                length: None,
+            },
+        );
+        assert!(!idx.entry(&d()).expect("entry").global_live());
+        assert_eq!(idx.malformed().len(), 1);
+        assert!(!idx.malformed()[0].live);
+
+        // Only the old `length` field: a miss, but normal for old entries.
+        let mut idx = CacheIndex::new();
+        idx.add_global(
+            key.as_bytes(),
+            d(),
+            GlobalFields {
+                digest: Some(D.as_bytes()),
+                size: None,
+                length: Some(b"12"),
+            },
+        );
+        assert!(!idx.entry(&d()).expect("entry").global_live());
+        assert!(idx.malformed().is_empty());
+
+        // A digest field naming another blob is served as it is: live and malformed.
+        let mut idx = CacheIndex::new();
+        idx.add_global(
+            key.as_bytes(),
+            d(),
+            GlobalFields {
+                digest: Some(b"sha256:0000"),
+                size: Some(b"-1"),
+                length: None,
+            },
+        );
+        assert_eq!(idx.malformed().len(), 1);
+        assert!(idx.malformed()[0].live);
+        assert!(idx.malformed()[0].detail.contains("negative"));
+    }
+
+    #[test]
+    fn bad_members_are_findings_with_the_raw_member() {
+        let mut idx = CacheIndex::new();
+        idx.add_member(b"repository::a::blobs", "a", b"sha256:\xff..");
+        let f = &idx.malformed()[0];
+        assert_eq!(f.member.as_deref(), Some("sha256:\\xff.."));
+        assert_eq!(f.digest, None);
+        assert_eq!(f.repository.as_deref(), Some("a"));
+    }
+}

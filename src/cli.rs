@@ -1,0 +1,93 @@
+//! The command line, as clap parses it. Nothing here is validated beyond what clap
+//! checks itself; `settings` turns these flags into the checked values the rest of the
+//! program uses.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "registry-audit",
+    version,
+    about = "Finds the blob-descriptor cache entries of a container registry that storage no longer backs, and verifies its blobs",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compare the Redis cache with storage and report every wrong entry (read-only).
+    ///
+    /// Exit status: 0 nothing at or above --fail-on, 1 findings at or above it,
+    /// 2 could not run.
+    Check(CheckArgs),
+}
+
+/// Where the registry's storage and cache are.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// The registry's config.yml: storage root, cache kind and Redis settings are read from
+    /// it, with the registry's REGISTRY_* environment overrides.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The storage root (storage.filesystem.rootdirectory); overrides the config.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Redis URL: redis://[user:pass@]host:port/db, rediss://... (TLS) or
+    /// redis+unix:///path.sock; overrides the config.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Keys asked for per SCAN call (and per pipeline).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub scan_count: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailOn {
+    Error,
+    Warning,
+    Never,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Report format [default: table on a terminal, json otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Write the report to FILE (atomically) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exit 1 when a finding of this severity or worse is found.
+    #[arg(long, value_enum, default_value = "error")]
+    pub fail_on: FailOn,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Hashing threads [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Check existence and size only; do not re-hash blobs.
+    #[arg(long)]
+    pub quick: bool,
+}

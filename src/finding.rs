@@ -1,0 +1,184 @@
+//! Findings: what the audit found wrong, as plain data. One `Finding` type whose `kind`
+//! says what is wrong, how severe it is, whether the registry would serve the entry
+//! (`live`), and exactly which key, repository and digest it is about. This module owns
+//! the ordering that makes reports reproducible and the lossless text form of raw Redis
+//! keys; it never reads Redis or storage.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    PhantomBlobDescriptor,
+    PhantomRepositoryBlob,
+    UnlinkedRepositoryBlob,
+    SizeMismatch,
+    DigestMismatch,
+    UnreadableBlob,
+    MalformedCacheEntry,
+    OrphanRepositoryDescriptor,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::PhantomBlobDescriptor,
+        Kind::PhantomRepositoryBlob,
+        Kind::UnlinkedRepositoryBlob,
+        Kind::SizeMismatch,
+        Kind::DigestMismatch,
+        Kind::UnreadableBlob,
+        Kind::MalformedCacheEntry,
+        Kind::OrphanRepositoryDescriptor,
+    ];
+
+    /// The kebab-case name used in JSON and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PhantomBlobDescriptor => "phantom-blob-descriptor",
+            Kind::PhantomRepositoryBlob => "phantom-repository-blob",
+            Kind::UnlinkedRepositoryBlob => "unlinked-repository-blob",
+            Kind::SizeMismatch => "size-mismatch",
+            Kind::DigestMismatch => "digest-mismatch",
+            Kind::UnreadableBlob => "unreadable-blob",
+            Kind::MalformedCacheEntry => "malformed-cache-entry",
+            Kind::OrphanRepositoryDescriptor => "orphan-repository-descriptor",
+        }
+    }
+
+    /// Problems of storage itself, which no change to the cache can fix.
+    pub fn is_storage_problem(self) -> bool {
+        matches!(self, Kind::DigestMismatch | Kind::UnreadableBlob)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+/// One inconsistency between the cache and storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: Kind,
+    pub severity: Severity,
+    /// Would the registry answer a lookup from this entry (a cache hit)?
+    pub live: bool,
+    /// Always well formed; `None` when the key's digest is not.
+    pub digest: Option<Digest>,
+    /// `None` for the global descriptor (`blobs::<digest>`).
+    pub repository: Option<String>,
+    /// The Redis key, in the lossless text form of [`escape`].
+    pub key: String,
+    /// For a finding about one member of a repository set: that member, escaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    pub detail: String,
+}
+
+impl Finding {
+    /// The order of reports: kind, then repository (global first), digest, key, member.
+    pub fn sort_key(&self) -> impl Ord + '_ {
+        (
+            self.kind,
+            self.repository.as_deref(),
+            self.digest,
+            self.key.as_str(),
+            self.member.as_deref(),
+            self.detail.as_str(),
+        )
+    }
+}
+
+pub fn sort(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+}
+
+/// Lossless text for raw key bytes: valid UTF-8 stays as it is, a backslash becomes
+/// `\\`, control characters and bytes that are not UTF-8 become `\xNN`.
+pub fn escape(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() && (c as u32) < 0x100 => {
+                    out.push_str(&format!("\\x{:02x}", c as u32))
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape`]; `None` for text `escape` cannot produce.
+pub fn unescape(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let hex = text.get(i + 2..i + 4)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 4;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_serialise_in_kebab_case() {
+        for k in Kind::ALL {
+            let json = serde_json::to_string(&k).expect("serialise");
+            assert_eq!(json, format!("\"{}\"", k.name()));
+        }
+    }
+
+    #[test]
+    fn escape_is_lossless() {
+        for raw in [
+            &b"blobs::sha256:abc"[..],
+            b"repository::\xff\xfe::blobs",
+            b"back\\slash\\x41",
+            b"nl\ncr\rtab\t\x00",
+            "caf\u{e9}".as_bytes(),
+        ] {
+            let text = escape(raw);
+            assert_eq!(unescape(&text).as_deref(), Some(raw), "{text}");
+        }
+        assert_eq!(escape(b"a\xffb"), "a\\xffb");
+        assert_eq!(escape(b"a\\xffb"), "a\\\\xffb");
+    }
+}

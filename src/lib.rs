@@ -1,0 +1,47 @@
+//! registry-audit: finds the blob-descriptor cache entries of a container registry that
+//! its storage no longer backs, and verifies the blobs themselves. The binary only
+//! parses the command line and calls [`run`]; every command lives in a module a test can
+//! call.
+
+pub mod audit;
+pub mod cache_index;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod digest;
+pub mod finding;
+pub mod redis_cache;
+pub mod rehash;
+pub mod repo_name;
+pub mod report;
+pub mod settings;
+pub mod storage;
+
+/// Exit status when the tool could not do its job.
+pub const EXIT_CANNOT_RUN: u8 = 2;
+
+/// Runs one command; `Ok` carries the exit status (0 clean, 1 findings at or above
+/// the threshold), `Err` a one-line message for exit status 2.
+pub fn run(cli: cli::Cli) -> Result<u8, String> {
+    match cli.command {
+        cli::Command::Check(args) => {
+            let settings = settings::CheckSettings::from_args(&args)?;
+            check::run(&settings)
+        }
+    }
+}
+
+/// Sets up logging on stderr, so stdout carries only the report.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => tracing::Level::ERROR,
+        (false, 0) => tracing::Level::WARN,
+        (false, 1) => tracing::Level::INFO,
+        (false, _) => tracing::Level::DEBUG,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

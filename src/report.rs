@@ -1,0 +1,298 @@
+//! The report: one serde struct holding a run's source, options, summary and sorted
+//! findings, rendered as JSON or as a table grouped by kind that ends with a one-line
+//! verdict. It also owns writing the report (stdout, or a file replaced atomically) and
+//! the exit-code threshold. It computes no findings.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::audit::Summary;
+use crate::cli::{FailOn, Format};
+use crate::finding::{Finding, Kind, Severity};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tool {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+impl Tool {
+    pub fn this() -> Tool {
+        Tool {
+            name: env!("CARGO_PKG_NAME"),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
+/// What was audited; never holds a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceInfo {
+    pub storage_root: String,
+    pub cache: &'static str,
+    /// The Redis URL with any password masked.
+    pub redis: String,
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Options {
+    pub quick: bool,
+    pub fail_on: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub tool: Tool,
+    pub command: &'static str,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub source: SourceInfo,
+    pub options: Options,
+    pub summary: Summary,
+    pub findings: Vec<Finding>,
+    pub verdict: String,
+}
+
+pub fn fail_on_name(f: FailOn) -> &'static str {
+    match f {
+        FailOn::Error => "error",
+        FailOn::Warning => "warning",
+        FailOn::Never => "never",
+    }
+}
+
+/// 1 when a finding reaches the threshold, else 0.
+pub fn exit_code(findings: &[Finding], fail_on: FailOn) -> u8 {
+    let hit = match fail_on {
+        FailOn::Never => false,
+        FailOn::Warning => !findings.is_empty(),
+        FailOn::Error => findings.iter().any(|f| f.severity == Severity::Error),
+    };
+    u8::from(hit)
+}
+
+/// The one line a tired operator can act on.
+pub fn verdict(summary: &Summary, findings: &[Finding]) -> String {
+    if findings.is_empty() {
+        return format!(
+            "OK: the cache agrees with storage ({} keys, {} blobs checked).",
+            summary.keys_scanned, summary.blobs_checked
+        );
+    }
+    let count = |pred: &dyn Fn(&Finding) -> bool| findings.iter().filter(|f| pred(f)).count();
+    let live_phantoms = count(&|f| {
+        f.live
+            && matches!(
+                f.kind,
+                Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob
+            )
+    });
+    let storage = count(&|f| f.kind.is_storage_problem());
+    let other_live = count(&|f| {
+        f.live
+            && !f.kind.is_storage_problem()
+            && !matches!(
+                f.kind,
+                Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob
+            )
+    });
+    let rest = findings.len() - live_phantoms - storage - other_live;
+    let mut parts = Vec::new();
+    if live_phantoms > 0 {
+        parts.push(format!(
+            "{live_phantoms} live phantom {}: clients are told deleted blobs exist, so re-pushes skip uploads and pulls fail; run `registry-audit purge` to remove exactly these.",
+            plural(live_phantoms, "entry", "entries")
+        ));
+    }
+    if storage > 0 {
+        parts.push(format!(
+            "{storage} {} corrupt or unreadable in storage: restore from backup or delete and re-push; the cache is not the cause.",
+            plural(storage, "blob", "blobs")
+        ));
+    }
+    if other_live > 0 {
+        parts.push(format!(
+            "{other_live} other served {} wrong (size, link or shape): `registry-audit purge` removes them.",
+            plural(other_live, "entry is", "entries are")
+        ));
+    }
+    if rest > 0 {
+        parts.push(format!(
+            "{rest} inert {} (the registry does not serve them): harmless; `registry-audit purge` tidies them.",
+            plural(rest, "entry", "entries")
+        ));
+    }
+    parts.join(" ")
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
+}
+
+pub fn render(report: &Report, format: Format) -> String {
+    match format {
+        Format::Json => render_json(report),
+        Format::Table => render_table(report),
+    }
+}
+
+pub fn render_json(report: &Report) -> String {
+    let mut s =
+        serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+pub fn render_table(report: &Report) -> String {
+    let mut out = String::new();
+    let s = &report.summary;
+    out.push_str(&format!(
+        "registry-audit {}: storage {} against {}\n",
+        report.command, report.source.storage_root, report.source.redis
+    ));
+    out.push_str(&format!(
+        "{} cache keys and {} set members read ({} other keys left alone); {} blobs checked, {} absent, {} hashed{}\n",
+        s.keys_scanned,
+        s.set_members_scanned,
+        s.foreign_keys_skipped,
+        s.blobs_checked,
+        s.blobs_absent,
+        human_bytes(s.bytes_hashed),
+        if report.options.quick { " (--quick: sizes only)" } else { "" }
+    ));
+    for kind in Kind::ALL {
+        let group: Vec<&Finding> = report.findings.iter().filter(|f| f.kind == kind).collect();
+        if group.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n{} ({})\n", kind.name(), group.len()));
+        let mut table = Table::new();
+        table
+            .load_style(presets::UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_header(["severity", "live", "repository", "digest", "key", "detail"]);
+        for f in group {
+            let key = match &f.member {
+                Some(m) => format!("{} (member {m})", f.key),
+                None => f.key.clone(),
+            };
+            table.add_row([
+                f.severity.name().to_string(),
+                if f.live { "live" } else { "inert" }.to_string(),
+                f.repository.clone().unwrap_or_else(|| "(global)".into()),
+                f.digest
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                key,
+                f.detail.clone(),
+            ]);
+        }
+        out.push_str(&table.to_string());
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(&report.verdict);
+    out.push('\n');
+    out
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// Writes `text` to stdout, or replaces `path` atomically (a temporary file in the same
+/// directory, then rename) so a reader never sees half a report.
+pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
+    let Some(path) = path else {
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("cannot write the report: {e}"));
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write the report to {}: {e}", path.display())
+    })
+}
+
+/// RFC 3339 UTC time, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_timestamps() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_872_742)),
+            "2026-11-28T13:32:22Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(5), "5 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,248 @@
+//! Validated settings: the command line and the registry's config merged once, with
+//! every path, URL and count checked, so the rest of the program never sees a raw flag.
+//! Flags win over the config file, the file's `REGISTRY_*` overrides win over the file.
+//! It opens no connection and reads no storage.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
+
+use crate::cli::{CheckArgs, FailOn, Format, ReportArgs, SourceArgs};
+use crate::config::{self, RedisConfig};
+use crate::redis_cache::RedisTarget;
+
+/// Where the storage and the cache are.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub root: PathBuf,
+    pub redis: RedisTarget,
+    /// The config file the values came from, if any.
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReportSettings {
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub fail_on: FailOn,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckSettings {
+    pub source: Source,
+    pub report: ReportSettings,
+    pub jobs: usize,
+    pub quick: bool,
+    pub scan_count: usize,
+}
+
+impl CheckSettings {
+    pub fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
+        let jobs = match args.jobs {
+            Some(0) => return Err("--jobs must be at least 1".into()),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(CheckSettings {
+            source: Source::from_args(&args.source)?,
+            report: ReportSettings::from_args(&args.report),
+            jobs,
+            quick: args.quick,
+            scan_count: scan_count(&args.source)?,
+        })
+    }
+}
+
+pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
+    match args.scan_count {
+        0 => Err("--scan-count must be at least 1".into()),
+        n => Ok(n),
+    }
+}
+
+impl ReportSettings {
+    pub fn from_args(args: &ReportArgs) -> ReportSettings {
+        let format = args.format.unwrap_or_else(|| {
+            if args.output.is_none() && std::io::stdout().is_terminal() {
+                Format::Table
+            } else {
+                Format::Json
+            }
+        });
+        ReportSettings {
+            format,
+            output: args.output.clone(),
+            fail_on: args.fail_on,
+        }
+    }
+}
+
+impl Source {
+    pub fn from_args(args: &SourceArgs) -> Result<Source, String> {
+        let file = match &args.config {
+            Some(path) => Some(config::load(path, std::env::vars())?),
+            None => None,
+        };
+        let root = match (&args.root, &file) {
+            (Some(r), _) => r.clone(),
+            (None, Some(c)) => {
+                if let Some(driver) = c.driver.as_deref().filter(|d| *d != "filesystem") {
+                    return Err(format!(
+                        "the registry stores blobs with the '{driver}' driver; registry-audit reads filesystem storage only for now"
+                    ));
+                }
+                c.root.clone()
+            }
+            (None, None) => {
+                return Err(
+                    "say where storage is: --root DIR or --config the registry's config.yml".into(),
+                );
+            }
+        };
+        let redis = match (&args.redis, &file) {
+            (Some(url), _) => RedisTarget::from_url(url)?,
+            (None, Some(c)) => {
+                let kind = c.cache.as_deref().unwrap_or("");
+                match (kind, &c.redis) {
+                    ("redis", Some(r)) => target_from_config(r)?,
+                    ("redis", None) => {
+                        return Err("the config's cache is redis but it has no redis: section; pass --redis URL".into());
+                    }
+                    _ => {
+                        let what = if kind.is_empty() {
+                            "not configured"
+                        } else {
+                            kind
+                        };
+                        return Err(format!(
+                            "the registry's blob descriptor cache is {what}, not redis: no Redis to audit. An in-memory cache lives inside the registry process (restart it after GC to clear it); `probe` and `check --cache-dump` are planned for it"
+                        ));
+                    }
+                }
+            }
+            (None, None) => {
+                return Err(
+                    "say where the cache is: --redis URL or --config the registry's config.yml"
+                        .into(),
+                );
+            }
+        };
+        Ok(Source {
+            root,
+            redis,
+            config: args.config.clone(),
+        })
+    }
+}
+
+fn target_from_config(r: &RedisConfig) -> Result<RedisTarget, String> {
+    let addr = match r.addrs.as_slice() {
+        [] => return Err("the config's redis: section has no addr (or addrs)".into()),
+        [one] => one,
+        _ => {
+            return Err(
+                "redis.addrs lists several servers (a cluster or sentinels), which registry-audit does not support yet: pass --redis URL of the server that holds the cache".into(),
+            );
+        }
+    };
+    let (host, port) = split_host_port(addr)?;
+    let tcp = if r.tls.is_some() {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    };
+    let mut redis = RedisConnectionInfo::default().set_db(r.db);
+    if let Some(u) = &r.username {
+        redis = redis.set_username(u);
+    }
+    if let Some(p) = &r.password {
+        redis = redis.set_password(p);
+    }
+    let info: ConnectionInfo = "redis://127.0.0.1:6379"
+        .into_connection_info()
+        .map_err(|e| e.to_string())?
+        .set_addr(tcp)
+        .set_redis_settings(redis);
+    let tls = match &r.tls {
+        None => None,
+        Some(t) => {
+            let client_tls = match (&t.certificate, &t.key) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read_pem(c)?,
+                    client_key: read_pem(k)?,
+                }),
+                (None, None) => None,
+                _ => return Err("redis.tls needs both certificate and key, or neither".into()),
+            };
+            let mut roots = Vec::new();
+            for ca in &t.root_cas {
+                roots.extend(read_pem(ca)?);
+                roots.push(b'\n');
+            }
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert: (!roots.is_empty()).then_some(roots),
+            })
+        }
+    };
+    Ok(RedisTarget { info, tls })
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// `host:port`, `[v6]:port` or a bare host (port 6379).
+fn split_host_port(addr: &str) -> Result<(String, u16), String> {
+    let bad = || format!("redis address '{addr}' is not host:port");
+    if let Some(rest) = addr.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if after.is_empty() => 6379,
+            None => return Err(bad()),
+        };
+        return Ok((host.to_string(), port));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => {
+            Ok((host.to_string(), port.parse().map_err(|_| bad())?))
+        }
+        Some(_) => Err(bad()),
+        None if !addr.is_empty() => Ok((addr.to_string(), 6379)),
+        None => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_addresses() {
+        assert_eq!(split_host_port("h:1").expect("ok"), ("h".into(), 1));
+        assert_eq!(split_host_port("h").expect("ok"), ("h".into(), 6379));
+        assert_eq!(split_host_port("[::1]:7").expect("ok"), ("::1".into(), 7));
+        assert!(split_host_port("h:x").is_err());
+        assert!(split_host_port(":1").is_err());
+    }
+
+    #[test]
+    fn config_target_keeps_the_password_out_of_display() {
+        let t = target_from_config(&RedisConfig {
+            addrs: vec!["10.0.0.5:6379".into()],
+            password: Some("hunter2".into()),
+            db: 2,
+            ..RedisConfig::default()
+        })
+        .expect("target");
+        assert_eq!(t.display(), "redis://:***@10.0.0.5:6379/2");
+        assert_eq!(t.info.redis_settings().password(), Some("hunter2"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Read-only access to the registry's filesystem storage: where a blob's data and a
+//! repository's links live, whether they exist, and opening a blob for hashing. Every
+//! path is built from an already validated `Digest` and repository name, and a blob
+//! reached through a symlink is opened only when the link resolves inside the root.
+//! This module never writes, renames or deletes anything.
+
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+
+/// The registry's storage root (`rootdirectory`), opened for reading.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// The canonical root directory.
+    root: PathBuf,
+    /// `<root>/docker/registry/v2`.
+    v2: PathBuf,
+}
+
+/// What storage says about one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobStat {
+    /// No data file: the blob is gone (or was never there).
+    Absent,
+    /// A regular file of this many bytes.
+    Present { size: u64 },
+    /// Something is there but cannot be used as blob data.
+    Unreadable { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage root {0} does not exist: pass the registry's rootdirectory with --root")]
+    MissingRoot(PathBuf),
+    #[error("storage root {0} is not a readable directory: {1}")]
+    BadRoot(PathBuf, io::Error),
+    #[error(
+        "no registry storage under {0} (expected docker/registry/v2 inside it): is this the registry's rootdirectory?"
+    )]
+    NotARegistry(PathBuf),
+}
+
+impl Storage {
+    /// Opens the storage root. A root without `docker/registry/v2` is refused rather than
+    /// treated as empty: auditing against the wrong directory would call every cached blob
+    /// a phantom.
+    pub fn open(root: &Path) -> Result<Storage, StorageError> {
+        let canonical = match fs::canonicalize(root) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::MissingRoot(root.to_path_buf()));
+            }
+            Err(e) => return Err(StorageError::BadRoot(root.to_path_buf(), e)),
+        };
+        match fs::read_dir(&canonical) {
+            Ok(_) => {}
+            Err(e) => return Err(StorageError::BadRoot(root.to_path_buf(), e)),
+        }
+        let v2 = canonical.join("docker/registry/v2");
+        if !v2.is_dir() {
+            return Err(StorageError::NotARegistry(root.to_path_buf()));
+        }
+        Ok(Storage {
+            root: canonical,
+            v2,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<v2>/blobs/<alg>/<first two hex>/<hex>/data`
+    pub fn blob_data_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.v2
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(&hex[..2])
+            .join(&hex)
+            .join("data")
+    }
+
+    /// `<v2>/repositories/<name>`; `repo` must be a validated repository name.
+    pub fn repository_path(&self, repo: &str) -> PathBuf {
+        self.v2.join("repositories").join(repo)
+    }
+
+    /// Existence, type and size of a blob's data, without reading it.
+    pub fn stat_blob(&self, digest: &Digest) -> BlobStat {
+        let path = self.blob_data_path(digest);
+        match self.checked_metadata(&path) {
+            Ok(meta) if meta.is_file() => BlobStat::Present { size: meta.len() },
+            Ok(_) => BlobStat::Unreadable {
+                reason: format!("{} is not a regular file", path.display()),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BlobStat::Absent,
+            Err(e) => BlobStat::Unreadable {
+                reason: format!("{}: {e}", path.display()),
+            },
+        }
+    }
+
+    /// Opens a blob's data for reading, refusing symlinks that lead outside the root.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
+        let path = self.blob_data_path(digest);
+        self.checked_metadata(&path)?;
+        File::open(&path)
+    }
+
+    /// Whether repository `repo` links `digest` as a layer or as a manifest revision.
+    /// An I/O error other than "not found" counts as linked: the audit must not call an
+    /// entry wrong on the strength of a permission problem.
+    pub fn is_linked(&self, repo: &str, digest: &Digest) -> bool {
+        let base = self.repository_path(repo);
+        let alg = digest.algorithm().name();
+        let hex = digest.hex();
+        let layer = base.join("_layers").join(alg).join(&hex).join("link");
+        let revision = base
+            .join("_manifests/revisions")
+            .join(alg)
+            .join(&hex)
+            .join("link");
+        [layer, revision].iter().any(
+            |p| !matches!(fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound),
+        )
+    }
+
+    /// Metadata of `path` (below the root), following symlinks only when every one of
+    /// them resolves inside the root. The fast path costs one `lstat` per component
+    /// below `blobs/`; only a symlink triggers a full resolution.
+    fn checked_metadata(&self, path: &Path) -> io::Result<Metadata> {
+        let meta = fs::symlink_metadata(path)?;
+        let mut symlinked = meta.file_type().is_symlink();
+        if !symlinked {
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if d == self.v2 || !d.starts_with(&self.v2) {
+                    break;
+                }
+                if fs::symlink_metadata(d)?.file_type().is_symlink() {
+                    symlinked = true;
+                    break;
+                }
+                dir = d.parent();
+            }
+        }
+        if !symlinked {
+            return Ok(meta);
+        }
+        let resolved = fs::canonicalize(path)?;
+        if !resolved.starts_with(&self.root) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "symlink leads outside the storage root to {}",
+                    resolved.display()
+                ),
+            ));
+        }
+        fs::metadata(&resolved)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scratch directory under the system temp dir, removed on drop.
+    pub struct Scratch(pub PathBuf);
+    impl Scratch {
+        pub fn new(tag: &str) -> Scratch {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "registry-audit-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(p.join("docker/registry/v2/blobs")).expect("scratch dir");
+            Scratch(p)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn digest(c: char) -> Digest {
+        Digest::parse_str(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest")
+    }
+
+    #[test]
+    fn refuses_a_root_that_is_not_a_registry() {
+        let s = Scratch::new("notreg");
+        assert!(matches!(
+            Storage::open(&s.0.join("nope")),
+            Err(StorageError::MissingRoot(_))
+        ));
+        assert!(matches!(
+            Storage::open(&s.0.join("docker")),
+            Err(StorageError::NotARegistry(_))
+        ));
+        assert!(Storage::open(&s.0).is_ok());
+    }
+
+    #[test]
+    fn stats_present_absent_and_odd_blobs() {
+        let s = Scratch::new("stat");
+        let st = Storage::open(&s.0).expect("open");
+        let (a, b, c) = (digest('a'), digest('b'), digest('c'));
+        let pa = st.blob_data_path(&a);
+        fs::create_dir_all(pa.parent().expect("parent")).expect("mkdir");
+        fs::write(&pa, b"hello").expect("write");
+        fs::create_dir_all(st.blob_data_path(&c)).expect("dir as data");
+        assert_eq!(st.stat_blob(&a), BlobStat::Present { size: 5 });
+        assert_eq!(st.stat_blob(&b), BlobStat::Absent);
+        assert!(matches!(st.stat_blob(&c), BlobStat::Unreadable { .. }));
+    }
+
+    #[test]
+    fn symlinks_out_of_the_root_are_unreadable() {
+        let s = Scratch::new("link");
+        let outside = Scratch::new("outside");
+        fs::write(outside.0.join("secret"), b"secret").expect("write");
+        let st = Storage::open(&s.0).expect("open");
+        let d = digest('d');
+        let p = st.blob_data_path(&d);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.0.join("secret"), &p).expect("symlink");
+        assert!(matches!(st.stat_blob(&d), BlobStat::Unreadable { .. }));
+        assert!(st.open_blob(&d).is_err());
+
+        // A directory symlink leaving the root is caught too.
+        let e = digest('e');
+        let hexdir = st.blob_data_path(&e);
+        let hexdir = hexdir.parent().expect("hexdir");
+        fs::create_dir_all(hexdir.parent().expect("prefix")).expect("mkdir");
+        fs::create_dir_all(outside.0.join("dir")).expect("mkdir");
+        fs::write(outside.0.join("dir/data"), b"x").expect("write");
+        std::os::unix::fs::symlink(outside.0.join("dir"), hexdir).expect("symlink");
+        assert!(matches!(st.stat_blob(&e), BlobStat::Unreadable { .. }));
+
+        // A symlink that stays inside the root is followed.
+        let f = digest('f');
+        let pf = st.blob_data_path(&f);
+        fs::create_dir_all(pf.parent().expect("parent")).expect("mkdir");
+        fs::write(s.0.join("docker/registry/v2/inside"), b"abc").expect("write");
+        std::os::unix::fs::symlink(s.0.join("docker/registry/v2/inside"), &pf).expect("symlink");
+        assert_eq!(st.stat_blob(&f), BlobStat::Present { size: 3 });
+    }
+
+    #[test]
+    fn links_are_found_as_layer_or_revision() {
+        let s = Scratch::new("links");
+        let st = Storage::open(&s.0).expect("open");
+        let (a, b, c) = (digest('a'), digest('b'), digest('c'));
+        let repo = st.repository_path("team/app");
+        let l = repo.join("_layers/sha256").join(a.hex());
+        fs::create_dir_all(&l).expect("mkdir");
+        fs::write(l.join("link"), a.to_string()).expect("write");
+        let r = repo.join("_manifests/revisions/sha256").join(b.hex());
+        fs::create_dir_all(&r).expect("mkdir");
+        fs::write(r.join("link"), b.to_string()).expect("write");
+        assert!(st.is_linked("team/app", &a));
+        assert!(st.is_linked("team/app", &b));
+        assert!(!st.is_linked("team/app", &c));
+        assert!(!st.is_linked("other", &a));
+    }
+}
