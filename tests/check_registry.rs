@@ -1,0 +1,239 @@
+//! `check` end to end against the real registry (Debian's docker-registry 2.8 with the
+//! Redis cache), images pushed and pulled with skopeo, and the registry's own garbage
+//! collection: the bug this project exists for, reproduced and reported exactly.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::*;
+
+/// Three repositories sharing a base layer: `team/app1` and `mirror/app1` hold the same
+/// image, `team/app2` shares only the base layer.
+pub struct Scenario {
+    pub dir: Scratch,
+    pub redis: Redis,
+    pub registry: Registry,
+    pub app1: Image,
+    pub app2: Image,
+    /// The manifest digest of team/app2:v1 as the registry stored it.
+    pub app2_manifest: String,
+}
+
+pub fn shared_layers_scenario(tag: &str) -> Scenario {
+    let dir = Scratch::new(tag);
+    let redis = Redis::start();
+    let registry = Registry::start(&dir, Cache::Redis(&redis));
+    let base = bytes(1, 300_000);
+    let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 70_000)]);
+    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 90_000)]);
+    push(&registry, &app1, "team/app1:v1");
+    push(&registry, &app1, "mirror/app1:v1");
+    let app2_manifest = push(&registry, &app2, "team/app2:v1");
+    for repo in ["team/app1:v1", "mirror/app1:v1", "team/app2:v1"] {
+        let (ok, err) = pull(&registry, repo, &dir.path("pulled"));
+        assert!(ok, "pull {repo}: {err}");
+    }
+    Scenario {
+        dir,
+        redis,
+        registry,
+        app1,
+        app2,
+        app2_manifest,
+    }
+}
+
+/// Deletes team/app2's manifest and runs the registry's GC.
+pub fn delete_app2_and_gc(s: &Scenario) {
+    s.registry.delete_manifest("team/app2", &s.app2_manifest);
+    s.registry.garbage_collect();
+    assert!(
+        !s.registry.has_blob(&s.app2.layers[1]),
+        "GC should delete app2's own layer"
+    );
+    assert!(
+        s.registry.has_blob(&s.app2.layers[0]),
+        "GC keeps the shared base layer"
+    );
+}
+
+/// The phantom entries, computed independently of the tool: straight from Redis and the
+/// filesystem, by the registry's key shapes.
+pub fn expected_phantoms(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
+    let mut c = s.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).expect("keys");
+    let mut out = BTreeSet::new();
+    for k in keys {
+        if let Some(d) = k.strip_prefix("blobs::") {
+            if !s.registry.has_blob(d) {
+                out.insert((
+                    "phantom-blob-descriptor".to_string(),
+                    None,
+                    Some(d.to_string()),
+                ));
+            }
+        } else if let Some(repo) = k
+            .strip_prefix("repository::")
+            .and_then(|r| r.strip_suffix("::blobs"))
+        {
+            let members: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query(&mut c)
+                .expect("smembers");
+            for d in members {
+                if !s.registry.has_blob(&d) {
+                    out.insert((
+                        "phantom-repository-blob".to_string(),
+                        Some(repo.to_string()),
+                        Some(d),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_json(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let root = s.registry.root.display().to_string();
+    let url = s.redis.url();
+    let mut args = vec![
+        "check", "--root", &root, "--redis", &url, "--format", "json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_tool(&args);
+    (code, json(&out), err)
+}
+
+#[test]
+fn healthy_registry_reports_nothing_and_exits_0() {
+    let s = shared_layers_scenario("healthy");
+    let (code, report, err) = check_json(&s, &[]);
+    assert_eq!(code, 0, "stderr: {err}\n{report:#}");
+    assert_eq!(report["findings"], serde_json::json!([]));
+    assert_eq!(report["schema_version"], 1);
+    let summary = &report["summary"];
+    // 5 distinct blobs pushed (2 layers shared) plus 2 configs and 2 manifests... counted from storage:
+    let blobs: BTreeSet<String> = s.app1.blobs().into_iter().chain(s.app2.blobs()).collect();
+    assert_eq!(summary["blobs_checked"], blobs.len() as u64, "{summary:#}");
+    assert_eq!(summary["blobs_absent"], 0);
+    assert!(summary["bytes_hashed"].as_u64().expect("bytes") > 460_000);
+    assert!(summary["keys_scanned"].as_u64().expect("keys") > 10);
+}
+
+#[test]
+fn phantoms_after_manifest_delete_and_gc_are_reported_exactly() {
+    let s = shared_layers_scenario("phantoms");
+    delete_app2_and_gc(&s);
+    // The bug, as a client sees it: the registry says a deleted blob exists.
+    assert_eq!(
+        s.registry.head_blob("team/app2", &s.app2.layers[1]),
+        Some(200)
+    );
+
+    let expected = expected_phantoms(&s);
+    assert!(
+        expected.contains(&(
+            "phantom-blob-descriptor".into(),
+            None,
+            Some(s.app2.layers[1].clone())
+        )),
+        "{expected:?}"
+    );
+    assert!(expected.contains(&(
+        "phantom-repository-blob".into(),
+        Some("team/app2".into()),
+        Some(s.app2.layers[1].clone())
+    )));
+
+    let (code, report, err) = check_json(&s, &[]);
+    assert_eq!(code, 1, "stderr: {err}\n{report:#}");
+    let got: BTreeSet<_> = finding_triples(&report).into_iter().collect();
+    assert_eq!(got, expected, "{report:#}");
+    for f in report["findings"].as_array().expect("findings") {
+        let d = f["digest"].as_str().expect("digest");
+        assert!(app2_only(&s, d), "only app2's own blobs are phantoms: {f}");
+        if f["live"] == true {
+            assert_eq!(f["severity"], "error", "{f}");
+        }
+        match f["repository"].as_str() {
+            None => assert_eq!(f["key"], format!("blobs::{d}")),
+            Some(r) => assert_eq!(f["key"], format!("repository::{r}::blobs")),
+        }
+    }
+    // The app2 layer's global and repository entries are live: the registry served it above.
+    let live_layer: Vec<_> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["digest"] == s.app2.layers[1].as_str())
+        .map(|f| f["live"].clone())
+        .collect();
+    assert_eq!(
+        live_layer,
+        vec![serde_json::json!(true), serde_json::json!(true)]
+    );
+    assert_eq!(
+        report["summary"]["findings_by_kind"]["phantom-blob-descriptor"],
+        3
+    );
+
+    // Two runs on the same state print the same findings.
+    let (_, again, _) = check_json(&s, &["--jobs", "1"]);
+    assert_eq!(again["findings"], report["findings"]);
+
+    // --quick finds the same phantoms without hashing.
+    let (code, quick, _) = check_json(&s, &["--quick"]);
+    assert_eq!(code, 1);
+    assert_eq!(quick["findings"], report["findings"]);
+    assert_eq!(quick["summary"]["bytes_hashed"], 0);
+
+    // --fail-on never keeps exit 0 while still reporting.
+    let (code, _, _) = check_json(&s, &["--fail-on", "never"]);
+    assert_eq!(code, 0);
+}
+
+fn app2_only(s: &Scenario, d: &str) -> bool {
+    let app2 = [&s.app2.layers[1], &s.app2.config, &s.app2_manifest];
+    app2.iter().any(|b| *b == d) && !s.app1.blobs().iter().any(|b| b == d)
+}
+
+#[test]
+fn the_same_through_the_registry_config() {
+    let s = shared_layers_scenario("viaconfig");
+    let config = s.registry.config.display().to_string();
+    let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["findings"], serde_json::json!([]));
+
+    delete_app2_and_gc(&s);
+    let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    assert_eq!(code, 1, "{err}");
+    let got: BTreeSet<_> = finding_triples(&json(&out)).into_iter().collect();
+    assert_eq!(got, expected_phantoms(&s));
+
+    // The registry's environment overrides apply: a wrong root through the environment
+    // is honoured (and refused as not a registry).
+    let (code, _, err) = run_tool_env(
+        &["check", "--config", &config],
+        &[(
+            "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY",
+            s.dir.path("img1").to_str().expect("utf8"),
+        )],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("no registry storage under"), "{err}");
+
+    // The table names the kinds and ends with a verdict an operator can act on.
+    let (code, table, _) = run_tool(&["check", "--config", &config, "--format", "table"]);
+    assert_eq!(code, 1);
+    assert!(table.contains("phantom-blob-descriptor (3)"), "{table}");
+    let verdict = table.trim_end().lines().last().expect("verdict");
+    assert!(
+        verdict.contains("live phantom") && verdict.contains("registry-audit purge"),
+        "{verdict}"
+    );
+    let _ = Path::new(&config);
+}

@@ -1,0 +1,562 @@
+//! Test harness: a real `redis-server`, the real registry (`docker-registry serve`) and
+//! `skopeo`, all on 127.0.0.1 with ports picked at run time, plus OCI images generated
+//! on the fly. Readiness is polled, never waited for with a fixed sleep.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_registry-audit");
+
+/// A scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ra-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `ready` until it is true or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what} not ready after {limit:?}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn need(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: run .ci/run (or apt-get install redis-server docker-registry skopeo)"
+    );
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Redis {
+    pub port: u16,
+    pub password: Option<String>,
+    _proc: Proc,
+    _dir: Scratch,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    pub fn start_with(password: Option<&str>) -> Redis {
+        need("redis-server");
+        for _ in 0..5 {
+            let dir = Scratch::new("redis");
+            let port = free_port();
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            if let Some(p) = password {
+                cmd.args(["--requirepass", p]);
+            }
+            let mut child = cmd.spawn().expect("start redis-server");
+            let url = Redis::url_for(port, password);
+            let start = Instant::now();
+            let mut pause = Duration::from_millis(5);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken: try another
+                }
+                if ping(&url) {
+                    return Redis {
+                        port,
+                        password: password.map(str::to_string),
+                        _proc: Proc(child),
+                        _dir: dir,
+                    };
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "redis-server did not start"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn url_for(port: u16, password: Option<&str>) -> String {
+        match password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{port}/0"),
+            None => format!("redis://127.0.0.1:{port}/0"),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        Redis::url_for(self.port, self.password.as_deref())
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("redis connection")
+    }
+
+    /// Every key with its type and content, sorted: a byte-for-byte picture of the database.
+    pub fn dump(&self) -> Vec<(Vec<u8>, String)> {
+        let mut c = self.conn();
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut c).expect("keys");
+        let mut out = Vec::new();
+        for k in keys {
+            let dumped: Vec<u8> = redis::cmd("DUMP").arg(&k).query(&mut c).expect("dump");
+            // DUMP of a set or hash depends on insertion order; compare contents instead.
+            let ty: String = redis::cmd("TYPE").arg(&k).query(&mut c).expect("type");
+            let content = match ty.as_str() {
+                "hash" => {
+                    let mut v: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+                        .arg(&k)
+                        .query(&mut c)
+                        .expect("hgetall");
+                    v.sort();
+                    format!("hash {v:?}")
+                }
+                "set" => {
+                    let mut v: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                        .arg(&k)
+                        .query(&mut c)
+                        .expect("smembers");
+                    v.sort();
+                    format!("set {v:?}")
+                }
+                _ => format!("{ty} {dumped:?}"),
+            };
+            out.push((k, content));
+        }
+        out.sort();
+        out
+    }
+}
+
+fn ping(url: &str) -> bool {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok()
+}
+
+/// Which blob-descriptor cache the registry uses.
+pub enum Cache<'a> {
+    Redis(&'a Redis),
+    InMemory,
+}
+
+pub struct Registry {
+    pub port: u16,
+    pub root: PathBuf,
+    pub config: PathBuf,
+    _proc: Proc,
+}
+
+impl Registry {
+    pub fn start(dir: &Scratch, cache: Cache<'_>) -> Registry {
+        need("docker-registry");
+        let root = dir.path("storage");
+        fs::create_dir_all(&root).expect("root");
+        for _ in 0..5 {
+            let port = free_port();
+            let (storage_cache, redis_section) = match &cache {
+                Cache::Redis(r) => {
+                    let pw = r
+                        .password
+                        .as_ref()
+                        .map(|p| format!("  password: {p}\n"))
+                        .unwrap_or_default();
+                    (
+                        "  cache:\n    blobdescriptor: redis\n".to_string(),
+                        format!("redis:\n  addr: 127.0.0.1:{}\n{pw}  db: 0\n", r.port),
+                    )
+                }
+                Cache::InMemory => (
+                    "  cache:\n    blobdescriptor: inmemory\n".to_string(),
+                    String::new(),
+                ),
+            };
+            let config = dir.path("config.yml");
+            fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{port}\n{redis_section}",
+                    root.display()
+                ),
+            )
+            .expect("config");
+            let log = fs::File::create(dir.path("registry.log")).expect("log");
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start docker-registry");
+            let start = Instant::now();
+            let mut pause = Duration::from_millis(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if http_status("GET", &format!("http://127.0.0.1:{port}/v2/")) == Some(200) {
+                    return Registry {
+                        port,
+                        root,
+                        config,
+                        _proc: Proc(child),
+                    };
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "registry did not start"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        }
+        panic!(
+            "could not start docker-registry: {}",
+            fs::read_to_string(dir.path("registry.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn docker_ref(&self, repo_tag: &str) -> String {
+        format!("docker://127.0.0.1:{}/{repo_tag}", self.port)
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').expect("digest");
+        self.root
+            .join("docker/registry/v2/blobs")
+            .join(alg)
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Deletes a manifest through the API, as an operator deleting a tag does.
+    pub fn delete_manifest(&self, repo: &str, digest: &str) {
+        let status = http_status(
+            "DELETE",
+            &format!("{}/v2/{repo}/manifests/{digest}", self.url()),
+        );
+        assert_eq!(status, Some(202), "DELETE manifest {repo}@{digest}");
+    }
+
+    /// HEAD of a blob in a repository: what a client asks before uploading.
+    pub fn head_blob(&self, repo: &str, digest: &str) -> Option<u16> {
+        http_status("HEAD", &format!("{}/v2/{repo}/blobs/{digest}", self.url()))
+    }
+
+    /// Runs the registry's own garbage collection.
+    pub fn garbage_collect(&self) -> Output {
+        let out = Command::new("docker-registry")
+            .arg("garbage-collect")
+            .arg(&self.config)
+            .output()
+            .expect("run garbage-collect");
+        assert!(
+            out.status.success(),
+            "garbage-collect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+pub fn http_status(method: &str, url: &str) -> Option<u16> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let resp = match method {
+        "GET" => agent.get(url).call(),
+        "HEAD" => agent.head(url).call(),
+        "DELETE" => agent.delete(url).call(),
+        other => panic!("method {other}"),
+    };
+    resp.ok().map(|r| r.status().as_u16())
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    let out = sha2::Sha256::digest(bytes);
+    let mut s = String::from("sha256:");
+    for b in out.iter() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so images differ by seed.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An OCI image written as an OCI layout directory, ready for `skopeo copy oci:DIR:TAG`.
+pub struct Image {
+    pub dir: PathBuf,
+    pub tag: String,
+    pub layers: Vec<String>,
+    pub config: String,
+    pub manifest: String,
+}
+
+impl Image {
+    pub fn blobs(&self) -> Vec<String> {
+        let mut v = self.layers.clone();
+        v.push(self.config.clone());
+        v.push(self.manifest.clone());
+        v
+    }
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let d = sha256(bytes);
+    let p = dir.join("blobs/sha256").join(&d[7..]);
+    fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+    fs::write(p, bytes).expect("write blob");
+    d
+}
+
+/// Gzips layer content, so skopeo pushes the layer as it is (it compresses
+/// uncompressed layers on push, which would change their digests).
+pub fn gzip(content: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(content).expect("gzip");
+    enc.finish().expect("gzip")
+}
+
+/// Builds an image from layer contents (gzipped here); the config names `label` so
+/// configs differ.
+pub fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
+    fs::create_dir_all(dir).expect("image dir");
+    let layers: Vec<Vec<u8>> = layers.iter().map(|l| gzip(l)).collect();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+    let layer_digests: Vec<String> = layers.iter().map(|l| put_blob(dir, l)).collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Labels": {"test": label}},
+        "rootfs": {"type": "layers", "diff_ids": layer_digests},
+    });
+    let config_bytes = serde_json::to_vec(&config).expect("config json");
+    let config_digest = put_blob(dir, &config_bytes);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
+        "layers": layers.iter().zip(&layer_digests).map(|(l, d)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": l.len()
+        })).collect::<Vec<_>>(),
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).expect("manifest json");
+    let manifest_digest = put_blob(dir, &manifest_bytes);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"}
+        }]
+    });
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index"),
+    )
+    .expect("index.json");
+    Image {
+        dir: dir.to_path_buf(),
+        tag: "latest".into(),
+        layers: layer_digests,
+        config: config_digest,
+        manifest: manifest_digest,
+    }
+}
+
+/// `skopeo copy` between two references; returns whether it succeeded, and stderr.
+pub fn skopeo_copy(from: &str, to: &str) -> (bool, String) {
+    need("skopeo");
+    let out = Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "-q",
+        ])
+        .arg(from)
+        .arg(to)
+        .output()
+        .expect("run skopeo");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Pushes an image; returns the digest of the manifest as the registry stored it
+/// (skopeo may re-encode the manifest on the way).
+pub fn push(reg: &Registry, image: &Image, repo_tag: &str) -> String {
+    let digestfile = image
+        .dir
+        .with_extension(format!("pushed-{}", repo_tag.replace(['/', ':'], "_")));
+    need("skopeo");
+    let out = Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            "-q",
+            "--digestfile",
+        ])
+        .arg(&digestfile)
+        .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
+        .arg(reg.docker_ref(repo_tag))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "push {repo_tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = fs::read_to_string(&digestfile).expect("digestfile");
+    let _ = fs::remove_file(&digestfile);
+    digest.trim().to_string()
+}
+
+/// Pulls into a fresh OCI directory; true when the pull worked.
+pub fn pull(reg: &Registry, repo_tag: &str, into: &Path) -> (bool, String) {
+    let _ = fs::remove_dir_all(into);
+    skopeo_copy(
+        &reg.docker_ref(repo_tag),
+        &format!("oci:{}:pulled", into.display()),
+    )
+}
+
+/// Runs the tool; returns exit code, stdout, stderr.
+pub fn run_tool(args: &[&str]) -> (i32, String, String) {
+    run_tool_env(args, &[])
+}
+
+pub fn run_tool_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // Keep the developer's own REGISTRY_* settings out of the tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REGISTRY_") && !env.iter().any(|(e, _)| *e == k) {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("run registry-audit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// (kind, repository, digest) of every finding, sorted.
+pub fn finding_triples(
+    report: &serde_json::Value,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let mut v: Vec<_> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().expect("kind").to_string(),
+                f["repository"].as_str().map(str::to_string),
+                f["digest"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
