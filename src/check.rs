@@ -33,7 +33,7 @@ pub fn audit_source(
 pub fn source_info(source: &Source) -> SourceInfo {
     SourceInfo {
         storage_root: source.root.display().to_string(),
-        cache: "redis",
+        cache: "redis".into(),
         redis: source.redis.display(),
         config: source.config.as_ref().map(|p| p.display().to_string()),
     }

@@ -31,6 +31,16 @@ pub enum Command {
     /// Exit status: 0 nothing at or above --fail-on, 1 findings at or above it,
     /// 2 could not run.
     Check(CheckArgs),
+    /// Remove exactly the cache entries `check` proves wrong, safely, while the registry
+    /// serves: shows the plan, asks (or needs --yes), re-checks storage before each
+    /// digest, removes atomically and journals what it removed.
+    ///
+    /// Exit status: 0 nothing at or above --fail-on is left, 1 something is (a storage
+    /// problem, an entry that changed, or the plan was not applied), 2 could not run.
+    Purge(PurgeArgs),
+    /// Put back the entries a purge removed, from its journal, where the registry has
+    /// not written the key since.
+    Restore(RestoreArgs),
 }
 
 /// Where the registry's storage and cache are.
@@ -90,4 +100,58 @@ pub struct CheckArgs {
     /// Check existence and size only; do not re-hash blobs.
     #[arg(long)]
     pub quick: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Report format [default: table on a terminal, json otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Exit 1 when a finding of this severity or worse is left after the purge.
+    #[arg(long, value_enum, default_value = "error")]
+    pub fail_on: FailOn,
+    /// Hashing threads for the audit [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Audit existence and size only (no re-hash) before planning.
+    #[arg(long)]
+    pub quick: bool,
+    /// Apply without asking (needed when not on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Show the plan only; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Save the plan as JSON for review and change nothing; apply it later with --apply.
+    #[arg(long, value_name = "FILE", conflicts_with = "apply")]
+    pub plan_out: Option<std::path::PathBuf>,
+    /// Apply a saved plan instead of auditing again (storage is still re-checked).
+    #[arg(long, value_name = "FILE")]
+    pub apply: Option<std::path::PathBuf>,
+    /// Journal of what is removed, for `restore` (appended to)
+    /// [default: registry-audit-journal-<time>.jsonl in the current directory].
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<std::path::PathBuf>,
+    /// Also remove malformed cache entries (keys the registry cannot use).
+    #[arg(long)]
+    pub include_malformed: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The journal a purge wrote.
+    #[arg(long, value_name = "FILE")]
+    pub journal: std::path::PathBuf,
+    /// The registry's config.yml, for its Redis settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Redis URL; overrides the config (default: the one the journal records, when it
+    /// needs no password).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Report format [default: table on a terminal, json otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
 }

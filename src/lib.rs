@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod finding;
+pub mod purge;
+pub mod purge_command;
 pub mod redis_cache;
 pub mod rehash;
 pub mod repo_name;
@@ -28,6 +30,8 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
             let settings = settings::CheckSettings::from_args(&args)?;
             check::run(&settings)
         }
+        cli::Command::Purge(args) => purge_command::run(&args),
+        cli::Command::Restore(args) => purge_command::run_restore(&args),
     }
 }
 

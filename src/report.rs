@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use comfy_table::{ContentArrangement, Table, presets};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::Summary;
 use crate::cli::{FailOn, Format};
@@ -32,10 +32,10 @@ impl Tool {
 }
 
 /// What was audited; never holds a secret.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
     pub storage_root: String,
-    pub cache: &'static str,
+    pub cache: String,
     /// The Redis URL with any password masked.
     pub redis: String,
     pub config: Option<String>,

@@ -11,6 +11,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionI
 use crate::cli::{CheckArgs, FailOn, Format, ReportArgs, SourceArgs};
 use crate::config::{self, RedisConfig};
 use crate::redis_cache::RedisTarget;
+use crate::report::SourceInfo;
 
 /// Where the storage and the cache are.
 #[derive(Debug, Clone)]
@@ -39,11 +40,7 @@ pub struct CheckSettings {
 
 impl CheckSettings {
     pub fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
-        let jobs = match args.jobs {
-            Some(0) => return Err("--jobs must be at least 1".into()),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
+        let jobs = jobs(args.jobs)?;
         Ok(CheckSettings {
             source: Source::from_args(&args.source)?,
             report: ReportSettings::from_args(&args.report),
@@ -52,6 +49,26 @@ impl CheckSettings {
             scan_count: scan_count(&args.source)?,
         })
     }
+}
+
+/// `--jobs`, defaulting to every core.
+pub fn jobs(flag: Option<usize>) -> Result<usize, String> {
+    match flag {
+        Some(0) => Err("--jobs must be at least 1".into()),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+/// `--format`, defaulting to a table on a terminal and JSON otherwise.
+pub fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {
+    flag.unwrap_or_else(|| {
+        if output.is_none() && std::io::stdout().is_terminal() {
+            Format::Table
+        } else {
+            Format::Json
+        }
+    })
 }
 
 pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
@@ -63,15 +80,8 @@ pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
 
 impl ReportSettings {
     pub fn from_args(args: &ReportArgs) -> ReportSettings {
-        let format = args.format.unwrap_or_else(|| {
-            if args.output.is_none() && std::io::stdout().is_terminal() {
-                Format::Table
-            } else {
-                Format::Json
-            }
-        });
         ReportSettings {
-            format,
+            format: default_format(args.format, args.output.as_deref()),
             output: args.output.clone(),
             fail_on: args.fail_on,
         }
@@ -80,13 +90,23 @@ impl ReportSettings {
 
 impl Source {
     pub fn from_args(args: &SourceArgs) -> Result<Source, String> {
-        let file = match &args.config {
+        Source::resolve(args, None)
+    }
+
+    /// Like `from_args`, with `recorded` (the source a plan or journal was made against)
+    /// filling in what the flags leave out.
+    pub fn resolve(args: &SourceArgs, recorded: Option<&SourceInfo>) -> Result<Source, String> {
+        let config_path = args
+            .config
+            .clone()
+            .or_else(|| recorded.and_then(|r| r.config.as_ref()).map(PathBuf::from));
+        let file = match &config_path {
             Some(path) => Some(config::load(path, std::env::vars())?),
             None => None,
         };
-        let root = match (&args.root, &file) {
-            (Some(r), _) => r.clone(),
-            (None, Some(c)) => {
+        let root = match (&args.root, &file, recorded) {
+            (Some(r), _, _) => r.clone(),
+            (None, Some(c), _) => {
                 if let Some(driver) = c.driver.as_deref().filter(|d| *d != "filesystem") {
                     return Err(format!(
                         "the registry stores blobs with the '{driver}' driver; registry-audit reads filesystem storage only for now"
@@ -94,45 +114,60 @@ impl Source {
                 }
                 c.root.clone()
             }
-            (None, None) => {
+            (None, None, Some(r)) => PathBuf::from(&r.storage_root),
+            (None, None, None) => {
                 return Err(
                     "say where storage is: --root DIR or --config the registry's config.yml".into(),
                 );
             }
         };
-        let redis = match (&args.redis, &file) {
-            (Some(url), _) => RedisTarget::from_url(url)?,
-            (None, Some(c)) => {
-                let kind = c.cache.as_deref().unwrap_or("");
-                match (kind, &c.redis) {
-                    ("redis", Some(r)) => target_from_config(r)?,
-                    ("redis", None) => {
-                        return Err("the config's cache is redis but it has no redis: section; pass --redis URL".into());
-                    }
-                    _ => {
-                        let what = if kind.is_empty() {
-                            "not configured"
-                        } else {
-                            kind
-                        };
-                        return Err(format!(
-                            "the registry's blob descriptor cache is {what}, not redis: no Redis to audit. An in-memory cache lives inside the registry process (restart it after GC to clear it); `probe` and `check --cache-dump` are planned for it"
-                        ));
-                    }
-                }
-            }
-            (None, None) => {
-                return Err(
-                    "say where the cache is: --redis URL or --config the registry's config.yml"
-                        .into(),
-                );
-            }
-        };
+        let redis = redis_target(args.redis.as_deref(), file.as_ref(), recorded)?;
         Ok(Source {
             root,
             redis,
-            config: args.config.clone(),
+            config: config_path,
         })
+    }
+}
+
+/// The Redis to use: `--redis`, else the config's, else the recorded URL when it needs
+/// no password (a recorded URL never holds one).
+pub fn redis_target(
+    url: Option<&str>,
+    file: Option<&config::RegistryConfig>,
+    recorded: Option<&SourceInfo>,
+) -> Result<RedisTarget, String> {
+    if let Some(url) = url {
+        return RedisTarget::from_url(url);
+    }
+    if let Some(c) = file {
+        let kind = c.cache.as_deref().unwrap_or("");
+        return match (kind, &c.redis) {
+            ("redis", Some(r)) => target_from_config(r),
+            ("redis", None) => Err(
+                "the config's cache is redis but it has no redis: section; pass --redis URL".into(),
+            ),
+            _ => {
+                let what = if kind.is_empty() {
+                    "not configured"
+                } else {
+                    kind
+                };
+                Err(format!(
+                    "the registry's blob descriptor cache is {what}, not redis: no Redis to audit. An in-memory cache lives inside the registry process (restart it after GC to clear it); `probe` and `check --cache-dump` are planned for it"
+                ))
+            }
+        };
+    }
+    match recorded {
+        Some(r) if r.redis.contains("***") => Err(format!(
+            "{} needs a password, which plans and journals never hold: pass --redis URL or --config",
+            r.redis
+        )),
+        Some(r) => RedisTarget::from_url(&r.redis),
+        None => {
+            Err("say where the cache is: --redis URL or --config the registry's config.yml".into())
+        }
     }
 }
 

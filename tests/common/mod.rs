@@ -3,6 +3,7 @@
 //! on the fly. Readiness is polled, never waited for with a fixed sleep.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -559,4 +560,131 @@ pub fn finding_triples(
         .collect();
     v.sort();
     v
+}
+
+/// Three repositories sharing a base layer: `team/app1` and `mirror/app1` hold the same
+/// image, `team/app2` shares only the base layer.
+pub struct Scenario {
+    pub dir: Scratch,
+    pub redis: Redis,
+    pub registry: Registry,
+    pub app1: Image,
+    pub app2: Image,
+    /// The manifest digest of team/app2:v1 as the registry stored it.
+    pub app2_manifest: String,
+}
+
+pub fn shared_layers_scenario(tag: &str) -> Scenario {
+    let dir = Scratch::new(tag);
+    let redis = Redis::start();
+    let registry = Registry::start(&dir, Cache::Redis(&redis));
+    let base = bytes(1, 300_000);
+    let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 70_000)]);
+    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 90_000)]);
+    push(&registry, &app1, "team/app1:v1");
+    push(&registry, &app1, "mirror/app1:v1");
+    let app2_manifest = push(&registry, &app2, "team/app2:v1");
+    for repo in ["team/app1:v1", "mirror/app1:v1", "team/app2:v1"] {
+        let (ok, err) = pull(&registry, repo, &dir.path("pulled"));
+        assert!(ok, "pull {repo}: {err}");
+    }
+    Scenario {
+        dir,
+        redis,
+        registry,
+        app1,
+        app2,
+        app2_manifest,
+    }
+}
+
+/// Deletes team/app2's manifest and runs the registry's GC.
+pub fn delete_app2_and_gc(s: &Scenario) {
+    s.registry.delete_manifest("team/app2", &s.app2_manifest);
+    s.registry.garbage_collect();
+    assert!(
+        !s.registry.has_blob(&s.app2.layers[1]),
+        "GC should delete app2's own layer"
+    );
+    assert!(
+        s.registry.has_blob(&s.app2.layers[0]),
+        "GC keeps the shared base layer"
+    );
+}
+
+/// The phantom entries, computed independently of the tool: straight from Redis and the
+/// filesystem, by the registry's key shapes.
+pub fn expected_phantoms(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
+    let mut c = s.redis.conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).expect("keys");
+    let mut out = BTreeSet::new();
+    for k in keys {
+        if let Some(d) = k.strip_prefix("blobs::") {
+            if !s.registry.has_blob(d) {
+                out.insert((
+                    "phantom-blob-descriptor".to_string(),
+                    None,
+                    Some(d.to_string()),
+                ));
+            }
+        } else if let Some(repo) = k
+            .strip_prefix("repository::")
+            .and_then(|r| r.strip_suffix("::blobs"))
+        {
+            let members: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query(&mut c)
+                .expect("smembers");
+            for d in members {
+                if !s.registry.has_blob(&d) {
+                    out.insert((
+                        "phantom-repository-blob".to_string(),
+                        Some(repo.to_string()),
+                        Some(d),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Uploads a blob through the registry's monolithic upload API (POST, then PUT with the
+/// digest): the upload writes storage whatever the cache says.
+pub fn upload_blob(reg: &Registry, repo: &str, content: &[u8]) -> String {
+    let digest = sha256(content);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let resp = agent
+        .post(&format!("{}/v2/{repo}/blobs/uploads/", reg.url()))
+        .send_empty()
+        .expect("POST upload");
+    assert_eq!(resp.status().as_u16(), 202, "start upload");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location")
+        .to_string();
+    let location = if location.starts_with('/') {
+        format!("{}{location}", reg.url())
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let resp = agent
+        .put(&format!("{location}{sep}digest={digest}"))
+        .header("Content-Type", "application/octet-stream")
+        .send(content)
+        .expect("PUT upload");
+    assert_eq!(resp.status().as_u16(), 201, "finish upload");
+    digest
+}
+
+/// The bytes of one of an image's blobs, from its OCI layout.
+pub fn image_blob(image: &Image, digest: &str) -> Vec<u8> {
+    fs::read(image.dir.join("blobs/sha256").join(&digest[7..])).expect("image blob")
 }

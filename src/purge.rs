@@ -1,0 +1,900 @@
+//! Removing exactly the wrong cache entries, and putting them back. This module owns
+//! every write registry-audit ever makes, and only to Redis keys of the registry's
+//! shapes: it turns audit findings into a plan (with a snapshot of each entry's current
+//! value), re-checks storage just before acting, removes each digest's entries in one
+//! Lua script that first verifies they still hold the audited values, and journals what
+//! it removed (fsync'd before each removal) so `restore` can put it back. It never
+//! touches storage.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use redis::{Connection, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::cache_index;
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind};
+use crate::redis_cache::brief;
+use crate::report::SourceInfo;
+use crate::storage::{BlobStat, Storage};
+
+pub const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
+pub const JOURNAL_SCHEMA: &str = "registry-audit-journal/1";
+
+/// The registry's fields of a global descriptor; purge removes these and no others.
+const GLOBAL_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
+
+/// One removal, with the value the entry held when the plan was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// HDEL these hash fields, if each still holds its value (and, when `exact`, the
+    /// hash has no other field - then the key goes away).
+    Fields {
+        fields: BTreeMap<String, String>,
+        exact: bool,
+    },
+    /// SREM this member from the set.
+    Member { member: String },
+    /// DEL a whole key (a malformed one), if it still dumps to this payload.
+    Key {
+        redis_type: String,
+        dump_hex: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub kind: Kind,
+    pub repository: Option<String>,
+    /// Escaped key (see `finding::escape`).
+    pub key: String,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// What storage held for the digest when the plan was made; the group is skipped when
+/// storage says otherwise at apply time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlobState {
+    Absent,
+    Present {
+        size: u64,
+    },
+    /// Not re-checked (malformed entries without a usable digest).
+    NotChecked,
+}
+
+/// All removals for one digest (or one malformed key), applied atomically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub digest: Option<Digest>,
+    pub blob: BlobState,
+    pub entries: Vec<Entry>,
+    /// `repository::R::blobs` sets that must still lack the digest (orphan descriptors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_member_of: Vec<String>,
+}
+
+/// A finding purge does not fix, and what to do instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    pub finding: Finding,
+    pub advice: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub schema: String,
+    pub created_at: String,
+    pub source: SourceInfo,
+    pub include_malformed: bool,
+    pub groups: Vec<Group>,
+    pub kept: Vec<Kept>,
+}
+
+impl Plan {
+    pub fn entry_count(&self) -> usize {
+        self.groups.iter().map(|g| g.entries.len()).sum()
+    }
+
+    pub fn load(path: &Path) -> Result<Plan, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read plan {}: {e}", path.display()))?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "plan {} is not a registry-audit purge plan: {e} (line {}, column {})",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
+        if plan.schema != PLAN_SCHEMA {
+            return Err(format!(
+                "plan {} has schema {:?}, expected {PLAN_SCHEMA}",
+                path.display(),
+                plan.schema
+            ));
+        }
+        for g in &plan.groups {
+            for e in &g.entries {
+                check_registry_key(&e.key)?;
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// Refuses a key that is not of the registry's shapes: a plan or journal edited by hand
+/// must not make purge touch another application's keys.
+fn check_registry_key(key: &str) -> Result<Vec<u8>, String> {
+    let raw = finding::unescape(key)
+        .ok_or_else(|| format!("key {key:?} is not in registry-audit's escaped form"))?;
+    match cache_index::classify(&raw) {
+        cache_index::KeyShape::Foreign => Err(format!(
+            "key {key:?} is not one of the registry's cache keys: refusing to touch it"
+        )),
+        _ => Ok(raw),
+    }
+}
+
+/// Kinds purge removes; malformed entries only when asked.
+pub fn purges(kind: Kind, include_malformed: bool) -> bool {
+    match kind {
+        Kind::PhantomBlobDescriptor
+        | Kind::PhantomRepositoryBlob
+        | Kind::UnlinkedRepositoryBlob
+        | Kind::SizeMismatch
+        | Kind::OrphanRepositoryDescriptor => true,
+        Kind::MalformedCacheEntry => include_malformed,
+        Kind::DigestMismatch | Kind::UnreadableBlob => false,
+    }
+}
+
+fn advice(kind: Kind) -> &'static str {
+    match kind {
+        Kind::DigestMismatch => {
+            "storage problem: the blob is corrupt; restore it from a backup, or delete it (registry API or storage) and push the image again. The cache is not touched."
+        }
+        Kind::UnreadableBlob => {
+            "storage problem: fix the blob file (permissions, type, symlink) or restore it; the cache is not touched."
+        }
+        _ => "left alone: pass --include-malformed to remove malformed entries.",
+    }
+}
+
+/// Builds the plan from audit findings, reading the current value of every entry to
+/// remove. Storage problems become `kept` with advice.
+pub fn build_plan(
+    conn: &mut Connection,
+    storage: &Storage,
+    findings: &[Finding],
+    include_malformed: bool,
+    source: SourceInfo,
+    created_at: String,
+) -> Result<Plan, String> {
+    let mut groups: BTreeMap<(Option<Digest>, String), Group> = BTreeMap::new();
+    let mut kept = Vec::new();
+    for f in findings {
+        if !purges(f.kind, include_malformed) {
+            kept.push(Kept {
+                finding: f.clone(),
+                advice: advice(f.kind).to_string(),
+            });
+            continue;
+        }
+        // Malformed entries group by key (their digest may be absent); the rest by digest.
+        let group_key = if f.kind == Kind::MalformedCacheEntry {
+            (
+                None,
+                format!("{}\u{0}{}", f.key, f.member.clone().unwrap_or_default()),
+            )
+        } else {
+            (f.digest, String::new())
+        };
+        let group = groups.entry(group_key).or_insert_with(|| Group {
+            digest: f.digest.filter(|_| f.kind != Kind::MalformedCacheEntry),
+            blob: BlobState::NotChecked,
+            entries: Vec::new(),
+            not_member_of: Vec::new(),
+        });
+        for entry in snapshot(conn, f)? {
+            if !group
+                .entries
+                .iter()
+                .any(|e| e.key == entry.key && e.op == entry.op)
+            {
+                group.entries.push(entry);
+            }
+        }
+        if f.kind == Kind::OrphanRepositoryDescriptor
+            && let Some(repo) = &f.repository
+        {
+            group.not_member_of.push(cache_index::repo_set_key(repo));
+        }
+    }
+    let mut out: Vec<Group> = groups
+        .into_values()
+        .filter(|g| !g.entries.is_empty())
+        .collect();
+    for g in &mut out {
+        if let Some(d) = g.digest {
+            g.blob = match storage.stat_blob(&d) {
+                BlobStat::Absent => BlobState::Absent,
+                BlobStat::Present { size } => BlobState::Present { size },
+                BlobStat::Unreadable { .. } => BlobState::NotChecked,
+            };
+        }
+        g.entries
+            .sort_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+    }
+    Ok(Plan {
+        schema: PLAN_SCHEMA.into(),
+        created_at,
+        source,
+        include_malformed,
+        groups: out,
+        kept,
+    })
+}
+
+/// The entries behind one finding, with their current values.
+fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
+    let err =
+        |e: redis::RedisError| format!("reading entries to purge from Redis failed: {}", brief(&e));
+    let mut out = Vec::new();
+    let entry = |key: String, op: Op| Entry {
+        kind: f.kind,
+        repository: f.repository.clone(),
+        key,
+        op,
+    };
+    if f.kind == Kind::MalformedCacheEntry {
+        let raw = finding::unescape(&f.key).ok_or("internal: unescapable key")?;
+        if let Some(member) = &f.member {
+            let m = finding::unescape(member).ok_or("internal: unescapable member")?;
+            let is: bool = redis::cmd("SISMEMBER")
+                .arg(&raw)
+                .arg(&m)
+                .query(conn)
+                .map_err(err)?;
+            if is {
+                out.push(entry(
+                    f.key.clone(),
+                    Op::Member {
+                        member: member.clone(),
+                    },
+                ));
+            }
+        } else {
+            let ty: String = redis::cmd("TYPE").arg(&raw).query(conn).map_err(err)?;
+            let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&raw).query(conn).map_err(err)?;
+            if let Some(dump) = dump {
+                out.push(entry(
+                    f.key.clone(),
+                    Op::Key {
+                        redis_type: ty,
+                        dump_hex: to_hex(&dump),
+                    },
+                ));
+            }
+        }
+        return Ok(out);
+    }
+    let Some(d) = f.digest else { return Ok(out) };
+    match &f.repository {
+        None => {
+            let key = cache_index::global_key(&d);
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(&GLOBAL_FIELDS[..])
+                .query(conn)
+                .map_err(err)?;
+            let fields: BTreeMap<String, String> = GLOBAL_FIELDS
+                .iter()
+                .zip(values)
+                .filter_map(|(name, v)| v.map(|v| (name.to_string(), finding::escape(&v))))
+                .collect();
+            if !fields.is_empty() {
+                out.push(entry(
+                    key,
+                    Op::Fields {
+                        fields,
+                        exact: false,
+                    },
+                ));
+            }
+        }
+        Some(repo) => {
+            let set = cache_index::repo_set_key(repo);
+            let hash = cache_index::repo_hash_key(repo, &d);
+            if f.kind != Kind::OrphanRepositoryDescriptor {
+                let is: bool = redis::cmd("SISMEMBER")
+                    .arg(&set)
+                    .arg(d.to_string())
+                    .query(conn)
+                    .map_err(err)?;
+                if is {
+                    out.push(entry(
+                        set,
+                        Op::Member {
+                            member: d.to_string(),
+                        },
+                    ));
+                }
+            }
+            let ty: String = redis::cmd("TYPE").arg(&hash).query(conn).map_err(err)?;
+            if ty == "hash" {
+                let all: Vec<(Vec<u8>, Vec<u8>)> =
+                    redis::cmd("HGETALL").arg(&hash).query(conn).map_err(err)?;
+                let fields = all
+                    .into_iter()
+                    .map(|(k, v)| (finding::escape(&k), finding::escape(&v)))
+                    .collect();
+                out.push(entry(
+                    hash,
+                    Op::Fields {
+                        fields,
+                        exact: true,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that every entry of a group still holds its planned value and then removes
+/// them all, or changes nothing: one script, so Redis runs it atomically.
+/// ARGV is flat and binary-safe: per op a tag, a key index, then the op's values.
+const REMOVE_SCRIPT: &str = r#"
+local function hash_matches(key, exact, n, base)
+  if redis.call('TYPE', key).ok ~= 'hash' then return false end
+  if exact == '1' and redis.call('HLEN', key) ~= n then return false end
+  for i = 0, n - 1 do
+    if redis.call('HGET', key, ARGV[base + 2 * i]) ~= ARGV[base + 2 * i + 1] then return false end
+  end
+  return true
+end
+local function walk(apply)
+  local i = 1
+  while i <= #ARGV do
+    local tag, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+    if tag == 'F' then
+      local exact, n = ARGV[i + 2], tonumber(ARGV[i + 3])
+      if apply then
+        for j = 0, n - 1 do redis.call('HDEL', key, ARGV[i + 4 + 2 * j]) end
+      elseif not hash_matches(key, exact, n, i + 4) then return false end
+      i = i + 4 + 2 * n
+    elseif tag == 'M' or tag == 'N' then
+      local t = redis.call('TYPE', key).ok
+      local is = (t == 'set') and redis.call('SISMEMBER', key, ARGV[i + 2]) == 1
+      if apply then
+        if tag == 'M' then redis.call('SREM', key, ARGV[i + 2]) end
+      elseif (tag == 'M') ~= is then return false end
+      i = i + 3
+    elseif tag == 'K' then
+      if apply then redis.call('DEL', key)
+      elseif redis.call('TYPE', key).ok ~= ARGV[i + 2] or redis.call('DUMP', key) ~= ARGV[i + 3] then return false end
+      i = i + 4
+    else
+      return redis.error_reply('registry-audit: bad op ' .. tostring(tag))
+    end
+  end
+  return true
+end
+local function all_gone()
+  local i = 1
+  while i <= #ARGV do
+    local tag, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+    if tag == 'F' then
+      local n = tonumber(ARGV[i + 3])
+      if redis.call('TYPE', key).ok == 'hash' then
+        for j = 0, n - 1 do
+          if redis.call('HEXISTS', key, ARGV[i + 4 + 2 * j]) == 1 then return false end
+        end
+      elseif redis.call('EXISTS', key) == 1 then return false end
+      i = i + 4 + 2 * n
+    elseif tag == 'M' then
+      if redis.call('TYPE', key).ok == 'set' and redis.call('SISMEMBER', key, ARGV[i + 2]) == 1 then return false end
+      i = i + 3
+    elseif tag == 'N' then
+      i = i + 3
+    else
+      if redis.call('EXISTS', key) == 1 then return false end
+      i = i + 4
+    end
+  end
+  return true
+end
+if walk(false) then
+  walk(true)
+  return 1
+end
+if all_gone() then return 2 end
+return 0
+"#;
+
+/// Puts journalled entries back where nothing has been written since.
+const RESTORE_SCRIPT: &str = r#"
+local restored = 0
+local i = 1
+while i <= #ARGV do
+  local tag, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+  if tag == 'F' then
+    local n = tonumber(ARGV[i + 3])
+    local t = redis.call('TYPE', key).ok
+    local free = (t == 'none') or (t == 'hash')
+    if t == 'hash' then
+      for j = 0, n - 1 do
+        if redis.call('HEXISTS', key, ARGV[i + 4 + 2 * j]) == 1 then free = false end
+      end
+    end
+    if free then
+      for j = 0, n - 1 do redis.call('HSET', key, ARGV[i + 4 + 2 * j], ARGV[i + 5 + 2 * j]) end
+      restored = restored + 1
+    end
+    i = i + 4 + 2 * n
+  elseif tag == 'M' then
+    local t = redis.call('TYPE', key).ok
+    if (t == 'none' or t == 'set') and redis.call('SISMEMBER', key, ARGV[i + 2]) == 0 then
+      redis.call('SADD', key, ARGV[i + 2])
+      restored = restored + 1
+    end
+    i = i + 3
+  elseif tag == 'K' then
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('RESTORE', key, 0, ARGV[i + 3])
+      restored = restored + 1
+    end
+    i = i + 4
+  else
+    return redis.error_reply('registry-audit: bad op ' .. tostring(tag))
+  end
+end
+return restored
+"#;
+
+/// One script call: KEYS and a flat, binary-safe ARGV.
+struct ScriptCall {
+    keys: Vec<Vec<u8>>,
+    argv: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    fn invoke(&self, script: &Script, conn: &mut Connection) -> redis::RedisResult<i64> {
+        let mut inv = script.prepare_invoke();
+        for k in &self.keys {
+            inv.key(k.as_slice());
+        }
+        for a in &self.argv {
+            inv.arg(a.as_slice());
+        }
+        inv.invoke(conn)
+    }
+}
+
+/// Encodes entries as the scripts' KEYS and ARGV.
+fn script_args(
+    entries: &[Entry],
+    not_member_of: &[String],
+    digest: Option<&Digest>,
+) -> Result<ScriptCall, String> {
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut argv: Vec<Vec<u8>> = Vec::new();
+    let key_index = |keys: &mut Vec<Vec<u8>>, raw: Vec<u8>| -> Vec<u8> {
+        let pos = keys.iter().position(|k| *k == raw).unwrap_or_else(|| {
+            keys.push(raw);
+            keys.len() - 1
+        });
+        (pos + 1).to_string().into_bytes()
+    };
+    let unesc =
+        |s: &str| finding::unescape(s).ok_or_else(|| format!("{s:?} is not in escaped form"));
+    for e in entries {
+        let raw = check_registry_key(&e.key)?;
+        let idx = key_index(&mut keys, raw);
+        match &e.op {
+            Op::Fields { fields, exact } => {
+                argv.push(b"F".to_vec());
+                argv.push(idx);
+                argv.push(if *exact { b"1".to_vec() } else { b"0".to_vec() });
+                argv.push(fields.len().to_string().into_bytes());
+                for (k, v) in fields {
+                    argv.push(unesc(k)?);
+                    argv.push(unesc(v)?);
+                }
+            }
+            Op::Member { member } => {
+                argv.push(b"M".to_vec());
+                argv.push(idx);
+                argv.push(unesc(member)?);
+            }
+            Op::Key {
+                redis_type,
+                dump_hex,
+            } => {
+                argv.push(b"K".to_vec());
+                argv.push(idx);
+                argv.push(redis_type.clone().into_bytes());
+                argv.push(from_hex(dump_hex).ok_or("dump payload is not hex")?);
+            }
+        }
+    }
+    if let Some(d) = digest {
+        for set in not_member_of {
+            let raw = check_registry_key(set)?;
+            let idx = key_index(&mut keys, raw);
+            argv.push(b"N".to_vec());
+            argv.push(idx);
+            argv.push(d.to_string().into_bytes());
+        }
+    }
+    Ok(ScriptCall { keys, argv })
+}
+
+/// What happened to one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Removed,
+    /// Storage changed since the audit (the blob came back, or its size changed).
+    CameBack,
+    /// Redis no longer holds the audited values (the registry wrote since).
+    Changed,
+    /// Nothing left to remove: the entries were removed already (a plan applied twice).
+    AlreadyGone,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupResult {
+    pub digest: Option<Digest>,
+    pub key: String,
+    pub outcome: Outcome,
+    pub entries: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplySummary {
+    pub entries_removed_by_kind: BTreeMap<Kind, u64>,
+    pub entries_removed: u64,
+    pub digests_removed: u64,
+    pub digests_skipped_came_back: u64,
+    pub digests_skipped_changed: u64,
+    pub digests_already_gone: u64,
+    pub journal: String,
+    pub results: Vec<GroupResult>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum JournalLine {
+    Begin {
+        schema: String,
+        started_at: String,
+        source: SourceInfo,
+    },
+    Remove {
+        seq: u64,
+        digest: Option<Digest>,
+        entries: Vec<Entry>,
+    },
+    Result {
+        seq: u64,
+        outcome: Outcome,
+    },
+}
+
+struct Journal {
+    file: File,
+}
+
+impl Journal {
+    fn open(path: &Path) -> Result<Journal, String> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open journal {}: {e}", path.display()))?;
+        Ok(Journal { file })
+    }
+
+    /// Appends one line and waits until it is on disk.
+    fn write(&mut self, line: &JournalLine) -> Result<(), String> {
+        let mut text = serde_json::to_string(line).map_err(|e| e.to_string())?;
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| format!("cannot write the journal: {e}"))
+    }
+}
+
+/// Applies a plan group by group: re-check storage, journal, remove atomically.
+/// `progress` is told each group's result as it happens.
+pub fn apply(
+    conn: &mut Connection,
+    storage: &Storage,
+    plan: &Plan,
+    journal_path: &Path,
+    started_at: String,
+    mut progress: impl FnMut(&GroupResult),
+) -> Result<ApplySummary, String> {
+    let mut journal = Journal::open(journal_path)?;
+    journal.write(&JournalLine::Begin {
+        schema: JOURNAL_SCHEMA.into(),
+        started_at,
+        source: plan.source.clone(),
+    })?;
+    let remove = Script::new(REMOVE_SCRIPT);
+    let mut summary = ApplySummary {
+        journal: journal_path.display().to_string(),
+        entries_removed_by_kind: Kind::ALL
+            .iter()
+            .filter(|k| purges(**k, plan.include_malformed))
+            .map(|k| (*k, 0))
+            .collect(),
+        ..ApplySummary::default()
+    };
+    for (seq, group) in plan.groups.iter().enumerate() {
+        let seq = seq as u64;
+        let entries = recheck(storage, group);
+        let label = group
+            .entries
+            .first()
+            .map(|e| e.key.clone())
+            .unwrap_or_default();
+        let outcome = match entries {
+            None => Outcome::CameBack,
+            Some(entries) if entries.is_empty() => Outcome::CameBack,
+            Some(entries) => {
+                let call = script_args(&entries, &group.not_member_of, group.digest.as_ref())?;
+                journal.write(&JournalLine::Remove {
+                    seq,
+                    digest: group.digest,
+                    entries: entries.clone(),
+                })?;
+                let done = call.invoke(&remove, conn).map_err(|e| {
+                    format!(
+                        "removing cache entries failed (journal {} is valid): {}",
+                        journal_path.display(),
+                        brief(&e)
+                    )
+                })?;
+                let outcome = match done {
+                    1 => Outcome::Removed,
+                    2 => Outcome::AlreadyGone,
+                    _ => Outcome::Changed,
+                };
+                journal.write(&JournalLine::Result { seq, outcome })?;
+                if outcome == Outcome::Removed {
+                    for e in &entries {
+                        *summary.entries_removed_by_kind.entry(e.kind).or_default() += 1;
+                        summary.entries_removed += 1;
+                    }
+                }
+                outcome
+            }
+        };
+        match outcome {
+            Outcome::Removed => summary.digests_removed += 1,
+            Outcome::CameBack => summary.digests_skipped_came_back += 1,
+            Outcome::Changed => summary.digests_skipped_changed += 1,
+            Outcome::AlreadyGone => summary.digests_already_gone += 1,
+        }
+        let result = GroupResult {
+            digest: group.digest,
+            key: label,
+            outcome,
+            entries: group.entries.len(),
+        };
+        progress(&result);
+        summary.results.push(result);
+    }
+    Ok(summary)
+}
+
+/// Storage, checked again just before removal. `None` when the blob's state is no longer
+/// what the plan saw; otherwise the entries still to remove (an unlinked entry whose
+/// repository links the blob by now is dropped).
+fn recheck(storage: &Storage, group: &Group) -> Option<Vec<Entry>> {
+    let Some(d) = group.digest else {
+        return Some(group.entries.clone());
+    };
+    let now = match storage.stat_blob(&d) {
+        BlobStat::Absent => BlobState::Absent,
+        BlobStat::Present { size } => BlobState::Present { size },
+        BlobStat::Unreadable { .. } => return None,
+    };
+    if group.blob != BlobState::NotChecked && now != group.blob {
+        return None;
+    }
+    Some(
+        group
+            .entries
+            .iter()
+            .filter(|e| {
+                !(e.kind == Kind::UnlinkedRepositoryBlob
+                    && e.repository
+                        .as_deref()
+                        .is_some_and(|r| storage.is_linked(r, &d)))
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreSummary {
+    pub journal: String,
+    /// Entries put back.
+    pub entries_restored: u64,
+    /// Entries left alone because the registry has written the key since.
+    pub entries_left_alone: u64,
+    /// Journal lines that could not be used (a line cut short by a crash, say).
+    pub lines_skipped: u64,
+}
+
+/// Restores every entry that the journal records as removed (or whose removal was cut
+/// short), where nothing has been written since.
+pub fn restore(conn: &mut Connection, journal_path: &Path) -> Result<RestoreSummary, String> {
+    let file = File::open(journal_path)
+        .map_err(|e| format!("cannot read journal {}: {e}", journal_path.display()))?;
+    let mut removes: Vec<(u64, Vec<Entry>)> = Vec::new();
+    let mut outcomes: BTreeMap<u64, Outcome> = BTreeMap::new();
+    let mut summary = RestoreSummary {
+        journal: journal_path.display().to_string(),
+        ..RestoreSummary::default()
+    };
+    let mut run = 0u64;
+    let mut saw_begin = false;
+    for line in BufReader::new(file).lines() {
+        let line =
+            line.map_err(|e| format!("cannot read journal {}: {e}", journal_path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<JournalLine>(&line) {
+            Ok(JournalLine::Begin { schema, .. }) => {
+                if schema != JOURNAL_SCHEMA {
+                    return Err(format!(
+                        "journal {} has schema {schema:?}, expected {JOURNAL_SCHEMA}",
+                        journal_path.display()
+                    ));
+                }
+                saw_begin = true;
+                run += 1;
+            }
+            // Sequence numbers restart with each run appended to the journal.
+            Ok(JournalLine::Remove { seq, entries, .. }) => {
+                removes.push(((run << 32) | seq, entries))
+            }
+            Ok(JournalLine::Result { seq, outcome }) => {
+                outcomes.insert((run << 32) | seq, outcome);
+            }
+            Err(_) => summary.lines_skipped += 1,
+        }
+    }
+    if !saw_begin {
+        return Err(format!(
+            "{} is not a registry-audit journal",
+            journal_path.display()
+        ));
+    }
+    let script = Script::new(RESTORE_SCRIPT);
+    // Newest first, so an entry removed twice comes back with its oldest value last.
+    for (id, entries) in removes.iter().rev() {
+        if matches!(
+            outcomes.get(id),
+            Some(Outcome::Changed | Outcome::CameBack | Outcome::AlreadyGone)
+        ) {
+            continue;
+        }
+        let restored = script_args(entries, &[], None)?
+            .invoke(&script, conn)
+            .map_err(|e| format!("restoring cache entries failed: {}", brief(&e)))?;
+        summary.entries_restored += restored as u64;
+        summary.entries_left_alone += entries.len() as u64 - restored as u64;
+    }
+    Ok(summary)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let b = vec![0u8, 1, 0xab, 0xff];
+        assert_eq!(from_hex(&to_hex(&b)), Some(b));
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
+    }
+
+    #[test]
+    fn refuses_foreign_keys() {
+        assert!(check_registry_key("session:1").is_err());
+        assert!(check_registry_key("repository::x").is_err());
+        assert!(check_registry_key("repository::app::blobs").is_ok());
+        assert!(
+            check_registry_key("blobs::sha256:zz").is_ok(),
+            "malformed but registry-shaped"
+        );
+    }
+
+    #[test]
+    fn storage_problems_are_never_purged() {
+        for k in Kind::ALL {
+            let fixable = purges(k, true);
+            assert_eq!(fixable, !k.is_storage_problem(), "{k:?}");
+        }
+        assert!(!purges(Kind::MalformedCacheEntry, false));
+    }
+
+    #[test]
+    fn script_args_are_flat_and_share_keys() {
+        let d = Digest::parse_str(&format!("sha256:{}", "ab".repeat(32))).expect("digest");
+        let entries = vec![
+            Entry {
+                kind: Kind::PhantomRepositoryBlob,
+                repository: Some("app".into()),
+                key: "repository::app::blobs".into(),
+                op: Op::Member {
+                    member: d.to_string(),
+                },
+            },
+            Entry {
+                kind: Kind::PhantomRepositoryBlob,
+                repository: Some("app".into()),
+                key: format!("repository::app::blobs::{d}"),
+                op: Op::Fields {
+                    fields: [("mediatype".to_string(), "x".to_string())].into(),
+                    exact: true,
+                },
+            },
+        ];
+        let call =
+            script_args(&entries, &["repository::app::blobs".into()], Some(&d)).expect("args");
+        assert_eq!(call.keys.len(), 2);
+        let text: Vec<String> = call
+            .argv
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                "M".to_string(),
+                "1".into(),
+                d.to_string(),
+                "F".into(),
+                "2".into(),
+                "1".into(),
+                "1".into(),
+                "mediatype".into(),
+                "x".into(),
+                "N".into(),
+                "1".into(),
+                d.to_string()
+            ]
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! The `purge` and `restore` commands: audit (or load a saved plan), show the plan, get
+//! a confirmation, apply it step by step reporting each result, and print the summary.
+//! The removal itself, its safety checks and the journal live in `purge`; this module
+//! only sequences them and talks to the operator.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::audit::AuditOptions;
+use crate::check;
+use crate::cli::{FailOn, Format, PurgeArgs, RestoreArgs};
+use crate::config;
+use crate::finding::Severity;
+use crate::purge::{self, ApplySummary, Outcome, Plan, RestoreSummary};
+use crate::report::{self, SourceInfo, Tool};
+use crate::settings::{self, Source};
+use crate::storage::Storage;
+
+/// What the run did with the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Nothing to remove.
+    Nothing,
+    DryRun,
+    /// Plan saved with --plan-out.
+    Saved,
+    /// The operator answered no.
+    Declined,
+    /// No terminal to ask on and no --yes.
+    NotConfirmed,
+    Applied,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PurgeReport {
+    pub schema_version: u32,
+    pub tool: Tool,
+    pub command: &'static str,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub mode: Mode,
+    pub plan: Plan,
+    pub result: Option<ApplySummary>,
+}
+
+struct PurgeSettings {
+    format: Format,
+    fail_on: FailOn,
+    yes: bool,
+    dry_run: bool,
+    plan_out: Option<PathBuf>,
+    journal: Option<PathBuf>,
+}
+
+pub fn run(args: &PurgeArgs) -> Result<u8, String> {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let opts = AuditOptions {
+        jobs: settings::jobs(args.jobs)?,
+        quick: args.quick,
+    };
+    let s = PurgeSettings {
+        format: settings::default_format(args.format, None),
+        fail_on: args.fail_on,
+        yes: args.yes,
+        dry_run: args.dry_run,
+        plan_out: args.plan_out.clone(),
+        journal: args.journal.clone(),
+    };
+    let (source, plan) = match &args.apply {
+        Some(path) => {
+            let plan = Plan::load(path)?;
+            let source = Source::resolve(&args.source, Some(&plan.source))?;
+            (source, plan)
+        }
+        None => {
+            let source = Source::from_args(&args.source)?;
+            let scan_count = settings::scan_count(&args.source)?;
+            let (storage, audit) = check::audit_source(&source, scan_count, opts)?;
+            let mut conn = source.redis.connect()?;
+            let plan = purge::build_plan(
+                &mut conn,
+                &storage,
+                &audit.findings,
+                args.include_malformed,
+                check::source_info(&source),
+                report::rfc3339(started),
+            )?;
+            (source, plan)
+        }
+    };
+    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let table = s.format == Format::Table;
+    if table {
+        print!("{}", render_plan(&plan));
+    }
+    let mode = if plan.groups.is_empty() {
+        Mode::Nothing
+    } else if s.dry_run {
+        Mode::DryRun
+    } else if let Some(path) = &s.plan_out {
+        let text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
+        report::write_output(&text, Some(path))?;
+        Mode::Saved
+    } else if s.yes {
+        Mode::Applied
+    } else if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        if confirm(&plan)? {
+            Mode::Applied
+        } else {
+            Mode::Declined
+        }
+    } else {
+        Mode::NotConfirmed
+    };
+
+    let mut result = None;
+    if mode == Mode::Applied {
+        let journal = s
+            .journal
+            .clone()
+            .unwrap_or_else(|| default_journal(started));
+        let mut conn = source.redis.connect()?;
+        if table {
+            println!("\nApplying; journal: {}", journal.display());
+        }
+        let summary = purge::apply(
+            &mut conn,
+            &storage,
+            &plan,
+            &journal,
+            report::rfc3339(started),
+            |r| {
+                if table {
+                    let what = r
+                        .digest
+                        .map(|d| d.to_string())
+                        .unwrap_or_else(|| r.key.clone());
+                    let outcome = match r.outcome {
+                        Outcome::Removed => format!("removed {} entries", r.entries),
+                        Outcome::CameBack => {
+                            "kept: the blob came back in storage since the audit".into()
+                        }
+                        Outcome::Changed => {
+                            "kept: the registry changed these entries since the audit".into()
+                        }
+                        Outcome::AlreadyGone => "nothing to do: already removed".into(),
+                    };
+                    println!("  {what}: {outcome}");
+                    let _ = std::io::stdout().flush();
+                }
+            },
+        )?;
+        result = Some(summary);
+    }
+
+    let code = exit_code(&plan, mode, result.as_ref(), s.fail_on);
+    if table {
+        print!(
+            "{}",
+            render_outcome(&plan, mode, result.as_ref(), s.plan_out.as_deref())
+        );
+    } else {
+        let report = PurgeReport {
+            schema_version: report::SCHEMA_VERSION,
+            tool: Tool::this(),
+            command: "purge",
+            started_at: report::rfc3339(started),
+            duration_ms: clock.elapsed().as_millis() as u64,
+            mode,
+            plan,
+            result,
+        };
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n";
+        report::write_output(&text, None)?;
+    }
+    if mode == Mode::NotConfirmed {
+        return Err("not on a terminal and --yes not given: nothing was changed; review the plan above, then run again with --yes".into());
+    }
+    Ok(code)
+}
+
+/// 1 when something at or above the threshold is left in place.
+fn exit_code(plan: &Plan, mode: Mode, result: Option<&ApplySummary>, fail_on: FailOn) -> u8 {
+    let threshold = |sev: Severity| match fail_on {
+        FailOn::Never => false,
+        FailOn::Warning => true,
+        FailOn::Error => sev == Severity::Error,
+    };
+    let kept = plan.kept.iter().any(|k| threshold(k.finding.severity));
+    let planned = plan.groups.iter().flat_map(|g| &g.entries).any(|e| {
+        threshold(if e.kind == crate::finding::Kind::MalformedCacheEntry {
+            Severity::Warning
+        } else {
+            Severity::Error
+        })
+    });
+    let left = match (mode, result) {
+        (Mode::Applied, Some(r)) => r.digests_skipped_changed > 0 && fail_on != FailOn::Never,
+        (Mode::Nothing, _) => false,
+        _ => planned,
+    };
+    u8::from(kept || left)
+}
+
+fn confirm(plan: &Plan) -> Result<bool, String> {
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "Remove these {} cache entries ({} digests) from Redis? [y/N] ",
+        plan.entry_count(),
+        plan.groups.len()
+    );
+    let _ = err.flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+fn default_journal(started: SystemTime) -> PathBuf {
+    let stamp: String = report::rfc3339(started)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    PathBuf::from(format!("registry-audit-journal-{stamp}.jsonl"))
+}
+
+fn render_plan(plan: &Plan) -> String {
+    let mut out = format!(
+        "registry-audit purge: storage {} against {}\n",
+        plan.source.storage_root, plan.source.redis
+    );
+    if plan.groups.is_empty() {
+        out.push_str("\nNothing to remove: no cache entry is proven wrong.\n");
+    } else {
+        out.push_str(&format!(
+            "\nPlan: remove {} entries for {} digests\n",
+            plan.entry_count(),
+            plan.groups.len()
+        ));
+        let mut table = Table::new();
+        table
+            .load_style(presets::UTF8_FULL_CONDENSED)
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_header(["digest", "storage", "kind", "key", "removal"]);
+        for g in &plan.groups {
+            let digest = g
+                .digest
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into());
+            let storage = match g.blob {
+                purge::BlobState::Absent => "absent".to_string(),
+                purge::BlobState::Present { size } => format!("present, {size} B"),
+                purge::BlobState::NotChecked => "-".into(),
+            };
+            for e in &g.entries {
+                let removal = match &e.op {
+                    purge::Op::Fields {
+                        fields,
+                        exact: true,
+                    } => format!("DEL ({} fields)", fields.len()),
+                    purge::Op::Fields { fields, .. } => {
+                        format!(
+                            "HDEL {}",
+                            fields.keys().cloned().collect::<Vec<_>>().join(" ")
+                        )
+                    }
+                    purge::Op::Member { member } => format!("SREM {member}"),
+                    purge::Op::Key { redis_type, .. } => format!("DEL ({redis_type})"),
+                };
+                table.add_row([
+                    digest.clone(),
+                    storage.clone(),
+                    e.kind.name().to_string(),
+                    e.key.clone(),
+                    removal,
+                ]);
+            }
+        }
+        out.push_str(&table.to_string());
+        out.push('\n');
+    }
+    if !plan.kept.is_empty() {
+        out.push_str(&format!("\nNot touched ({}):\n", plan.kept.len()));
+        for k in &plan.kept {
+            let d = k
+                .finding
+                .digest
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| k.finding.key.clone());
+            out.push_str(&format!(
+                "  {} {}: {}\n",
+                k.finding.kind.name(),
+                d,
+                k.advice
+            ));
+        }
+    }
+    out
+}
+
+fn render_outcome(
+    plan: &Plan,
+    mode: Mode,
+    result: Option<&ApplySummary>,
+    plan_out: Option<&Path>,
+) -> String {
+    match (mode, result) {
+        (Mode::Nothing, _) => String::new(),
+        (Mode::DryRun, _) => "\nDry run: nothing was changed.\n".into(),
+        (Mode::Saved, _) => format!(
+            "\nPlan saved to {}: nothing was changed. Apply it with `registry-audit purge --apply {} --yes`.\n",
+            plan_out
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            plan_out
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+        (Mode::Declined, _) => "\nNothing was changed.\n".into(),
+        (Mode::NotConfirmed, _) => String::new(),
+        (Mode::Applied, Some(r)) => {
+            let mut out = format!(
+                "\nRemoved {} of {} planned entries ({} digests).\n",
+                r.entries_removed,
+                plan.entry_count(),
+                r.digests_removed
+            );
+            for (kind, n) in &r.entries_removed_by_kind {
+                if *n > 0 {
+                    out.push_str(&format!("  {}: {n}\n", kind.name()));
+                }
+            }
+            if r.digests_skipped_came_back > 0 {
+                out.push_str(&format!(
+                    "Kept {} digests whose blobs came back in storage since the audit.\n",
+                    r.digests_skipped_came_back
+                ));
+            }
+            if r.digests_already_gone > 0 {
+                out.push_str(&format!(
+                    "{} digests had no entries left to remove.\n",
+                    r.digests_already_gone
+                ));
+            }
+            if r.digests_skipped_changed > 0 {
+                out.push_str(&format!(
+                    "Kept {} digests whose entries the registry changed since the audit: run purge again.\n",
+                    r.digests_skipped_changed
+                ));
+            }
+            out.push_str(&format!(
+                "Journal: {} (undo with `registry-audit restore --journal {}`)\n",
+                r.journal, r.journal
+            ));
+            out
+        }
+        (Mode::Applied, None) => String::new(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RestoreReport {
+    schema_version: u32,
+    tool: Tool,
+    command: &'static str,
+    result: RestoreSummary,
+}
+
+pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
+    let recorded = read_journal_source(&args.journal)?;
+    let file = match args
+        .config
+        .as_ref()
+        .or(recorded.config.as_ref().map(PathBuf::from).as_ref())
+    {
+        Some(p) => Some(config::load(p, std::env::vars())?),
+        None => None,
+    };
+    let target = settings::redis_target(args.redis.as_deref(), file.as_ref(), Some(&recorded))?;
+    let mut conn = target.connect()?;
+    let summary = purge::restore(&mut conn, &args.journal)?;
+    match settings::default_format(args.format, None) {
+        Format::Table => {
+            println!(
+                "Restored {} entries from {} into {}; left {} alone (written by the registry since){}.",
+                summary.entries_restored,
+                summary.journal,
+                target.display(),
+                summary.entries_left_alone,
+                if summary.lines_skipped > 0 {
+                    format!(
+                        "; {} unreadable journal lines skipped",
+                        summary.lines_skipped
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Format::Json => {
+            let report = RestoreReport {
+                schema_version: report::SCHEMA_VERSION,
+                tool: Tool::this(),
+                command: "restore",
+                result: summary,
+            };
+            let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n";
+            report::write_output(&text, None)?;
+        }
+    }
+    Ok(0)
+}
+
+/// The source recorded in a journal's first line.
+fn read_journal_source(path: &Path) -> Result<SourceInfo, String> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
+    let mut first = String::new();
+    std::io::BufReader::new(file)
+        .read_line(&mut first)
+        .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&first)
+        .map_err(|_| format!("{} is not a registry-audit journal", path.display()))?;
+    serde_json::from_value(v["source"].clone())
+        .map_err(|_| format!("{} is not a registry-audit journal", path.display()))
+}
