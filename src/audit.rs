@@ -112,17 +112,17 @@ fn judge(
     let global = entry
         .global
         .filter(|g| matches!(g, GlobalEntry::Hash { .. }));
-    let finding =
-        |kind, severity, live, repository: Option<&str>, key: String, detail: String| Finding {
+    let finding = |kind, severity, live, repository: Option<&str>, key: String, detail: String| {
+        Finding::cache(
             kind,
             severity,
             live,
-            digest: Some(*d),
-            repository: repository.map(str::to_string),
+            Some(*d),
+            repository.map(str::to_string),
             key,
-            member: None,
             detail,
-        };
+        )
+    };
     match check {
         BlobCheck::Absent => {
             if let Some(g) = global {

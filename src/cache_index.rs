@@ -379,16 +379,17 @@ fn malformed(
     member: Option<&[u8]>,
     detail: String,
 ) -> Finding {
-    Finding {
-        kind: Kind::MalformedCacheEntry,
-        severity: Severity::Warning,
-        live: false,
+    let mut f = Finding::cache(
+        Kind::MalformedCacheEntry,
+        Severity::Warning,
+        false,
         digest,
         repository,
-        key: finding::escape(key),
-        member: member.map(finding::escape),
+        finding::escape(key),
         detail,
-    }
+    );
+    f.member = member.map(finding::escape);
+    f
 }
 
 #[cfg(test)]

@@ -69,36 +69,98 @@ impl Severity {
     }
 }
 
-/// One inconsistency between the cache and storage.
+/// One inconsistency between the cache and storage, or within storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     pub kind: Kind,
     pub severity: Severity,
-    /// Would the registry answer a lookup from this entry (a cache hit)?
+    /// Would the registry answer a lookup from this cache entry (a cache hit)? Always
+    /// false for findings about storage alone.
     pub live: bool,
     /// Always well formed; `None` when the key's digest is not.
     pub digest: Option<Digest>,
     /// `None` for the global descriptor (`blobs::<digest>`).
     pub repository: Option<String>,
-    /// The Redis key, in the lossless text form of [`escape`].
-    pub key: String,
+    /// The Redis key, in the lossless text form of [`escape`]; `None` for findings about
+    /// storage alone.
+    pub key: Option<String>,
     /// For a finding about one member of a repository set: that member, escaped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
+    /// The tag a storage finding is about.
+    pub tag: Option<String>,
+    /// The manifest that references the missing blob.
+    pub manifest: Option<Digest>,
+    /// The file in storage, relative to the storage root.
+    pub path: Option<String>,
     pub detail: String,
 }
 
 impl Finding {
+    /// A finding about a cache key.
+    pub fn cache(
+        kind: Kind,
+        severity: Severity,
+        live: bool,
+        digest: Option<Digest>,
+        repository: Option<String>,
+        key: String,
+        detail: String,
+    ) -> Finding {
+        Finding {
+            kind,
+            severity,
+            live,
+            digest,
+            repository,
+            key: Some(key),
+            member: None,
+            tag: None,
+            manifest: None,
+            path: None,
+            detail,
+        }
+    }
+
+    /// A finding about storage alone.
+    pub fn storage(
+        kind: Kind,
+        severity: Severity,
+        digest: Option<Digest>,
+        repository: Option<String>,
+        path: String,
+        detail: String,
+    ) -> Finding {
+        Finding {
+            kind,
+            severity,
+            live: false,
+            digest,
+            repository,
+            key: None,
+            member: None,
+            tag: None,
+            manifest: None,
+            path: Some(path),
+            detail,
+        }
+    }
+
     /// The order of reports: kind, then repository (global first), digest, key, member.
     pub fn sort_key(&self) -> impl Ord + '_ {
         (
             self.kind,
             self.repository.as_deref(),
             self.digest,
-            self.key.as_str(),
+            self.key.as_deref(),
             self.member.as_deref(),
+            (self.tag.as_deref(), self.manifest, self.path.as_deref()),
             self.detail.as_str(),
         )
+    }
+
+    /// The key, or the storage path, for display.
+    pub fn location(&self) -> &str {
+        self.key.as_deref().or(self.path.as_deref()).unwrap_or("")
     }
 }
 

@@ -191,7 +191,11 @@ pub fn build_plan(
         let group_key = if f.kind == Kind::MalformedCacheEntry {
             (
                 None,
-                format!("{}\u{0}{}", f.key, f.member.clone().unwrap_or_default()),
+                format!(
+                    "{}\u{0}{}",
+                    f.location(),
+                    f.member.clone().unwrap_or_default()
+                ),
             )
         } else {
             (f.digest, String::new())
@@ -254,7 +258,11 @@ fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
         op,
     };
     if f.kind == Kind::MalformedCacheEntry {
-        let raw = finding::unescape(&f.key).ok_or("internal: unescapable key")?;
+        let key = f
+            .key
+            .clone()
+            .ok_or("internal: a malformed entry without a key")?;
+        let raw = finding::unescape(&key).ok_or("internal: unescapable key")?;
         if let Some(member) = &f.member {
             let m = finding::unescape(member).ok_or("internal: unescapable member")?;
             let is: bool = redis::cmd("SISMEMBER")
@@ -264,7 +272,7 @@ fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
                 .map_err(err)?;
             if is {
                 out.push(entry(
-                    f.key.clone(),
+                    key.clone(),
                     Op::Member {
                         member: member.clone(),
                     },
@@ -275,7 +283,7 @@ fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
             let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&raw).query(conn).map_err(err)?;
             if let Some(dump) = dump {
                 out.push(entry(
-                    f.key.clone(),
+                    key.clone(),
                     Op::Key {
                         redis_type: ty,
                         dump_hex: to_hex(&dump),

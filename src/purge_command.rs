@@ -298,7 +298,7 @@ fn render_plan(plan: &Plan) -> String {
                 .finding
                 .digest
                 .map(|d| d.to_string())
-                .unwrap_or_else(|| k.finding.key.clone());
+                .unwrap_or_else(|| k.finding.location().to_string());
             out.push_str(&format!(
                 "  {} {}: {}\n",
                 k.finding.kind.name(),

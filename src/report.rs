@@ -178,12 +178,22 @@ pub fn render_table(report: &Report) -> String {
         table
             .load_style(presets::UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header(["severity", "live", "repository", "digest", "key", "detail"]);
+            .set_header([
+                "severity",
+                "live",
+                "repository",
+                "digest",
+                "key / path",
+                "detail",
+            ]);
         for f in group {
-            let key = match &f.member {
-                Some(m) => format!("{} (member {m})", f.key),
-                None => f.key.clone(),
-            };
+            let mut key = f.location().to_string();
+            if let Some(m) = &f.member {
+                key.push_str(&format!(" (member {m})"));
+            }
+            if let Some(t) = &f.tag {
+                key = format!("tag {t}: {key}");
+            }
             table.add_row([
                 f.severity.name().to_string(),
                 if f.live { "live" } else { "inert" }.to_string(),
