@@ -174,12 +174,13 @@ impl DigestEntry {
     }
 }
 
-/// Raw fields read from a global descriptor hash.
+/// The fields of a registry hash that matter, as read from Redis or a dump.
 #[derive(Debug, Clone, Default)]
-pub struct GlobalFields<'a> {
+pub struct HashFields<'a> {
     pub digest: Option<&'a [u8]>,
     pub size: Option<&'a [u8]>,
     pub length: Option<&'a [u8]>,
+    pub mediatype: Option<&'a [u8]>,
 }
 
 /// Counts of what was read.
@@ -264,6 +265,49 @@ impl CacheIndex {
         &mut entry.repos[pos]
     }
 
+    /// Records one key, whatever it was read from: its shape, its Redis type (`none`
+    /// when it vanished meanwhile) and, for a hash, its fields. Returns the repository
+    /// when the key is a repository set, whose members the caller adds next.
+    pub fn ingest(
+        &mut self,
+        key: &[u8],
+        shape: KeyShape,
+        redis_type: &str,
+        fields: &HashFields<'_>,
+    ) -> Option<String> {
+        if shape == KeyShape::Foreign {
+            self.counts.foreign_keys += 1;
+            return None;
+        }
+        self.counts.keys += 1;
+        match shape {
+            KeyShape::Foreign => {}
+            KeyShape::Malformed { repository, reason } => {
+                self.add_malformed_key(key, repository, reason)
+            }
+            KeyShape::Global(d) => match redis_type {
+                "none" => {}
+                "hash" => self.add_global(key, d, fields.clone()),
+                other => self.add_global_wrong_type(key, d, other),
+            },
+            KeyShape::RepoSet(repo) => match redis_type {
+                "none" => {}
+                "set" => return Some(repo),
+                other => self.add_set_wrong_type(key, &repo, other),
+            },
+            KeyShape::RepoHash(repo, d) => {
+                let hash = match redis_type {
+                    "none" => return None,
+                    "hash" if fields.mediatype.is_some() => RepoHash::WithMediatype,
+                    "hash" => RepoHash::WithoutMediatype,
+                    _ => RepoHash::WrongType,
+                };
+                self.add_repo_hash(key, &repo, d, hash, redis_type);
+            }
+        }
+        None
+    }
+
     /// Records a malformed registry-shaped key.
     pub fn add_malformed_key(&mut self, key: &[u8], repository: Option<String>, reason: String) {
         self.malformed
@@ -283,7 +327,7 @@ impl CacheIndex {
     }
 
     /// Records a `blobs::<digest>` hash from its raw fields.
-    pub fn add_global(&mut self, key: &[u8], d: Digest, fields: GlobalFields<'_>) {
+    pub fn add_global(&mut self, key: &[u8], d: Digest, fields: HashFields<'_>) {
         let size = match fields.size {
             None => SizeField::Missing,
             Some(raw) => match std::str::from_utf8(raw)
@@ -451,10 +495,11 @@ mod tests {
         idx.add_global(
             key.as_bytes(),
             d(),
-            GlobalFields {
+            HashFields {
                 digest: Some(D.as_bytes()),
                 size: Some(b"12"),
                 length: None,
+                mediatype: None,
             },
         );
         let set = b"repository::a::blobs";
@@ -484,10 +529,11 @@ mod tests {
         idx.add_global(
             key.as_bytes(),
             d(),
-            GlobalFields {
+            HashFields {
                 digest: Some(D.as_bytes()),
                 size: Some(b"twelve"),
                 length: None,
+                mediatype: None,
             },
         );
         assert!(!idx.entry(&d()).expect("entry").global_live());
@@ -499,10 +545,11 @@ mod tests {
         idx.add_global(
             key.as_bytes(),
             d(),
-            GlobalFields {
+            HashFields {
                 digest: Some(D.as_bytes()),
                 size: None,
                 length: Some(b"12"),
+                mediatype: None,
             },
         );
         assert!(!idx.entry(&d()).expect("entry").global_live());
@@ -513,10 +560,11 @@ mod tests {
         idx.add_global(
             key.as_bytes(),
             d(),
-            GlobalFields {
+            HashFields {
                 digest: Some(b"sha256:0000"),
                 size: Some(b"-1"),
                 length: None,
+                mediatype: None,
             },
         );
         assert_eq!(idx.malformed().len(), 1);

@@ -19,10 +19,15 @@ pub enum Kind {
     UnreadableBlob,
     MalformedCacheEntry,
     OrphanRepositoryDescriptor,
+    DanglingLayerLink,
+    DanglingManifestRevision,
+    DanglingTag,
+    MissingReferencedBlob,
+    BadLink,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 13] = [
         Kind::PhantomBlobDescriptor,
         Kind::PhantomRepositoryBlob,
         Kind::UnlinkedRepositoryBlob,
@@ -31,6 +36,11 @@ impl Kind {
         Kind::UnreadableBlob,
         Kind::MalformedCacheEntry,
         Kind::OrphanRepositoryDescriptor,
+        Kind::DanglingLayerLink,
+        Kind::DanglingManifestRevision,
+        Kind::DanglingTag,
+        Kind::MissingReferencedBlob,
+        Kind::BadLink,
     ];
 
     /// The kebab-case name used in JSON and on the command line.
@@ -44,12 +54,30 @@ impl Kind {
             Kind::UnreadableBlob => "unreadable-blob",
             Kind::MalformedCacheEntry => "malformed-cache-entry",
             Kind::OrphanRepositoryDescriptor => "orphan-repository-descriptor",
+            Kind::DanglingLayerLink => "dangling-layer-link",
+            Kind::DanglingManifestRevision => "dangling-manifest-revision",
+            Kind::DanglingTag => "dangling-tag",
+            Kind::MissingReferencedBlob => "missing-referenced-blob",
+            Kind::BadLink => "bad-link",
         }
     }
 
     /// Problems of storage itself, which no change to the cache can fix.
     pub fn is_storage_problem(self) -> bool {
-        matches!(self, Kind::DigestMismatch | Kind::UnreadableBlob)
+        !self.is_cache_entry()
+    }
+
+    /// Findings about a cache entry (as opposed to blobs and links in storage).
+    pub fn is_cache_entry(self) -> bool {
+        matches!(
+            self,
+            Kind::PhantomBlobDescriptor
+                | Kind::PhantomRepositoryBlob
+                | Kind::UnlinkedRepositoryBlob
+                | Kind::SizeMismatch
+                | Kind::MalformedCacheEntry
+                | Kind::OrphanRepositoryDescriptor
+        )
     }
 }
 

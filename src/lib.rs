@@ -18,6 +18,7 @@ pub mod repo_name;
 pub mod report;
 pub mod settings;
 pub mod storage;
+pub mod verify;
 
 /// Exit status when the tool could not do its job.
 pub const EXIT_CANNOT_RUN: u8 = 2;

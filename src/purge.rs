@@ -17,15 +17,12 @@ use serde::{Deserialize, Serialize};
 use crate::cache_index;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind};
-use crate::redis_cache::brief;
+use crate::redis_cache::{HASH_FIELDS, brief};
 use crate::report::SourceInfo;
 use crate::storage::{BlobStat, Storage};
 
 pub const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
 pub const JOURNAL_SCHEMA: &str = "registry-audit-journal/1";
-
-/// The registry's fields of a global descriptor; purge removes these and no others.
-const GLOBAL_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
 
 /// One removal, with the value the entry held when the plan was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +148,7 @@ pub fn purges(kind: Kind, include_malformed: bool) -> bool {
         | Kind::SizeMismatch
         | Kind::OrphanRepositoryDescriptor => true,
         Kind::MalformedCacheEntry => include_malformed,
-        Kind::DigestMismatch | Kind::UnreadableBlob => false,
+        _ => false,
     }
 }
 
@@ -163,7 +160,10 @@ fn advice(kind: Kind) -> &'static str {
         Kind::UnreadableBlob => {
             "storage problem: fix the blob file (permissions, type, symlink) or restore it; the cache is not touched."
         }
-        _ => "left alone: pass --include-malformed to remove malformed entries.",
+        Kind::MalformedCacheEntry => {
+            "left alone: pass --include-malformed to remove malformed entries."
+        }
+        _ => "storage problem: see the finding; the cache is not touched.",
     }
 }
 
@@ -299,10 +299,10 @@ fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
             let key = cache_index::global_key(&d);
             let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
                 .arg(&key)
-                .arg(&GLOBAL_FIELDS[..])
+                .arg(&HASH_FIELDS[..])
                 .query(conn)
                 .map_err(err)?;
-            let fields: BTreeMap<String, String> = GLOBAL_FIELDS
+            let fields: BTreeMap<String, String> = HASH_FIELDS
                 .iter()
                 .zip(values)
                 .filter_map(|(name, v)| v.map(|v| (name.to_string(), finding::escape(&v))))

@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, Value};
 
-use crate::cache_index::{CacheIndex, GlobalFields, KeyShape, RepoHash, classify};
+use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
+
+/// The registry's fields of a descriptor hash, in this order; purge removes these and
+/// no others from a global descriptor.
+pub const HASH_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
 
 /// Where the cache is and how to authenticate; the password never leaves this struct
 /// except to Redis.
@@ -151,34 +155,16 @@ fn read_batch(
         let shape = classify(&key);
         match &shape {
             KeyShape::Foreign => {
-                index.counts.foreign_keys += 1;
+                index.ingest(&key, shape, "", &HashFields::default());
                 continue;
             }
-            KeyShape::Malformed { .. } => {}
-            KeyShape::Global(d) => {
-                // SCAN may return a key twice; read it once.
-                if index.has_global(d) {
-                    continue;
-                }
-                pipe.cmd("TYPE").arg(&key);
-                pipe.cmd("HMGET")
-                    .arg(&key)
-                    .arg("digest")
-                    .arg("size")
-                    .arg("length");
-            }
-            KeyShape::RepoSet(_) => {
-                if !seen_sets.insert(key.clone()) {
-                    continue;
-                }
-                pipe.cmd("TYPE").arg(&key);
-            }
-            KeyShape::RepoHash(..) => {
-                pipe.cmd("TYPE").arg(&key);
-                pipe.cmd("HEXISTS").arg(&key).arg("mediatype");
-            }
+            // SCAN may return a key twice; read it once.
+            KeyShape::Global(d) if index.has_global(d) => continue,
+            KeyShape::RepoSet(_) if !seen_sets.insert(key.clone()) => continue,
+            _ => {}
         }
-        index.counts.keys += 1;
+        pipe.cmd("TYPE").arg(&key);
+        pipe.cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]);
         pending.push((key, shape));
     }
     if pending.is_empty() {
@@ -190,47 +176,18 @@ fn read_batch(
     let mut replies = replies.into_iter();
     let mut sets = Vec::new();
     for (key, shape) in pending {
-        match shape {
-            KeyShape::Foreign => {}
-            KeyShape::Malformed { repository, reason } => {
-                index.add_malformed_key(&key, repository, reason)
-            }
-            KeyShape::Global(d) => {
-                let kind = type_name(replies.next());
-                let fields = replies.next();
-                match kind.as_str() {
-                    "none" => {}
-                    "hash" => {
-                        let values = bulk_list(fields);
-                        index.add_global(
-                            &key,
-                            d,
-                            GlobalFields {
-                                digest: values.first().and_then(|v| v.as_deref()),
-                                size: values.get(1).and_then(|v| v.as_deref()),
-                                length: values.get(2).and_then(|v| v.as_deref()),
-                            },
-                        );
-                    }
-                    other => index.add_global_wrong_type(&key, d, other),
-                }
-            }
-            KeyShape::RepoSet(repo) => match type_name(replies.next()).as_str() {
-                "none" => {}
-                "set" => sets.push((key, repo)),
-                other => index.add_set_wrong_type(&key, &repo, other),
-            },
-            KeyShape::RepoHash(repo, d) => {
-                let kind = type_name(replies.next());
-                let exists = matches!(replies.next(), Some(Value::Int(1)));
-                let hash = match kind.as_str() {
-                    "none" => continue,
-                    "hash" if exists => RepoHash::WithMediatype,
-                    "hash" => RepoHash::WithoutMediatype,
-                    _ => RepoHash::WrongType,
-                };
-                index.add_repo_hash(&key, &repo, d, hash, &kind);
-            }
+        let kind = type_name(replies.next());
+        // HMGET of a key that is not a hash is an error reply: no fields.
+        let values = bulk_list(replies.next());
+        let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
+        let fields = HashFields {
+            digest: field(0),
+            size: field(1),
+            length: field(2),
+            mediatype: field(3),
+        };
+        if let Some(repo) = index.ingest(&key, shape, &kind, &fields) {
+            sets.push((key, repo));
         }
     }
     Ok(sets)

@@ -128,6 +128,94 @@ impl Storage {
         )
     }
 
+    /// The path of `p` relative to the storage root, for reports.
+    pub fn relative(&self, p: &Path) -> String {
+        p.strip_prefix(&self.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    }
+
+    /// Every repository, sorted: directories under `repositories/` that hold
+    /// `_layers`, `_manifests` or `_uploads`. Names that are not valid repository names
+    /// are returned apart, so the caller can report them.
+    pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
+        let base = self.v2.join("repositories");
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        let walker = walkdir::WalkDir::new(&base)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| {
+                e.file_type().is_dir() && !e.file_name().to_string_lossy().starts_with('_')
+            });
+        for entry in walker.flatten() {
+            let dir = entry.path();
+            if !["_layers", "_manifests", "_uploads"]
+                .iter()
+                .any(|c| dir.join(c).is_dir())
+            {
+                continue;
+            }
+            let name = dir
+                .strip_prefix(&base)
+                .unwrap_or(dir)
+                .to_string_lossy()
+                .into_owned();
+            if crate::repo_name::is_valid(&name) {
+                good.push(name);
+            } else {
+                bad.push(name);
+            }
+        }
+        good.sort();
+        bad.sort();
+        (good, bad)
+    }
+
+    /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link`, as (path, alg, hex dir),
+    /// sorted; `sub` is `_layers` or `_manifests/revisions`.
+    pub fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
+        let base = self.repository_path(repo).join(sub);
+        let mut out = Vec::new();
+        for alg in sorted_dir_names(&base) {
+            for hex in sorted_dir_names(&base.join(&alg)) {
+                let link = base.join(&alg).join(&hex).join("link");
+                if fs::symlink_metadata(&link).is_ok() {
+                    out.push((link, alg.clone(), hex));
+                }
+            }
+        }
+        out
+    }
+
+    /// The tags of a repository, sorted.
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        sorted_dir_names(&self.repository_path(repo).join("_manifests/tags"))
+    }
+
+    /// `<repo>/_manifests/tags/<tag>/current/link`
+    pub fn tag_link(&self, repo: &str, tag: &str) -> PathBuf {
+        self.repository_path(repo)
+            .join("_manifests/tags")
+            .join(tag)
+            .join("current/link")
+    }
+
+    /// Reads a small file below the root (a link, a manifest), at most `max` bytes, with
+    /// the same symlink rule as blobs.
+    pub fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+        let meta = self.checked_metadata(path)?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if meta.len() > max {
+            return Err(io::Error::other(format!("larger than {max} bytes")));
+        }
+        fs::read(path)
+    }
+
     /// Metadata of `path` (below the root), following symlinks only when every one of
     /// them resolves inside the root. The fast path costs one `lstat` per component
     /// below `blobs/`; only a symlink triggers a full resolution.
@@ -162,6 +250,19 @@ impl Storage {
         }
         fs::metadata(&resolved)
     }
+}
+
+fn sorted_dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

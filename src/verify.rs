@@ -1,0 +1,347 @@
+//! Storage verification after GC: walks every repository's layer links, manifest
+//! revisions and tags, and follows each tagged manifest (OCI image manifest and index,
+//! Docker schema 2 manifest and manifest list, schema 1) to every blob it needs, so that
+//! a tag that can no longer be pulled is reported with the tag, the manifest and the
+//! missing digest. It reads storage only and knows nothing about the cache.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use crate::digest::Digest;
+use crate::finding::{Finding, Kind, Severity};
+use crate::storage::{BlobStat, Storage};
+
+/// Manifests larger than this are not parsed (the registry's own limit is 4 MiB).
+const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+/// Link files hold one digest; anything larger is not a link.
+const MAX_LINK: u64 = 1024;
+/// How deep indexes may nest.
+const MAX_DEPTH: usize = 8;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyCounts {
+    pub repositories: u64,
+    pub links_checked: u64,
+    pub tags_checked: u64,
+    pub manifests_parsed: u64,
+}
+
+/// Verifies all of storage; returns findings (unsorted) and counts.
+pub fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
+    let mut v = Verifier {
+        storage,
+        present: HashMap::new(),
+        missing_by_manifest: HashMap::new(),
+        findings: Vec::new(),
+        counts: VerifyCounts::default(),
+    };
+    let (repos, bad) = storage.repositories();
+    for name in bad {
+        v.findings.push(Finding::storage(
+            Kind::BadLink,
+            Severity::Warning,
+            None,
+            None,
+            format!("docker/registry/v2/repositories/{name}"),
+            format!("'{name}' is not a valid repository name; the registry cannot serve it"),
+        ));
+    }
+    for repo in &repos {
+        v.counts.repositories += 1;
+        v.repository(repo);
+    }
+    (v.findings, v.counts)
+}
+
+struct Verifier<'a> {
+    storage: &'a Storage,
+    /// Blob presence, checked once per digest.
+    present: HashMap<Digest, bool>,
+    /// For each manifest already followed: (manifest that references it, missing digest).
+    missing_by_manifest: HashMap<Digest, Vec<(Digest, Digest)>>,
+    findings: Vec<Finding>,
+    counts: VerifyCounts,
+}
+
+impl Verifier<'_> {
+    fn has_blob(&mut self, d: &Digest) -> bool {
+        if let Some(&p) = self.present.get(d) {
+            return p;
+        }
+        // An unreadable blob is not "absent": other checks report it.
+        let p = !matches!(self.storage.stat_blob(d), BlobStat::Absent);
+        self.present.insert(*d, p);
+        p
+    }
+
+    fn repository(&mut self, repo: &str) {
+        for (sub, kind, severity, what) in [
+            (
+                "_layers",
+                Kind::DanglingLayerLink,
+                Severity::Warning,
+                "layer link",
+            ),
+            (
+                "_manifests/revisions",
+                Kind::DanglingManifestRevision,
+                Severity::Error,
+                "manifest revision",
+            ),
+        ] {
+            for (path, alg, hex) in self.storage.links(repo, sub) {
+                self.counts.links_checked += 1;
+                let expected = Digest::parse(format!("{alg}:{hex}").as_bytes());
+                let Some(d) = self.read_link(repo, &path, Some(expected)) else {
+                    continue;
+                };
+                if !self.has_blob(&d) {
+                    let detail = if kind == Kind::DanglingLayerLink {
+                        format!(
+                            "{what} to a blob that is gone (garbage collection of distribution 2.8 leaves these; harmless unless a manifest still needs the blob)"
+                        )
+                    } else {
+                        format!(
+                            "{what} to a manifest whose blob is gone: pulls by this digest fail"
+                        )
+                    };
+                    self.findings.push(Finding::storage(
+                        kind,
+                        severity,
+                        Some(d),
+                        Some(repo.to_string()),
+                        self.storage.relative(&path),
+                        detail,
+                    ));
+                }
+            }
+        }
+        for tag in self.storage.tags(repo) {
+            self.counts.tags_checked += 1;
+            let path = self.storage.tag_link(repo, &tag);
+            if std::fs::symlink_metadata(&path).is_err() {
+                continue; // a tag directory without current/link: not a tag the registry lists
+            }
+            let Some(manifest) = self.read_link(repo, &path, None) else {
+                continue;
+            };
+            if !self.has_blob(&manifest) {
+                let mut f = Finding::storage(
+                    Kind::DanglingTag,
+                    Severity::Error,
+                    Some(manifest),
+                    Some(repo.to_string()),
+                    self.storage.relative(&path),
+                    format!(
+                        "tag {tag} points to manifest {manifest}, whose blob is gone: the tag cannot be pulled"
+                    ),
+                );
+                f.tag = Some(tag.clone());
+                self.findings.push(f);
+                continue;
+            }
+            let mut visiting = HashSet::new();
+            let missing = self.missing_under(manifest, 0, &mut visiting);
+            for (via, blob) in missing {
+                let mut f = Finding::storage(
+                    Kind::MissingReferencedBlob,
+                    Severity::Error,
+                    Some(blob),
+                    Some(repo.to_string()),
+                    self.storage.relative(&path),
+                    format!(
+                        "tag {tag}: manifest {via} references {blob}, whose blob is gone: the image cannot be pulled"
+                    ),
+                );
+                f.tag = Some(tag.clone());
+                f.manifest = Some(via);
+                self.findings.push(f);
+            }
+        }
+    }
+
+    /// Reads a link; reports it as `bad-link` when it is not a digest or not the one its
+    /// path names.
+    fn read_link(
+        &mut self,
+        repo: &str,
+        path: &Path,
+        expected: Option<Option<Digest>>,
+    ) -> Option<Digest> {
+        let bad = |v: &mut Self, why: String| {
+            v.findings.push(Finding::storage(
+                Kind::BadLink,
+                Severity::Error,
+                expected.flatten(),
+                Some(repo.to_string()),
+                v.storage.relative(path),
+                why,
+            ));
+            None
+        };
+        let content = match self.storage.read_small(path, MAX_LINK) {
+            Ok(c) => c,
+            Err(e) => return bad(self, format!("link cannot be read: {e}")),
+        };
+        let Some(d) = Digest::parse(content.trim_ascii()) else {
+            return bad(
+                self,
+                format!(
+                    "link holds '{}', not a digest",
+                    crate::finding::escape(&content)
+                ),
+            );
+        };
+        match expected {
+            Some(None) => bad(
+                self,
+                "the link's directory is not named after a valid digest".into(),
+            ),
+            Some(Some(e)) if e != d => bad(self, format!("link holds {d} but its path names {e}")),
+            _ => Some(d),
+        }
+    }
+
+    /// Every (referencing manifest, missing blob) under `manifest`, following indexes.
+    fn missing_under(
+        &mut self,
+        manifest: Digest,
+        depth: usize,
+        visiting: &mut HashSet<Digest>,
+    ) -> Vec<(Digest, Digest)> {
+        if let Some(known) = self.missing_by_manifest.get(&manifest) {
+            return known.clone();
+        }
+        if depth > MAX_DEPTH || !visiting.insert(manifest) {
+            return Vec::new();
+        }
+        let mut missing = Vec::new();
+        let refs = self.references(&manifest);
+        for r in refs {
+            if !self.has_blob(&r.digest) {
+                missing.push((manifest, r.digest));
+            } else if r.is_manifest {
+                missing.extend(self.missing_under(r.digest, depth + 1, visiting));
+            }
+        }
+        visiting.remove(&manifest);
+        self.missing_by_manifest.insert(manifest, missing.clone());
+        missing
+    }
+
+    /// The blobs a manifest needs, from its JSON; none when it cannot be parsed (the
+    /// blob's own check reports a corrupt blob).
+    fn references(&mut self, manifest: &Digest) -> Vec<Reference> {
+        let path = self.storage.blob_data_path(manifest);
+        let Ok(bytes) = self.storage.read_small(&path, MAX_MANIFEST) else {
+            return Vec::new();
+        };
+        self.counts.manifests_parsed += 1;
+        parse_references(&bytes)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub digest: Digest,
+    pub is_manifest: bool,
+}
+
+/// The references of an OCI or Docker manifest, index or list (schema 2), or a
+/// schema 1 manifest. Foreign layers (`urls` set, or a non-distributable or foreign
+/// media type) are not expected in storage and are skipped.
+pub fn parse_references(bytes: &[u8]) -> Vec<Reference> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let descriptor = |v: &serde_json::Value| -> Option<Digest> {
+        let media = v["mediaType"].as_str().unwrap_or("");
+        let foreign = media.contains("foreign") || media.contains("nondistributable");
+        let has_urls = v["urls"].as_array().is_some_and(|u| !u.is_empty());
+        if foreign || has_urls {
+            return None;
+        }
+        v["digest"].as_str().and_then(Digest::parse_str)
+    };
+    if let Some(children) = doc["manifests"].as_array() {
+        out.extend(
+            children
+                .iter()
+                .filter_map(descriptor)
+                .map(|digest| Reference {
+                    digest,
+                    is_manifest: true,
+                }),
+        );
+    }
+    if let Some(d) = descriptor(&doc["config"]) {
+        out.push(Reference {
+            digest: d,
+            is_manifest: false,
+        });
+    }
+    if let Some(layers) = doc["layers"].as_array() {
+        out.extend(
+            layers
+                .iter()
+                .filter_map(descriptor)
+                .map(|digest| Reference {
+                    digest,
+                    is_manifest: false,
+                }),
+        );
+    }
+    if let Some(fs_layers) = doc["fsLayers"].as_array() {
+        out.extend(
+            fs_layers
+                .iter()
+                .filter_map(|l| l["blobSum"].as_str().and_then(Digest::parse_str))
+                .map(|digest| Reference {
+                    digest,
+                    is_manifest: false,
+                }),
+        );
+    }
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn parses_image_manifests_indexes_and_schema1() {
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"{}","urls":["http://x"]}},{{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{}"}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('e')
+        );
+        let refs = parse_references(image.as_bytes());
+        assert_eq!(refs.len(), 2, "{refs:?}");
+        assert!(refs.iter().all(|r| !r.is_manifest));
+
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        let refs = parse_references(index.as_bytes());
+        assert_eq!(refs.len(), 2);
+        assert!(refs.iter().all(|r| r.is_manifest));
+
+        let schema1 = format!(
+            r#"{{"schemaVersion":1,"fsLayers":[{{"blobSum":"{}"}}]}}"#,
+            d('f')
+        );
+        assert_eq!(parse_references(schema1.as_bytes()).len(), 1);
+        assert!(parse_references(b"not json").is_empty());
+    }
+}
