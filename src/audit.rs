@@ -1,7 +1,8 @@
-//! The audit: every entry of a `CacheIndex` judged against what storage holds, producing
-//! findings and a summary. It decides kinds, severities and `live`; blob checks come
-//! from `rehash` (the parallel part), link checks from `storage`. It never writes
-//! anything, and never reads Redis itself.
+//! The audit: every entry of a `CacheIndex` judged against what storage holds, plus
+//! (when asked) the storage verification of `verify`, producing findings and a summary.
+//! It decides kinds, severities and `live` of cache findings; blob checks come from
+//! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
+//! and never reads Redis itself.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -13,11 +14,14 @@ use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::rehash::{self, BlobCheck, Content};
 use crate::storage::Storage;
+use crate::verify::{self, VerifyCounts};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AuditOptions {
     pub jobs: usize,
     pub quick: bool,
+    /// Also walk repositories, links, tags and manifests (`verify`).
+    pub verify_storage: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -38,6 +42,8 @@ pub struct Summary {
     pub warnings: u64,
     /// Findings about entries the registry serves as hits.
     pub live: u64,
+    /// What the storage verification covered; `None` when it did not run.
+    pub storage: Option<VerifyCounts>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +73,13 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions) -> Result<A
 
     let counts = index.counts;
     findings.extend(index.into_malformed());
+    let storage_counts = if opts.verify_storage {
+        let (more, c) = verify::verify(storage);
+        findings.extend(more);
+        Some(c)
+    } else {
+        None
+    };
     finding::sort(&mut findings);
     findings.dedup();
 
@@ -78,6 +91,7 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions) -> Result<A
         blobs_absent: absent,
         bytes_hashed: totals.bytes_hashed.load(Ordering::Relaxed),
         findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
+        storage: storage_counts,
         ..Summary::default()
     };
     for f in &findings {

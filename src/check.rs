@@ -1,26 +1,33 @@
-//! The `check` command: open storage, connect to Redis, read the cache, audit it and
-//! write the report. It wires the modules together in order and decides the exit
-//! status; it changes nothing anywhere.
+//! The `check` command: open storage, read the cache (Redis or a dump), audit it, verify
+//! storage, and write the report. It wires the modules together in order and decides
+//! the exit status; it changes nothing anywhere.
 
 use std::time::{Instant, SystemTime};
 
 use crate::audit::{self, AuditOptions};
+use crate::cache_dump;
 use crate::cache_index::CacheIndex;
 use crate::redis_cache;
 use crate::report::{self, Options, Report, SourceInfo, Tool};
-use crate::settings::{CheckSettings, Source};
+use crate::settings::{CacheSource, CheckSettings, Source};
 use crate::storage::Storage;
 
-/// Reads the whole cache and audits it; shared by `check` and `purge`.
+/// Reads the whole cache and audits it; shared by `check`, `purge` and `probe`.
 pub fn audit_source(
     source: &Source,
     scan_count: usize,
     opts: AuditOptions,
 ) -> Result<(Storage, audit::Audit), String> {
     let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
-    let mut conn = source.redis.connect()?;
     let mut index = CacheIndex::new();
-    redis_cache::scan(&mut conn, &mut index, scan_count)?;
+    match &source.cache {
+        CacheSource::Redis(target) => {
+            let mut conn = target.connect()?;
+            redis_cache::scan(&mut conn, &mut index, scan_count)?;
+        }
+        CacheSource::Dump(path) => cache_dump::read(path, &mut index)?,
+        CacheSource::None => {}
+    }
     tracing::info!(
         keys = index.counts.keys,
         digests = index.digest_count(),
@@ -31,10 +38,16 @@ pub fn audit_source(
 }
 
 pub fn source_info(source: &Source) -> SourceInfo {
+    let (cache, redis, cache_dump) = match &source.cache {
+        CacheSource::Redis(t) => ("redis", Some(t.display()), None),
+        CacheSource::Dump(p) => ("dump", None, Some(p.display().to_string())),
+        CacheSource::None => ("none", None, None),
+    };
     SourceInfo {
         storage_root: source.root.display().to_string(),
-        cache: "redis".into(),
-        redis: source.redis.display(),
+        cache: cache.into(),
+        redis,
+        cache_dump,
         config: source.config.as_ref().map(|p| p.display().to_string()),
     }
 }
@@ -45,6 +58,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let opts = AuditOptions {
         jobs: settings.jobs,
         quick: settings.quick,
+        verify_storage: settings.verify_storage,
     };
     let (_, audit) = audit_source(&settings.source, settings.scan_count, opts)?;
     let verdict = report::verdict(&audit.summary, &audit.findings);

@@ -100,6 +100,15 @@ pub struct CheckArgs {
     /// Check existence and size only; do not re-hash blobs.
     #[arg(long)]
     pub quick: bool,
+    /// Audit a cache dump (written by `export-cache`) instead of Redis.
+    #[arg(long, value_name = "FILE", conflicts_with = "redis")]
+    pub cache_dump: Option<PathBuf>,
+    /// Verify storage only (links, tags, manifests); no cache needed.
+    #[arg(long)]
+    pub storage_only: bool,
+    /// Audit the cache only; skip the walk of repositories, tags and manifests.
+    #[arg(long)]
+    pub skip_storage: bool,
 }
 
 #[derive(Debug, Clone, Args)]

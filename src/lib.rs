@@ -4,6 +4,7 @@
 //! call.
 
 pub mod audit;
+pub mod cache_dump;
 pub mod cache_index;
 pub mod check;
 pub mod cli;

@@ -63,6 +63,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let opts = AuditOptions {
         jobs: settings::jobs(args.jobs)?,
         quick: args.quick,
+        verify_storage: false,
     };
     let s = PurgeSettings {
         format: settings::default_format(args.format, None),
@@ -75,14 +76,14 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let (source, plan) = match &args.apply {
         Some(path) => {
             let plan = Plan::load(path)?;
-            let source = Source::resolve(&args.source, Some(&plan.source))?;
+            let source = Source::resolve(&args.source, Some(&plan.source), settings::Want::Redis)?;
             (source, plan)
         }
         None => {
             let source = Source::from_args(&args.source)?;
             let scan_count = settings::scan_count(&args.source)?;
             let (storage, audit) = check::audit_source(&source, scan_count, opts)?;
-            let mut conn = source.redis.connect()?;
+            let mut conn = source.redis()?.connect()?;
             let plan = purge::build_plan(
                 &mut conn,
                 &storage,
@@ -125,7 +126,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             .journal
             .clone()
             .unwrap_or_else(|| default_journal(started));
-        let mut conn = source.redis.connect()?;
+        let mut conn = source.redis()?.connect()?;
         if table {
             println!("\nApplying; journal: {}", journal.display());
         }
@@ -239,7 +240,8 @@ fn default_journal(started: SystemTime) -> PathBuf {
 fn render_plan(plan: &Plan) -> String {
     let mut out = format!(
         "registry-audit purge: storage {} against {}\n",
-        plan.source.storage_root, plan.source.redis
+        plan.source.storage_root,
+        plan.source.describe_cache()
     );
     if plan.groups.is_empty() {
         out.push_str("\nNothing to remove: no cache entry is proven wrong.\n");

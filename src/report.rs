@@ -35,10 +35,24 @@ impl Tool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
     pub storage_root: String,
+    /// `redis`, `dump` or `none` (storage verification only).
     pub cache: String,
     /// The Redis URL with any password masked.
-    pub redis: String,
+    pub redis: Option<String>,
+    /// The cache dump audited instead of Redis.
+    pub cache_dump: Option<String>,
     pub config: Option<String>,
+}
+
+impl SourceInfo {
+    /// The cache, for a report's first line.
+    pub fn describe_cache(&self) -> String {
+        match (&self.redis, &self.cache_dump) {
+            (Some(r), _) => r.clone(),
+            (None, Some(d)) => format!("cache dump {d}"),
+            (None, None) => "no cache (storage only)".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,7 +170,9 @@ pub fn render_table(report: &Report) -> String {
     let s = &report.summary;
     out.push_str(&format!(
         "registry-audit {}: storage {} against {}\n",
-        report.command, report.source.storage_root, report.source.redis
+        report.command,
+        report.source.storage_root,
+        report.source.describe_cache()
     ));
     out.push_str(&format!(
         "{} cache keys and {} set members read ({} other keys left alone); {} blobs checked, {} absent, {} hashed{}\n",

@@ -17,9 +17,37 @@ use crate::report::SourceInfo;
 #[derive(Debug, Clone)]
 pub struct Source {
     pub root: PathBuf,
-    pub redis: RedisTarget,
+    pub cache: CacheSource,
     /// The config file the values came from, if any.
     pub config: Option<PathBuf>,
+}
+
+/// Where the cache entries to audit come from.
+#[derive(Debug, Clone)]
+pub enum CacheSource {
+    Redis(RedisTarget),
+    /// A dump written by `export-cache` (or anything that writes the format).
+    Dump(PathBuf),
+    /// Storage verification only.
+    None,
+}
+
+/// Which cache a command wants.
+#[derive(Debug, Clone, Copy)]
+pub enum Want<'a> {
+    Redis,
+    Dump(&'a Path),
+    Nothing,
+}
+
+impl Source {
+    /// The Redis target, for commands that need one.
+    pub fn redis(&self) -> Result<&RedisTarget, String> {
+        match &self.cache {
+            CacheSource::Redis(r) => Ok(r),
+            _ => Err("this command needs Redis: pass --redis URL or --config".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -36,13 +64,26 @@ pub struct CheckSettings {
     pub jobs: usize,
     pub quick: bool,
     pub scan_count: usize,
+    pub verify_storage: bool,
 }
 
 impl CheckSettings {
     pub fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
         let jobs = jobs(args.jobs)?;
+        let want = match (&args.cache_dump, args.storage_only) {
+            (Some(_), true) => {
+                return Err("--cache-dump and --storage-only exclude each other".into());
+            }
+            (Some(p), false) => Want::Dump(p),
+            (None, true) => Want::Nothing,
+            (None, false) => Want::Redis,
+        };
+        if args.storage_only && args.skip_storage {
+            return Err("--storage-only and --skip-storage exclude each other".into());
+        }
         Ok(CheckSettings {
-            source: Source::from_args(&args.source)?,
+            verify_storage: !args.skip_storage,
+            source: Source::resolve(&args.source, None, want)?,
             report: ReportSettings::from_args(&args.report),
             jobs,
             quick: args.quick,
@@ -90,12 +131,16 @@ impl ReportSettings {
 
 impl Source {
     pub fn from_args(args: &SourceArgs) -> Result<Source, String> {
-        Source::resolve(args, None)
+        Source::resolve(args, None, Want::Redis)
     }
 
     /// Like `from_args`, with `recorded` (the source a plan or journal was made against)
     /// filling in what the flags leave out.
-    pub fn resolve(args: &SourceArgs, recorded: Option<&SourceInfo>) -> Result<Source, String> {
+    pub fn resolve(
+        args: &SourceArgs,
+        recorded: Option<&SourceInfo>,
+        want: Want<'_>,
+    ) -> Result<Source, String> {
         let config_path = args
             .config
             .clone()
@@ -121,10 +166,18 @@ impl Source {
                 );
             }
         };
-        let redis = redis_target(args.redis.as_deref(), file.as_ref(), recorded)?;
+        let cache = match want {
+            Want::Redis => CacheSource::Redis(redis_target(
+                args.redis.as_deref(),
+                file.as_ref(),
+                recorded,
+            )?),
+            Want::Dump(path) => CacheSource::Dump(path.to_path_buf()),
+            Want::Nothing => CacheSource::None,
+        };
         Ok(Source {
             root,
-            redis,
+            cache,
             config: config_path,
         })
     }
@@ -154,18 +207,21 @@ pub fn redis_target(
                     kind
                 };
                 Err(format!(
-                    "the registry's blob descriptor cache is {what}, not redis: no Redis to audit. An in-memory cache lives inside the registry process (restart it after GC to clear it); `probe` and `check --cache-dump` are planned for it"
+                    "the registry's blob descriptor cache is {what}, not redis: an in-memory cache lives inside the registry process; audit it with `registry-audit probe --registry-url URL`, a dump with `check --cache-dump FILE`, or storage alone with `check --storage-only`"
                 ))
             }
         };
     }
     match recorded {
-        Some(r) if r.redis.contains("***") => Err(format!(
-            "{} needs a password, which plans and journals never hold: pass --redis URL or --config",
-            r.redis
+        Some(SourceInfo {
+            redis: Some(url), ..
+        }) if url.contains("***") => Err(format!(
+            "{url} needs a password, which plans and journals never hold: pass --redis URL or --config"
         )),
-        Some(r) => RedisTarget::from_url(&r.redis),
-        None => {
+        Some(SourceInfo {
+            redis: Some(url), ..
+        }) => RedisTarget::from_url(url),
+        _ => {
             Err("say where the cache is: --redis URL or --config the registry's config.yml".into())
         }
     }

@@ -688,3 +688,25 @@ pub fn upload_blob(reg: &Registry, repo: &str, content: &[u8]) -> String {
 pub fn image_blob(image: &Image, digest: &str) -> Vec<u8> {
     fs::read(image.dir.join("blobs/sha256").join(&digest[7..])).expect("image blob")
 }
+
+/// `expected_phantoms` plus the `_layers` links to blobs that are gone, which the
+/// registry's GC (2.8) leaves behind: what a default `check` reports after GC, computed
+/// from Redis and the filesystem without the tool.
+pub fn expected_after_gc(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
+    let mut out = expected_phantoms(s);
+    let repos = s.registry.root.join("docker/registry/v2/repositories");
+    for repo in ["team/app1", "mirror/app1", "team/app2"] {
+        let layers = repos.join(repo).join("_layers/sha256");
+        for entry in fs::read_dir(&layers).expect("layers").flatten() {
+            let link = fs::read_to_string(entry.path().join("link")).expect("link");
+            if !s.registry.has_blob(&link) {
+                out.insert((
+                    "dangling-layer-link".into(),
+                    Some(repo.to_string()),
+                    Some(link),
+                ));
+            }
+        }
+    }
+    out
+}

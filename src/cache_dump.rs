@@ -1,0 +1,373 @@
+//! Cache dumps: the registry's cache entries in a documented JSON-lines file, so a cache
+//! can be audited offline. `export` streams them out of Redis (reading only); `read`
+//! feeds a dump into the same `CacheIndex` Redis feeds, so the audit, `live` included,
+//! is the same. Only keys of the registry's shapes are written or read; anything else
+//! in a dump is ignored like another application's key.
+//!
+//! The format: a header line, then one line per key (a large set spans several lines,
+//! each adding members):
+//!
+//! ```text
+//! {"format":"registry-audit-cache-dump","version":1,"source":"redis://127.0.0.1:6379/0","created_at":"2026-11-28T13:30:08Z"}
+//! {"key":"blobs::sha256:…","type":"hash","fields":{"digest":"sha256:…","size":"1234","mediatype":"application/octet-stream"}}
+//! {"key":"repository::team/app::blobs","type":"set","members":["sha256:…","sha256:…"]}
+//! {"key":"repository::team/app::blobs::sha256:…","type":"hash","fields":{"mediatype":"application/octet-stream"}}
+//! {"key":"blobs::sha256:…","type":"string"}
+//! ```
+//!
+//! Keys, members, field names and values use the lossless escaping of
+//! `finding::escape` (`\\` for a backslash, `\xNN` for control and non-UTF-8 bytes).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use redis::{Connection, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::finding;
+use crate::redis_cache::brief;
+
+pub const FORMAT: &str = "registry-audit-cache-dump";
+pub const VERSION: u32 = 1;
+/// Members per line for large sets.
+const MEMBERS_PER_LINE: usize = 1000;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    created_at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    key: String,
+    #[serde(rename = "type")]
+    redis_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fields: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    members: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ExportCounts {
+    pub keys: u64,
+    pub set_members: u64,
+    pub foreign_keys_skipped: u64,
+}
+
+/// Streams every registry-shaped key of the database to `out`.
+pub fn export(
+    conn: &mut Connection,
+    out: &mut dyn Write,
+    source: &str,
+    created_at: &str,
+    batch: usize,
+) -> Result<ExportCounts, String> {
+    let mut w = BufWriter::new(out);
+    let header = Header {
+        format: FORMAT.into(),
+        version: VERSION,
+        source: source.into(),
+        created_at: created_at.into(),
+    };
+    write_line(&mut w, &header)?;
+    let mut counts = ExportCounts::default();
+    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(batch)
+            .query(conn)
+            .map_err(|e| format!("Redis SCAN failed: {}", brief(&e)))?;
+        let ours: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter(|k| {
+                let foreign = classify(k) == KeyShape::Foreign;
+                counts.foreign_keys_skipped += u64::from(foreign);
+                !foreign
+            })
+            .collect();
+        if !ours.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for k in &ours {
+                pipe.cmd("TYPE").arg(k);
+                pipe.cmd("HGETALL").arg(k);
+            }
+            let replies: Vec<Value> = pipe
+                .query(conn)
+                .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
+            let mut replies = replies.into_iter();
+            for key in ours {
+                let ty = match replies.next() {
+                    Some(Value::SimpleString(s)) => s,
+                    _ => "unknown".into(),
+                };
+                let all = replies.next();
+                match ty.as_str() {
+                    "none" => continue,
+                    "hash" => {
+                        let fields = hash_pairs(all)
+                            .into_iter()
+                            .map(|(k, v)| (finding::escape(&k), finding::escape(&v)))
+                            .collect();
+                        write_line(
+                            &mut w,
+                            &Line {
+                                key: finding::escape(&key),
+                                redis_type: ty,
+                                fields: Some(fields),
+                                members: None,
+                            },
+                        )?;
+                    }
+                    "set" => {
+                        if seen_sets.insert(key.clone()) {
+                            counts.set_members += export_set(conn, &mut w, &key, batch)?;
+                        }
+                    }
+                    _ => write_line(
+                        &mut w,
+                        &Line {
+                            key: finding::escape(&key),
+                            redis_type: ty,
+                            fields: None,
+                            members: None,
+                        },
+                    )?,
+                }
+                counts.keys += 1;
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    w.flush()
+        .map_err(|e| format!("cannot write the dump: {e}"))?;
+    Ok(counts)
+}
+
+fn export_set(
+    conn: &mut Connection,
+    w: &mut dyn Write,
+    key: &[u8],
+    batch: usize,
+) -> Result<u64, String> {
+    let mut cursor: u64 = 0;
+    let mut pending: Vec<String> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let (next, members): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(batch)
+            .query(conn)
+            .map_err(|e| format!("Redis SSCAN failed: {}", brief(&e)))?;
+        pending.extend(members.iter().map(|m| finding::escape(m)));
+        total += members.len() as u64;
+        cursor = next;
+        while pending.len() >= MEMBERS_PER_LINE || (cursor == 0 && !pending.is_empty()) {
+            let take = pending.len().min(MEMBERS_PER_LINE);
+            let chunk: Vec<String> = pending.drain(..take).collect();
+            write_line(
+                w,
+                &Line {
+                    key: finding::escape(key),
+                    redis_type: "set".into(),
+                    fields: None,
+                    members: Some(chunk),
+                },
+            )?;
+        }
+        if cursor == 0 {
+            return Ok(total);
+        }
+    }
+}
+
+fn hash_pairs(v: Option<Value>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let bytes = |v: Value| match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        other => format!("{other:?}").into_bytes(),
+    };
+    match v {
+        Some(Value::Array(items)) => {
+            let mut it = items.into_iter();
+            let mut out = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                out.push((bytes(k), bytes(v)));
+            }
+            out
+        }
+        Some(Value::Map(pairs)) => pairs
+            .into_iter()
+            .map(|(k, v)| (bytes(k), bytes(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn write_line<T: Serialize>(w: &mut dyn Write, value: &T) -> Result<(), String> {
+    serde_json::to_writer(&mut *w, value)
+        .map_err(|e| e.to_string())
+        .and_then(|_| w.write_all(b"\n").map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot write the dump: {e}"))
+}
+
+/// Reads a dump into `index`, streaming; a malformed line is an error naming the line
+/// and column.
+pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {
+    let file =
+        File::open(path).map_err(|e| format!("cannot read cache dump {}: {e}", path.display()))?;
+    let at = |line: usize, col: usize, what: &str| {
+        format!(
+            "cache dump {}: line {line}, column {col}: {what}",
+            path.display()
+        )
+    };
+    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
+    let mut header_seen = false;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| at(n, 1, &format!("cannot read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !header_seen {
+            let h: Header = serde_json::from_str(&line).map_err(|e| {
+                at(
+                    n,
+                    e.column(),
+                    &format!("not a registry-audit cache dump header: {e}"),
+                )
+            })?;
+            if h.format != FORMAT || h.version != VERSION {
+                return Err(at(
+                    n,
+                    1,
+                    &format!(
+                        "format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                        h.format, h.version
+                    ),
+                ));
+            }
+            header_seen = true;
+            continue;
+        }
+        let entry: Line =
+            serde_json::from_str(&line).map_err(|e| at(n, e.column(), &e.to_string()))?;
+        let unescape = |s: &str, what: &str| {
+            finding::unescape(s)
+                .ok_or_else(|| at(n, 1, &format!("{what} {s:?} is not in the escaped form")))
+        };
+        let key = unescape(&entry.key, "key")?;
+        let shape = classify(&key);
+        let raw_fields: Vec<(String, Vec<u8>)> = match &entry.fields {
+            Some(f) => f
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), unescape(v, "value")?)))
+                .collect::<Result<_, String>>()?,
+            None => Vec::new(),
+        };
+        let get = |name: &str| {
+            raw_fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        let fields = HashFields {
+            digest: get("digest"),
+            size: get("size"),
+            length: get("length"),
+            mediatype: get("mediatype"),
+        };
+        let is_set = matches!(shape, KeyShape::RepoSet(_)) && entry.redis_type == "set";
+        let repo = if is_set && !seen_sets.insert(key.clone()) {
+            match &shape {
+                KeyShape::RepoSet(r) => Some(r.clone()),
+                _ => None,
+            }
+        } else {
+            index.ingest(&key, shape, &entry.redis_type, &fields)
+        };
+        if let Some(repo) = repo {
+            for m in entry.members.iter().flatten() {
+                index.add_member(&key, &repo, &unescape(m, "member")?);
+            }
+        }
+    }
+    if !header_seen {
+        return Err(at(1, 1, "empty file, not a registry-audit cache dump"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump(text: &str) -> Result<CacheIndex, String> {
+        let dir =
+            std::env::temp_dir().join(format!("ra-dump-{}-{}", std::process::id(), text.len()));
+        std::fs::write(&dir, text).expect("write");
+        let mut idx = CacheIndex::new();
+        let r = read(&dir, &mut idx);
+        let _ = std::fs::remove_file(&dir);
+        r.map(|_| idx)
+    }
+
+    const HEADER: &str =
+        r#"{"format":"registry-audit-cache-dump","version":1,"source":"x","created_at":"y"}"#;
+
+    #[test]
+    fn reads_entries_and_live_the_same_way() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let text = format!(
+            "{HEADER}\n{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"3\"}}}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\"]}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"sha256:\\\\xff\"]}}\n{{\"key\":\"repository::a::blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"mediatype\":\"m\"}}}}\n{{\"key\":\"session:1\",\"type\":\"string\"}}\n"
+        );
+        let idx = dump(&text).expect("dump");
+        let digest = crate::digest::Digest::parse_str(&d).expect("digest");
+        let e = idx.entry(&digest).expect("entry");
+        assert!(e.global_live());
+        assert!(e.repo_live(&e.repos[0]));
+        assert_eq!(idx.counts.keys, 3, "the set spanning two lines counts once");
+        assert_eq!(idx.counts.set_members, 2);
+        assert_eq!(idx.counts.foreign_keys, 1);
+        assert_eq!(idx.malformed().len(), 1);
+    }
+
+    #[test]
+    fn malformed_dumps_name_line_and_column() {
+        let err = dump(&format!("{HEADER}\n{{\"key\": 5}}\n"))
+            .err()
+            .expect("error");
+        assert!(err.contains("line 2, column"), "{err}");
+        let err = dump("{\"format\":\"other\",\"version\":1}\n")
+            .err()
+            .expect("error");
+        assert!(err.contains("line 1"), "{err}");
+        let err = dump("").err().expect("error");
+        assert!(err.contains("empty"), "{err}");
+        let err = dump(&format!(
+            "{HEADER}\n{{\"key\":\"blobs::x\",\"type\":\"hash\",\"bogus\":1}}\n"
+        ))
+        .err()
+        .expect("error");
+        assert!(err.contains("line 2"), "{err}");
+    }
+}
