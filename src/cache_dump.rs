@@ -229,6 +229,47 @@ fn write_line<T: Serialize>(w: &mut dyn Write, value: &T) -> Result<(), String> 
         .map_err(|e| format!("cannot write the dump: {e}"))
 }
 
+/// The `export-cache` command.
+pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
+    if args.scan_count == 0 {
+        return Err("--scan-count must be at least 1".into());
+    }
+    let file = match &args.config {
+        Some(p) => Some(crate::config::load(p, std::env::vars())?),
+        None => None,
+    };
+    let target = crate::settings::redis_target(args.redis.as_deref(), file.as_ref(), None)?;
+    let mut conn = target.connect()?;
+    let created = crate::report::rfc3339(std::time::SystemTime::now());
+    let counts = match &args.output {
+        None => export(
+            &mut conn,
+            &mut std::io::stdout().lock(),
+            &target.display(),
+            &created,
+            args.scan_count,
+        )?,
+        Some(path) => crate::report::write_atomically(path, |f| {
+            export(&mut conn, f, &target.display(), &created, args.scan_count)
+        })?,
+    };
+    tracing::info!(
+        keys = counts.keys,
+        members = counts.set_members,
+        "cache exported"
+    );
+    if let Some(path) = &args.output {
+        eprintln!(
+            "Exported {} cache keys ({} set members; {} other keys skipped) to {}",
+            counts.keys,
+            counts.set_members,
+            counts.foreign_keys_skipped,
+            path.display()
+        );
+    }
+    Ok(0)
+}
+
 /// Reads a dump into `index`, streaming; a malformed line is an error naming the line
 /// and column.
 pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {

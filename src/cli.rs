@@ -41,6 +41,9 @@ pub enum Command {
     /// Put back the entries a purge removed, from its journal, where the registry has
     /// not written the key since.
     Restore(RestoreArgs),
+    /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
+    /// for `check --cache-dump` elsewhere.
+    ExportCache(ExportArgs),
 }
 
 /// Where the registry's storage and cache are.
@@ -163,4 +166,20 @@ pub struct RestoreArgs {
     /// Report format [default: table on a terminal, json otherwise].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The registry's config.yml, for its Redis settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Redis URL; overrides the config.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Write the dump to FILE (replaced atomically) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Keys asked for per SCAN call (and per pipeline).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub scan_count: usize,
 }

@@ -34,6 +34,7 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         }
         cli::Command::Purge(args) => purge_command::run(&args),
         cli::Command::Restore(args) => purge_command::run_restore(&args),
+        cli::Command::ExportCache(args) => cache_dump::run_export(&args),
     }
 }
 

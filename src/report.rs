@@ -245,8 +245,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Writes `text` to stdout, or replaces `path` atomically (a temporary file in the same
-/// directory, then rename) so a reader never sees half a report.
+/// Writes `text` to stdout, or replaces `path` atomically.
 pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
     let Some(path) = path else {
         let mut out = std::io::stdout().lock();
@@ -255,6 +254,18 @@ pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot write the report: {e}"));
     };
+    write_atomically(path, |f| {
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("cannot write the report to {}: {e}", path.display()))
+    })
+}
+
+/// Replaces `path` with what `fill` writes, atomically: a temporary file in the same
+/// directory, synced, then renamed, so a reader never sees half a file.
+pub fn write_atomically<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<T, String>,
+) -> Result<T, String> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -264,16 +275,23 @@ pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
+    let result = std::fs::File::create(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+        .and_then(|mut f| {
+            let value = fill(&mut f)?;
+            f.sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            Ok(value)
+        })
+        .and_then(|value| {
+            std::fs::rename(&tmp, path)
+                .map(|_| value)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        format!("cannot write the report to {}: {e}", path.display())
-    })
+    }
+    result
 }
 
 /// RFC 3339 UTC time, to the second.

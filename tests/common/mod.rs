@@ -453,6 +453,67 @@ pub fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
     }
 }
 
+/// An OCI image index of one image per label (each with its own layer and config),
+/// written as an OCI layout whose `latest` is the index. `layers`/`config` of the
+/// returned Image list every child's blobs; `children` their manifests.
+pub fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
+    fs::create_dir_all(dir).expect("image dir");
+    let mut children = Vec::new();
+    let mut layers = Vec::new();
+    let mut configs = Vec::new();
+    let mut descriptors = Vec::new();
+    for (i, label) in labels.iter().enumerate() {
+        let sub = dir.join(format!("child-{i}"));
+        let child = make_image(&sub, label, &[bytes(100 + i as u64, 20_000)]);
+        for d in child.blobs() {
+            let from = sub.join("blobs/sha256").join(&d[7..]);
+            let to = dir.join("blobs/sha256").join(&d[7..]);
+            fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+            fs::copy(from, to).expect("copy blob");
+        }
+        let manifest_bytes =
+            fs::read(dir.join("blobs/sha256").join(&child.manifest[7..])).expect("manifest");
+        descriptors.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": child.manifest, "size": manifest_bytes.len(),
+            "platform": {"architecture": if i == 0 { "amd64" } else { "arm64" }, "os": "linux"}
+        }));
+        children.push(child.manifest.clone());
+        layers.extend(child.layers.clone());
+        configs.push(child.config.clone());
+        fs::remove_dir_all(&sub).expect("cleanup");
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descriptors,
+    });
+    let index_bytes = serde_json::to_vec(&index).expect("index");
+    let index_digest = put_blob(dir, &index_bytes);
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest, "size": index_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"}
+        }]
+    });
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&top).expect("json"),
+    )
+    .expect("index.json");
+    let image = Image {
+        dir: dir.to_path_buf(),
+        tag: "latest".into(),
+        layers,
+        config: configs.join(","),
+        manifest: index_digest,
+    };
+    (image, children)
+}
+
 /// `skopeo copy` between two references; returns whether it succeeded, and stderr.
 pub fn skopeo_copy(from: &str, to: &str) -> (bool, String) {
     need("skopeo");
@@ -477,18 +538,23 @@ pub fn skopeo_copy(from: &str, to: &str) -> (bool, String) {
 /// Pushes an image; returns the digest of the manifest as the registry stored it
 /// (skopeo may re-encode the manifest on the way).
 pub fn push(reg: &Registry, image: &Image, repo_tag: &str) -> String {
+    push_with(reg, image, repo_tag, &[])
+}
+
+/// Pushes an image index with all its images.
+pub fn push_all(reg: &Registry, image: &Image, repo_tag: &str) -> String {
+    push_with(reg, image, repo_tag, &["--all"])
+}
+
+fn push_with(reg: &Registry, image: &Image, repo_tag: &str, extra: &[&str]) -> String {
     let digestfile = image
         .dir
         .with_extension(format!("pushed-{}", repo_tag.replace(['/', ':'], "_")));
     need("skopeo");
     let out = Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--dest-tls-verify=false",
-            "-q",
-            "--digestfile",
-        ])
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false", "-q"])
+        .args(extra)
+        .arg("--digestfile")
         .arg(&digestfile)
         .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
         .arg(reg.docker_ref(repo_tag))
