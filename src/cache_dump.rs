@@ -394,21 +394,16 @@ mod tests {
 
     #[test]
     fn malformed_dumps_name_line_and_column() {
-        let err = dump(&format!("{HEADER}\n{{\"key\": 5}}\n"))
-            .err()
-            .expect("error");
+        let err = dump(&format!("{HEADER}\n{{\"key\": 5}}\n")).expect_err("error");
         assert!(err.contains("line 2, column"), "{err}");
-        let err = dump("{\"format\":\"other\",\"version\":1}\n")
-            .err()
-            .expect("error");
+        let err = dump("{\"format\":\"other\",\"version\":1}\n").expect_err("error");
         assert!(err.contains("line 1"), "{err}");
-        let err = dump("").err().expect("error");
+        let err = dump("").expect_err("error");
         assert!(err.contains("empty"), "{err}");
         let err = dump(&format!(
             "{HEADER}\n{{\"key\":\"blobs::x\",\"type\":\"hash\",\"bogus\":1}}\n"
         ))
-        .err()
-        .expect("error");
+        .expect_err("error");
         assert!(err.contains("line 2"), "{err}");
     }
 }
