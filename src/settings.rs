@@ -25,7 +25,7 @@ pub struct Source {
 /// Where the cache entries to audit come from.
 #[derive(Debug, Clone)]
 pub enum CacheSource {
-    Redis(RedisTarget),
+    Redis(Box<RedisTarget>),
     /// A dump written by `export-cache` (or anything that writes the format).
     Dump(PathBuf),
     /// Storage verification only.
@@ -167,11 +167,11 @@ impl Source {
             }
         };
         let cache = match want {
-            Want::Redis => CacheSource::Redis(redis_target(
+            Want::Redis => CacheSource::Redis(Box::new(redis_target(
                 args.redis.as_deref(),
                 file.as_ref(),
                 recorded,
-            )?),
+            )?)),
             Want::Dump(path) => CacheSource::Dump(path.to_path_buf()),
             Want::Nothing => CacheSource::None,
         };
