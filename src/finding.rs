@@ -24,10 +24,12 @@ pub enum Kind {
     DanglingTag,
     MissingReferencedBlob,
     BadLink,
+    LivePhantom,
+    ProbeFailed,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::PhantomBlobDescriptor,
         Kind::PhantomRepositoryBlob,
         Kind::UnlinkedRepositoryBlob,
@@ -41,6 +43,8 @@ impl Kind {
         Kind::DanglingTag,
         Kind::MissingReferencedBlob,
         Kind::BadLink,
+        Kind::LivePhantom,
+        Kind::ProbeFailed,
     ];
 
     /// The kebab-case name used in JSON and on the command line.
@@ -59,12 +63,14 @@ impl Kind {
             Kind::DanglingTag => "dangling-tag",
             Kind::MissingReferencedBlob => "missing-referenced-blob",
             Kind::BadLink => "bad-link",
+            Kind::LivePhantom => "live-phantom",
+            Kind::ProbeFailed => "probe-failed",
         }
     }
 
     /// Problems of storage itself, which no change to the cache can fix.
     pub fn is_storage_problem(self) -> bool {
-        !self.is_cache_entry()
+        !self.is_cache_entry() && self != Kind::ProbeFailed
     }
 
     /// Findings about a cache entry (as opposed to blobs and links in storage).
@@ -77,6 +83,7 @@ impl Kind {
                 | Kind::SizeMismatch
                 | Kind::MalformedCacheEntry
                 | Kind::OrphanRepositoryDescriptor
+                | Kind::LivePhantom
         )
     }
 }

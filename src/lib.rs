@@ -14,6 +14,7 @@ pub mod finding;
 pub mod purge;
 pub mod purge_command;
 pub mod redis_cache;
+pub mod registry_client;
 pub mod rehash;
 pub mod repo_name;
 pub mod report;

@@ -1,6 +1,6 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
 //! how large is it, and (unless quick) does it hash to its digest. This is the one
-//! place with parallel code: a rayon pool of `jobs` threads, each blob read once with a
+//! place with parallel code (`parallel_map` lends the same machinery to `probe`): a rayon pool of `jobs` threads, each blob read once with a
 //! reused buffer of a few hundred KiB, never held in memory whole. It only reads
 //! storage and knows nothing about the cache.
 
@@ -38,6 +38,20 @@ pub enum Content {
 #[derive(Debug, Default)]
 pub struct Totals {
     pub bytes_hashed: AtomicU64,
+}
+
+/// Maps `f` over `items` on `threads` threads; results keep the order of `items`. The
+/// one parallel primitive besides hashing: `probe` uses it to bound its requests.
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Result<Vec<R>, String> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+    Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
 /// Checks every digest; the result is in the same order as `digests`.

@@ -101,35 +101,51 @@ pub fn verdict(summary: &Summary, findings: &[Finding]) -> String {
             summary.keys_scanned, summary.blobs_checked
         );
     }
-    let count = |pred: &dyn Fn(&Finding) -> bool| findings.iter().filter(|f| pred(f)).count();
-    let live_phantoms = count(&|f| {
-        f.live
-            && matches!(
-                f.kind,
-                Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob
-            )
-    });
-    let storage = count(&|f| f.kind.is_storage_problem());
-    let other_live = count(&|f| {
-        f.live
-            && !f.kind.is_storage_problem()
-            && !matches!(
-                f.kind,
-                Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob
-            )
-    });
-    let rest = findings.len() - live_phantoms - storage - other_live;
+    // Each finding counts in the first group it fits.
+    let (mut live_phantoms, mut corrupt, mut broken, mut other_live, mut rest) = (0, 0, 0, 0, 0);
+    for f in findings {
+        match f.kind {
+            Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob | Kind::LivePhantom
+                if f.live =>
+            {
+                live_phantoms += 1
+            }
+            Kind::DigestMismatch | Kind::UnreadableBlob => corrupt += 1,
+            Kind::DanglingTag
+            | Kind::MissingReferencedBlob
+            | Kind::DanglingManifestRevision
+            | Kind::BadLink
+                if f.severity == Severity::Error =>
+            {
+                broken += 1
+            }
+            _ if f.live => other_live += 1,
+            _ => rest += 1,
+        }
+    }
+    let in_memory = findings.iter().any(|f| f.kind == Kind::LivePhantom);
     let mut parts = Vec::new();
     if live_phantoms > 0 {
+        let fix = if in_memory {
+            "the in-memory cache is cleared only by restarting the registry (DELETE /v2/<repo>/blobs/<digest> clears the repository entry, not the global one)"
+        } else {
+            "run `registry-audit purge` to remove exactly these"
+        };
         parts.push(format!(
-            "{live_phantoms} live phantom {}: clients are told deleted blobs exist, so re-pushes skip uploads and pulls fail; run `registry-audit purge` to remove exactly these.",
+            "{live_phantoms} live phantom {}: clients are told deleted blobs exist, so re-pushes skip uploads and pulls fail; {fix}.",
             plural(live_phantoms, "entry", "entries")
         ));
     }
-    if storage > 0 {
+    if corrupt > 0 {
         parts.push(format!(
-            "{storage} {} corrupt or unreadable in storage: restore from backup or delete and re-push; the cache is not the cause.",
-            plural(storage, "blob", "blobs")
+            "{corrupt} {} corrupt or unreadable in storage: restore from backup or delete and re-push; the cache is not the cause.",
+            plural(corrupt, "blob", "blobs")
+        ));
+    }
+    if broken > 0 {
+        parts.push(format!(
+            "{broken} broken {} in storage (a tag or manifest that cannot be pulled): push the images again or restore the missing blobs.",
+            plural(broken, "reference", "references")
         ));
     }
     if other_live > 0 {
@@ -140,8 +156,8 @@ pub fn verdict(summary: &Summary, findings: &[Finding]) -> String {
     }
     if rest > 0 {
         parts.push(format!(
-            "{rest} inert {} (the registry does not serve them): harmless; `registry-audit purge` tidies them.",
-            plural(rest, "entry", "entries")
+            "{rest} {} that nobody is served (inert cache entries, links GC left behind, failed probes): harmless; see the findings.",
+            plural(rest, "finding", "findings")
         ));
     }
     parts.join(" ")
