@@ -44,6 +44,8 @@ pub struct Summary {
     pub live: u64,
     /// What the storage verification covered; `None` when it did not run.
     pub storage: Option<VerifyCounts>,
+    /// What `probe` asked the registry; `None` for other commands.
+    pub probe: Option<crate::probe::ProbeCounts>,
 }
 
 #[derive(Debug, Clone)]

@@ -48,6 +48,7 @@ pub fn source_info(source: &Source) -> SourceInfo {
         cache: cache.into(),
         redis,
         cache_dump,
+        registry_url: None,
         config: source.config.as_ref().map(|p| p.display().to_string()),
     }
 }

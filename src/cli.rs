@@ -41,6 +41,12 @@ pub enum Command {
     /// Put back the entries a purge removed, from its journal, where the registry has
     /// not written the key since.
     Restore(RestoreArgs),
+    /// Ask a running registry, read-only, whether it still vouches for blobs that storage
+    /// no longer has: finds live phantoms of the in-memory cache (and of Redis).
+    ///
+    /// Exit status: 0 no live phantom, 1 live phantoms (storage findings are warnings),
+    /// 2 could not run.
+    Probe(ProbeArgs),
     /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
     /// for `check --cache-dump` elsewhere.
     ExportCache(ExportArgs),
@@ -182,4 +188,47 @@ pub struct ExportArgs {
     /// Keys asked for per SCAN call (and per pipeline).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub scan_count: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// The registry's base URL, e.g. http://127.0.0.1:5000 or https://reg.example.
+    #[arg(long, value_name = "URL")]
+    pub registry_url: String,
+    /// The registry's config.yml, for its storage root.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The storage root; overrides the config.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Output of `registry garbage-collect`: its "blob eligible for deletion" digests are
+    /// probed too.
+    #[arg(long, value_name = "FILE")]
+    pub gc_log: Option<PathBuf>,
+    /// Try every candidate digest in every repository, not only where it is (or was) linked.
+    #[arg(long)]
+    pub all_repositories: bool,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds before one request is given up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub timeout: u64,
+    /// User for basic auth or the token service (password from --password-stdin).
+    #[arg(long, value_name = "USER", requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the password from the first line of stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Docker config.json to take credentials from [default: ~/.docker/config.json].
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Trust this CA certificate (PEM) besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Do not verify the registry's TLS certificate.
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }

@@ -180,6 +180,30 @@ impl Finding {
         }
     }
 
+    /// A finding about what a running registry answered for a blob of a repository.
+    pub fn answer(
+        kind: Kind,
+        severity: Severity,
+        live: bool,
+        digest: Digest,
+        repository: &str,
+        detail: String,
+    ) -> Finding {
+        Finding {
+            kind,
+            severity,
+            live,
+            digest: Some(digest),
+            repository: Some(repository.to_string()),
+            key: None,
+            member: None,
+            tag: None,
+            manifest: None,
+            path: None,
+            detail,
+        }
+    }
+
     /// The order of reports: kind, then repository (global first), digest, key, member.
     pub fn sort_key(&self) -> impl Ord + '_ {
         (

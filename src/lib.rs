@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod finding;
+pub mod probe;
 pub mod purge;
 pub mod purge_command;
 pub mod redis_cache;
@@ -36,6 +37,7 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         cli::Command::Purge(args) => purge_command::run(&args),
         cli::Command::Restore(args) => purge_command::run_restore(&args),
         cli::Command::ExportCache(args) => cache_dump::run_export(&args),
+        cli::Command::Probe(args) => probe::run(&args),
     }
 }
 

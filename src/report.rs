@@ -41,16 +41,20 @@ pub struct SourceInfo {
     pub redis: Option<String>,
     /// The cache dump audited instead of Redis.
     pub cache_dump: Option<String>,
+    /// The registry `probe` asked.
+    #[serde(default)]
+    pub registry_url: Option<String>,
     pub config: Option<String>,
 }
 
 impl SourceInfo {
     /// The cache, for a report's first line.
     pub fn describe_cache(&self) -> String {
-        match (&self.redis, &self.cache_dump) {
-            (Some(r), _) => r.clone(),
-            (None, Some(d)) => format!("cache dump {d}"),
-            (None, None) => "no cache (storage only)".into(),
+        match (&self.redis, &self.cache_dump, &self.registry_url) {
+            (Some(r), _, _) => r.clone(),
+            (None, Some(d), _) => format!("cache dump {d}"),
+            (None, None, Some(u)) => format!("the running registry at {u}"),
+            (None, None, None) => "no cache (storage only)".into(),
         }
     }
 }

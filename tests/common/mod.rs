@@ -210,76 +210,125 @@ pub struct Registry {
     pub port: u16,
     pub root: PathBuf,
     pub config: PathBuf,
-    _proc: Proc,
+    /// Basic-auth user and password when the registry uses htpasswd.
+    pub creds: Option<(String, String)>,
+    log: PathBuf,
+    proc: Option<Proc>,
 }
+
+/// The htpasswd fixture's user and password (bcrypt, generated once, committed).
+pub const HTPASSWD_USER: &str = "audit";
+pub const HTPASSWD_PASSWORD: &str = "s3cret-audit";
 
 impl Registry {
     pub fn start(dir: &Scratch, cache: Cache<'_>) -> Registry {
+        Registry::start_with(dir, cache, false)
+    }
+
+    /// Starts the registry; with `htpasswd`, behind basic auth (fixtures/htpasswd).
+    pub fn start_with(dir: &Scratch, cache: Cache<'_>, htpasswd: bool) -> Registry {
         need("docker-registry");
         let root = dir.path("storage");
         fs::create_dir_all(&root).expect("root");
+        let (storage_cache, redis_section) = match &cache {
+            Cache::Redis(r) => {
+                let pw = r
+                    .password
+                    .as_ref()
+                    .map(|p| format!("  password: {p}\n"))
+                    .unwrap_or_default();
+                (
+                    "  cache:\n    blobdescriptor: redis\n".to_string(),
+                    format!("redis:\n  addr: 127.0.0.1:{}\n{pw}  db: 0\n", r.port),
+                )
+            }
+            Cache::InMemory => (
+                "  cache:\n    blobdescriptor: inmemory\n".to_string(),
+                String::new(),
+            ),
+        };
+        let auth = if htpasswd {
+            let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/htpasswd");
+            format!(
+                "auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n",
+                fixture.display()
+            )
+        } else {
+            String::new()
+        };
+        let mut reg = Registry {
+            port: 0,
+            root: root.clone(),
+            config: dir.path("config.yml"),
+            creds: htpasswd.then(|| (HTPASSWD_USER.to_string(), HTPASSWD_PASSWORD.to_string())),
+            log: dir.path("registry.log"),
+            proc: None,
+        };
         for _ in 0..5 {
-            let port = free_port();
-            let (storage_cache, redis_section) = match &cache {
-                Cache::Redis(r) => {
-                    let pw = r
-                        .password
-                        .as_ref()
-                        .map(|p| format!("  password: {p}\n"))
-                        .unwrap_or_default();
-                    (
-                        "  cache:\n    blobdescriptor: redis\n".to_string(),
-                        format!("redis:\n  addr: 127.0.0.1:{}\n{pw}  db: 0\n", r.port),
-                    )
-                }
-                Cache::InMemory => (
-                    "  cache:\n    blobdescriptor: inmemory\n".to_string(),
-                    String::new(),
-                ),
-            };
-            let config = dir.path("config.yml");
+            reg.port = free_port();
             fs::write(
-                &config,
+                &reg.config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{port}\n{redis_section}",
-                    root.display()
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{}\n{redis_section}{auth}",
+                    root.display(),
+                    reg.port
                 ),
             )
             .expect("config");
-            let log = fs::File::create(dir.path("registry.log")).expect("log");
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("start docker-registry");
-            let start = Instant::now();
-            let mut pause = Duration::from_millis(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if http_status("GET", &format!("http://127.0.0.1:{port}/v2/")) == Some(200) {
-                    return Registry {
-                        port,
-                        root,
-                        config,
-                        _proc: Proc(child),
-                    };
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "registry did not start"
-                );
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
+            if reg.spawn() {
+                return reg;
             }
         }
         panic!(
             "could not start docker-registry: {}",
-            fs::read_to_string(dir.path("registry.log")).unwrap_or_default()
+            fs::read_to_string(&reg.log).unwrap_or_default()
         );
+    }
+
+    /// Starts the process on the configured port; false if it exited (port taken).
+    fn spawn(&mut self) -> bool {
+        let log = fs::File::create(&self.log).expect("log");
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            // 401 is ready too: the registry asks for credentials.
+            if matches!(
+                http_status("GET", &format!("http://127.0.0.1:{}/v2/", self.port)),
+                Some(200 | 401)
+            ) {
+                self.proc = Some(Proc(child));
+                return true;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "registry did not start"
+            );
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the registry and starts it again on the same port: its in-memory cache
+    /// starts empty.
+    pub fn restart(&mut self) {
+        self.proc = None; // kills and waits
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("registry did not restart");
     }
 
     pub fn url(&self) -> String {
@@ -304,18 +353,24 @@ impl Registry {
         self.blob_path(digest).is_file()
     }
 
+    /// An API request with the registry's credentials, if any.
+    pub fn http(&self, method: &str, path: &str) -> Option<u16> {
+        http_status_auth(
+            method,
+            &format!("{}{path}", self.url()),
+            self.creds.as_ref(),
+        )
+    }
+
     /// Deletes a manifest through the API, as an operator deleting a tag does.
     pub fn delete_manifest(&self, repo: &str, digest: &str) {
-        let status = http_status(
-            "DELETE",
-            &format!("{}/v2/{repo}/manifests/{digest}", self.url()),
-        );
+        let status = self.http("DELETE", &format!("/v2/{repo}/manifests/{digest}"));
         assert_eq!(status, Some(202), "DELETE manifest {repo}@{digest}");
     }
 
     /// HEAD of a blob in a repository: what a client asks before uploading.
     pub fn head_blob(&self, repo: &str, digest: &str) -> Option<u16> {
-        http_status("HEAD", &format!("{}/v2/{repo}/blobs/{digest}", self.url()))
+        self.http("HEAD", &format!("/v2/{repo}/blobs/{digest}"))
     }
 
     /// Runs the registry's own garbage collection.
@@ -332,18 +387,45 @@ impl Registry {
         );
         out
     }
+
+    /// skopeo's credential flag for this registry, if it needs one.
+    fn skopeo_creds(&self, flag: &str) -> Vec<String> {
+        match &self.creds {
+            Some((u, p)) => vec![format!("{flag}={u}:{p}")],
+            None => Vec::new(),
+        }
+    }
 }
 
 pub fn http_status(method: &str, url: &str) -> Option<u16> {
+    http_status_auth(method, url, None)
+}
+
+pub fn http_status_auth(method: &str, url: &str, creds: Option<&(String, String)>) -> Option<u16> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
         .into();
+    let auth = creds.map(|(u, p)| {
+        format!(
+            "Basic {}",
+            registry_audit::registry_client::base64_encode(format!("{u}:{p}").as_bytes())
+        )
+    });
+    macro_rules! send {
+        ($req:expr) => {{
+            let mut req = $req;
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }};
+    }
     let resp = match method {
-        "GET" => agent.get(url).call(),
-        "HEAD" => agent.head(url).call(),
-        "DELETE" => agent.delete(url).call(),
+        "GET" => send!(agent.get(url)),
+        "HEAD" => send!(agent.head(url)),
+        "DELETE" => send!(agent.delete(url)),
         other => panic!("method {other}"),
     };
     resp.ok().map(|r| r.status().as_u16())
@@ -514,27 +596,6 @@ pub fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
     (image, children)
 }
 
-/// `skopeo copy` between two references; returns whether it succeeded, and stderr.
-pub fn skopeo_copy(from: &str, to: &str) -> (bool, String) {
-    need("skopeo");
-    let out = Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "-q",
-        ])
-        .arg(from)
-        .arg(to)
-        .output()
-        .expect("run skopeo");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Pushes an image; returns the digest of the manifest as the registry stored it
 /// (skopeo may re-encode the manifest on the way).
 pub fn push(reg: &Registry, image: &Image, repo_tag: &str) -> String {
@@ -554,6 +615,7 @@ fn push_with(reg: &Registry, image: &Image, repo_tag: &str, extra: &[&str]) -> S
     let out = Command::new("skopeo")
         .args(["--insecure-policy", "copy", "--dest-tls-verify=false", "-q"])
         .args(extra)
+        .args(reg.skopeo_creds("--dest-creds"))
         .arg("--digestfile")
         .arg(&digestfile)
         .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
@@ -573,9 +635,17 @@ fn push_with(reg: &Registry, image: &Image, repo_tag: &str, extra: &[&str]) -> S
 /// Pulls into a fresh OCI directory; true when the pull worked.
 pub fn pull(reg: &Registry, repo_tag: &str, into: &Path) -> (bool, String) {
     let _ = fs::remove_dir_all(into);
-    skopeo_copy(
-        &reg.docker_ref(repo_tag),
-        &format!("oci:{}:pulled", into.display()),
+    need("skopeo");
+    let out = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--src-tls-verify=false", "-q"])
+        .args(reg.skopeo_creds("--src-creds"))
+        .arg(reg.docker_ref(repo_tag))
+        .arg(format!("oci:{}:pulled", into.display()))
+        .output()
+        .expect("run skopeo");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 

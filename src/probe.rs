@@ -1,0 +1,281 @@
+//! The `probe` command: live phantoms in a running registry, read-only. Candidates are
+//! (repository, digest) pairs whose blob storage no longer has - from links GC left
+//! behind and from a GC log - and each is asked with HEAD of the blob: a registry that
+//! answers 200 serves the blob from its cache. It works whatever the cache is (the
+//! in-memory one included), reads storage only, and changes nothing anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::audit::Summary;
+use crate::cli::{ProbeArgs, SourceArgs};
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind, Severity};
+use crate::registry_client::{self, Answer, ClientOptions, Credentials, RegistryClient};
+use crate::rehash;
+use crate::report::{self, Options, Report, Tool};
+use crate::settings::{ReportSettings, Source, Want};
+use crate::storage::{BlobStat, Storage};
+use crate::verify;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProbeCounts {
+    /// (repository, digest) pairs asked.
+    pub probed: u64,
+    pub live_phantoms: u64,
+    pub answered_unknown: u64,
+    pub failed: u64,
+    /// Digests the GC log names.
+    pub gc_log_digests: u64,
+    /// Of those, digests linked in no repository and so not tried (see --all-repositories).
+    pub gc_log_digests_untried: u64,
+}
+
+pub fn run(args: &ProbeArgs) -> Result<u8, String> {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    if args.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    let source = Source::resolve(
+        &SourceArgs {
+            config: args.config.clone(),
+            root: args.root.clone(),
+            redis: None,
+            scan_count: 1000,
+        },
+        None,
+        Want::Nothing,
+    )?;
+    let report_settings = ReportSettings::from_args(&args.report);
+    let credentials = credentials(args)?;
+    let client = RegistryClient::new(
+        &args.registry_url,
+        &ClientOptions {
+            timeout: Duration::from_secs(args.timeout.max(1)),
+            ca_cert: args.ca_cert.clone(),
+            insecure: args.insecure,
+            credentials,
+        },
+    )?;
+    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+
+    // Storage verification: its findings are warnings here, and give the candidates.
+    let (mut storage_findings, storage_counts) = verify::verify(&storage);
+    for f in &mut storage_findings {
+        f.severity = Severity::Warning;
+    }
+    let (repos, _) = storage.repositories();
+    let mut counts = ProbeCounts::default();
+    let candidates = candidates(&storage, &storage_findings, &repos, args, &mut counts)?;
+
+    let answers = rehash::parallel_map(&candidates, args.concurrency, |(repo, d)| {
+        client.head_blob(repo, &d.to_string())
+    })?;
+    let mut findings = storage_findings;
+    for ((repo, d), answer) in candidates.iter().zip(answers) {
+        counts.probed += 1;
+        match answer {
+            Answer::Exists(status) => {
+                counts.live_phantoms += 1;
+                findings.push(Finding::answer(
+                    Kind::LivePhantom,
+                    Severity::Error,
+                    true,
+                    *d,
+                    repo,
+                    format!(
+                        "HEAD /v2/{repo}/blobs/{d} answered {status} although storage has no such blob: the registry serves it from its cache"
+                    ),
+                ));
+            }
+            Answer::Unknown => counts.answered_unknown += 1,
+            Answer::Denied(status) => {
+                return Err(format!(
+                    "the registry at {} refused access ({status}) to {repo}: give credentials with --username and --password-stdin, or --docker-config",
+                    args.registry_url
+                ));
+            }
+            Answer::Failed(why) => {
+                counts.failed += 1;
+                findings.push(Finding::answer(
+                    Kind::ProbeFailed,
+                    Severity::Warning,
+                    false,
+                    *d,
+                    repo,
+                    format!("HEAD /v2/{repo}/blobs/{d}: {why}"),
+                ));
+            }
+        }
+    }
+    finding::sort(&mut findings);
+    let mut summary = Summary {
+        findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
+        storage: Some(storage_counts),
+        probe: Some(counts),
+        ..Summary::default()
+    };
+    for f in &findings {
+        *summary.findings_by_kind.entry(f.kind).or_default() += 1;
+        match f.severity {
+            Severity::Error => summary.errors += 1,
+            Severity::Warning => summary.warnings += 1,
+        }
+        summary.live += u64::from(f.live);
+    }
+    let mut verdict = report::verdict(&summary, &findings);
+    if findings.is_empty() {
+        verdict = format!(
+            "OK: the registry answered 404 for all {} blobs storage no longer has.",
+            counts.probed
+        );
+    }
+    if counts.gc_log_digests_untried > 0 {
+        verdict.push_str(&format!(
+            " {} digests from the GC log are linked in no repository and were not tried: pass --all-repositories.",
+            counts.gc_log_digests_untried
+        ));
+    }
+    let code = report::exit_code(&findings, report_settings.fail_on);
+    let mut info = crate::check::source_info(&source);
+    info.cache = "registry".into();
+    info.registry_url = Some(args.registry_url.trim_end_matches('/').to_string());
+    let report = Report {
+        schema_version: report::SCHEMA_VERSION,
+        tool: Tool::this(),
+        command: "probe",
+        started_at: report::rfc3339(started),
+        duration_ms: clock.elapsed().as_millis() as u64,
+        source: info,
+        options: Options {
+            quick: true,
+            fail_on: report::fail_on_name(report_settings.fail_on),
+        },
+        summary,
+        findings,
+        verdict,
+    };
+    let text = report::render(&report, report_settings.format);
+    report::write_output(&text, report_settings.output.as_deref())?;
+    Ok(code)
+}
+
+/// Credentials from the flags (password from stdin) or the Docker config, if any.
+fn credentials(args: &ProbeArgs) -> Result<Option<Credentials>, String> {
+    if let Some(user) = &args.username {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        let password = line.trim_end_matches(['\r', '\n']).to_string();
+        if password.is_empty() {
+            return Err("--password-stdin: stdin held no password".into());
+        }
+        return Ok(Some(Credentials {
+            username: user.clone(),
+            password,
+        }));
+    }
+    let path = match &args.docker_config {
+        Some(p) => p.clone(),
+        None => match std::env::var_os("DOCKER_CONFIG") {
+            Some(dir) => PathBuf::from(dir).join("config.json"),
+            None => match std::env::var_os("HOME") {
+                Some(home) => PathBuf::from(home).join(".docker/config.json"),
+                None => return Ok(None),
+            },
+        },
+    };
+    registry_client::docker_config_credentials(&path, &args.registry_url)
+}
+
+/// (repository, digest) pairs to ask about, sorted: blobs absent from storage that a
+/// repository links (dangling links), plus the GC log's deleted blobs.
+fn candidates(
+    storage: &Storage,
+    storage_findings: &[Finding],
+    repos: &[String],
+    args: &ProbeArgs,
+    counts: &mut ProbeCounts,
+) -> Result<Vec<(String, Digest)>, String> {
+    let mut linked: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
+    for f in storage_findings {
+        if matches!(
+            f.kind,
+            Kind::DanglingLayerLink | Kind::DanglingManifestRevision
+        ) && let (Some(d), Some(r)) = (f.digest, &f.repository)
+        {
+            linked.entry(d).or_default().insert(r.clone());
+        }
+    }
+    let mut digests: BTreeSet<Digest> = linked.keys().copied().collect();
+    if let Some(log) = &args.gc_log {
+        for d in gc_log_digests(log)? {
+            counts.gc_log_digests += 1;
+            if storage.stat_blob(&d) != BlobStat::Absent {
+                continue; // not deleted after all (a dry run, or pushed again)
+            }
+            if !linked.contains_key(&d) && !args.all_repositories {
+                counts.gc_log_digests_untried += 1;
+                continue;
+            }
+            digests.insert(d);
+        }
+    }
+    let mut out = Vec::new();
+    for d in digests {
+        if args.all_repositories {
+            out.extend(repos.iter().map(|r| (r.clone(), d)));
+        } else if let Some(rs) = linked.get(&d) {
+            out.extend(rs.iter().map(|r| (r.clone(), d)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The digests of "blob eligible for deletion" lines of `registry garbage-collect`.
+pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --gc-log {}: {e}", path.display()))?;
+    Ok(parse_gc_log(&text))
+}
+
+pub fn parse_gc_log(text: &str) -> Vec<Digest> {
+    let mut out: Vec<Digest> = text
+        .lines()
+        .filter_map(|line| {
+            let at = line.find("blob eligible for deletion")?;
+            line[at..]
+                .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+                .find_map(Digest::parse_str)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_gc_logs_of_both_versions() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let log = format!(
+            "team/app: marking manifest sha256:{}\n\n3 blobs marked, 2 blobs and 0 manifests eligible for deletion\nblob eligible for deletion: {a}\ntime=\"x\" level=info msg=\"blob eligible for deletion: {b}\"\nblob eligible for deletion: {a}\n",
+            "c".repeat(64)
+        );
+        let got: Vec<String> = parse_gc_log(&log).iter().map(|d| d.to_string()).collect();
+        assert_eq!(got, vec![a, b]);
+    }
+}
