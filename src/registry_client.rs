@@ -191,7 +191,7 @@ impl RegistryClient {
 
 fn classify(status: u16) -> Answer {
     match status {
-        200..=299 | 300..=399 => Answer::Exists(status),
+        200..=399 => Answer::Exists(status),
         404 => Answer::Unknown,
         401 | 403 => Answer::Denied(status),
         other => Answer::Failed(format!("answered {other}")),
