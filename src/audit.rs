@@ -5,21 +5,20 @@
 //! and never reads Redis itself.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use crate::cache_index::{self, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::rehash::{self, BlobCheck, Content};
+use crate::rehash::{self, BlobCheck, Content, HashCounts, Policy};
 use crate::storage::Storage;
 use crate::verify::{self, VerifyCounts};
 
-#[derive(Debug, Clone, Copy)]
-pub struct AuditOptions {
-    pub jobs: usize,
-    pub quick: bool,
+#[derive(Clone, Copy)]
+pub struct AuditOptions<'a> {
+    /// What to re-hash.
+    pub hashing: Policy<'a>,
     /// Also walk repositories, links, tags and manifests (`verify`).
     pub verify_storage: bool,
 }
@@ -37,6 +36,8 @@ pub struct Summary {
     /// Of those, how many storage does not have.
     pub blobs_absent: u64,
     pub bytes_hashed: u64,
+    /// Blobs hashed and skipped (trusted from the state, outside the sample, not reached).
+    pub hashing: HashCounts,
     pub findings_by_kind: BTreeMap<Kind, u64>,
     pub errors: u64,
     pub warnings: u64,
@@ -55,11 +56,10 @@ pub struct Audit {
 }
 
 /// Audits every entry of `index` against `storage`.
-pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions) -> Result<Audit, String> {
+pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Result<Audit, String> {
     let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
     digests.sort_unstable();
-    let totals = rehash::Totals::default();
-    let checks = rehash::verify(storage, &digests, opts.jobs, opts.quick, &totals)?;
+    let (checks, hash_counts) = rehash::verify(storage, &digests, opts.hashing)?;
 
     let mut findings = Vec::new();
     let mut absent = 0;
@@ -91,7 +91,8 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions) -> Result<A
         foreign_keys_skipped: counts.foreign_keys,
         blobs_checked: digests.len() as u64,
         blobs_absent: absent,
-        bytes_hashed: totals.bytes_hashed.load(Ordering::Relaxed),
+        bytes_hashed: hash_counts.bytes_hashed,
+        hashing: hash_counts,
         findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
         storage: storage_counts,
         ..Summary::default()

@@ -1,40 +1,55 @@
-//! The `check` command: open storage, read the cache (Redis or a dump), audit it, verify
-//! storage, and write the report. It wires the modules together in order and decides
-//! the exit status; it changes nothing anywhere.
+//! The `check` command: take the run lock, open storage, read the cache (Redis or a
+//! dump), audit it, verify storage, and write the report. It wires the modules together
+//! in order and decides the exit status; it changes nothing but its own state, lock and
+//! report files.
 
 use std::time::{Instant, SystemTime};
 
 use crate::audit::{self, AuditOptions};
 use crate::cache_dump;
 use crate::cache_index::CacheIndex;
+use crate::lock::Lock;
+use crate::progress;
 use crate::redis_cache;
+use crate::rehash::Policy;
 use crate::report::{self, Options, Report, SourceInfo, Tool};
 use crate::settings::{CacheSource, CheckSettings, Source};
+use crate::state::State;
 use crate::storage::Storage;
 
-/// Reads the whole cache and audits it; shared by `check`, `purge` and `probe`.
+/// Reads the whole cache and audits it; shared by `check` and `purge`.
 pub fn audit_source(
     source: &Source,
     scan_count: usize,
-    opts: AuditOptions,
+    opts: AuditOptions<'_>,
 ) -> Result<(Storage, audit::Audit), String> {
     let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    audit_storage(&storage, source, scan_count, opts).map(|a| (storage, a))
+}
+
+fn audit_storage(
+    storage: &Storage,
+    source: &Source,
+    scan_count: usize,
+    opts: AuditOptions<'_>,
+) -> Result<audit::Audit, String> {
     let mut index = CacheIndex::new();
+    let keys = progress::counter("cache keys read");
     match &source.cache {
         CacheSource::Redis(target) => {
             let mut conn = target.connect()?;
-            redis_cache::scan(&mut conn, &mut index, scan_count)?;
+            redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
         }
         CacheSource::Dump(path) => cache_dump::read(path, &mut index)?,
         CacheSource::None => {}
     }
+    keys.finish();
     tracing::info!(
         keys = index.counts.keys,
         digests = index.digest_count(),
         "cache read; checking storage"
     );
-    let audit = audit::run(&storage, index, opts)?;
-    Ok((storage, audit))
+    audit::run(storage, index, opts)
 }
 
 pub fn source_info(source: &Source) -> SourceInfo {
@@ -56,12 +71,39 @@ pub fn source_info(source: &Source) -> SourceInfo {
 pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let started_at = SystemTime::now();
     let clock = Instant::now();
+    let _lock = settings.lock.as_deref().map(Lock::acquire).transpose()?;
+    let storage = Storage::open(&settings.source.root).map_err(|e| e.to_string())?;
+    let mut notes = Vec::new();
+    let state = settings.state.as_deref().map(|path| {
+        let (state, warning) = State::load(path, &storage.root().display().to_string());
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+            notes.push(w);
+        }
+        state
+    });
     let opts = AuditOptions {
-        jobs: settings.jobs,
-        quick: settings.quick,
+        hashing: Policy {
+            jobs: settings.jobs,
+            quick: settings.quick,
+            sample: settings.sample,
+            deadline: settings.max_duration.map(|d| clock + d),
+            state: state.as_ref(),
+            reverify_after: settings.reverify_after,
+        },
         verify_storage: settings.verify_storage,
     };
-    let (_, audit) = audit_source(&settings.source, settings.scan_count, opts)?;
+    let audit = audit_storage(&storage, &settings.source, settings.scan_count, opts)?;
+    if let Some(state) = &state {
+        state.save()?;
+    }
+    let complete = audit.summary.hashing.blobs_not_reached == 0;
+    if !complete {
+        notes.push(format!(
+            "--max-duration reached: {} blobs were not re-hashed this run",
+            audit.summary.hashing.blobs_not_reached
+        ));
+    }
     let verdict = report::verdict(&audit.summary, &audit.findings);
     let code = report::exit_code(&audit.findings, settings.report.fail_on);
     let report = Report {
@@ -70,6 +112,8 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         command: "check",
         started_at: report::rfc3339(started_at),
         duration_ms: clock.elapsed().as_millis() as u64,
+        complete,
+        notes,
         source: source_info(&settings.source),
         options: Options {
             quick: settings.quick,

@@ -75,6 +75,8 @@ pub struct SourceArgs {
 pub enum Format {
     Table,
     Json,
+    /// node_exporter textfile format (write it with --output).
+    Prometheus,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,6 +117,24 @@ pub struct CheckArgs {
     /// Verify storage only (links, tags, manifests); no cache needed.
     #[arg(long)]
     pub storage_only: bool,
+    /// Remember verified blobs here; later runs re-hash only new, changed or due blobs
+    /// (existence and size are still checked every run).
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// With --state: re-hash a blob verified longer ago than this (30d, 12h, ...).
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    pub reverify_after: String,
+    /// Re-hash only a deterministic subset: a percentage (5%) or the n-th of m slices
+    /// (1/20); m runs with n = 1..m cover every blob once.
+    #[arg(long, value_name = "SPEC")]
+    pub sample: Option<String>,
+    /// Stop re-hashing after this long (20m, 1h, ...) and report the run incomplete;
+    /// with --state the next run carries on.
+    #[arg(long, value_name = "DURATION")]
+    pub max_duration: Option<String>,
+    /// Lock file against overlapping runs [default: next to --state, none without it].
+    #[arg(long, value_name = "FILE")]
+    pub lock: Option<PathBuf>,
     /// Audit the cache only; skip the walk of repositories, tags and manifests.
     #[arg(long)]
     pub skip_storage: bool,

@@ -11,7 +11,10 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod finding;
+pub mod lock;
+pub mod metrics;
 pub mod probe;
+pub mod progress;
 pub mod purge;
 pub mod purge_command;
 pub mod redis_cache;
@@ -20,6 +23,7 @@ pub mod rehash;
 pub mod repo_name;
 pub mod report;
 pub mod settings;
+pub mod state;
 pub mod storage;
 pub mod verify;
 
@@ -31,8 +35,15 @@ pub const EXIT_CANNOT_RUN: u8 = 2;
 pub fn run(cli: cli::Cli) -> Result<u8, String> {
     match cli.command {
         cli::Command::Check(args) => {
-            let settings = settings::CheckSettings::from_args(&args)?;
-            check::run(&settings)
+            let result = settings::CheckSettings::from_args(&args).and_then(|s| check::run(&s));
+            // A run that could not run still updates the failure metrics it can write.
+            if let (Err(message), Some(cli::Format::Prometheus), Some(path)) =
+                (&result, args.report.format, &args.report.output)
+                && let Err(e) = metrics::write_failure(path, message)
+            {
+                tracing::warn!("{e}");
+            }
+            result
         }
         cli::Command::Purge(args) => purge_command::run(&args),
         cli::Command::Restore(args) => purge_command::run_restore(&args),
@@ -49,9 +60,10 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         (false, 1) => tracing::Level::INFO,
         (false, _) => tracing::Level::DEBUG,
     };
+    progress::init(quiet);
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        .with_writer(progress::LogWriter)
         .with_target(false)
         .try_init();
 }

@@ -151,6 +151,8 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         command: "probe",
         started_at: report::rfc3339(started),
         duration_ms: clock.elapsed().as_millis() as u64,
+        complete: true,
+        notes: Vec::new(),
         source: info,
         options: Options {
             quick: true,

@@ -229,7 +229,7 @@ pub fn build_plan(
         if let Some(d) = g.digest {
             g.blob = match storage.stat_blob(&d) {
                 BlobStat::Absent => BlobState::Absent,
-                BlobStat::Present { size } => BlobState::Present { size },
+                BlobStat::Present { size, .. } => BlobState::Present { size },
                 BlobStat::Unreadable { .. } => BlobState::NotChecked,
             };
         }
@@ -715,7 +715,7 @@ fn recheck(storage: &Storage, group: &Group) -> Option<Vec<Entry>> {
     };
     let now = match storage.stat_blob(&d) {
         BlobStat::Absent => BlobState::Absent,
-        BlobStat::Present { size } => BlobState::Present { size },
+        BlobStat::Present { size, .. } => BlobState::Present { size },
         BlobStat::Unreadable { .. } => return None,
     };
     if group.blob != BlobState::NotChecked && now != group.blob {

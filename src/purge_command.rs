@@ -61,12 +61,14 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let opts = AuditOptions {
-        jobs: settings::jobs(args.jobs)?,
-        quick: args.quick,
+        hashing: crate::rehash::Policy::simple(settings::jobs(args.jobs)?, args.quick),
         verify_storage: false,
     };
     let s = PurgeSettings {
-        format: settings::default_format(args.format, None),
+        format: match settings::default_format(args.format, None) {
+            Format::Prometheus => return Err("purge writes table or json, not prometheus".into()),
+            f => f,
+        },
         fail_on: args.fail_on,
         yes: args.yes,
         dry_run: args.dry_run,
@@ -394,6 +396,7 @@ pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
     let mut conn = target.connect()?;
     let summary = purge::restore(&mut conn, &args.journal)?;
     match settings::default_format(args.format, None) {
+        Format::Prometheus => return Err("restore writes table or json, not prometheus".into()),
         Format::Table => {
             println!(
                 "Restored {} entries from {} into {}; left {} alone (written by the registry since){}.",

@@ -120,7 +120,12 @@ pub fn brief(e: &redis::RedisError) -> String {
 /// Streams the whole keyspace with SCAN (`batch` keys per call) and reads every
 /// registry-shaped key into `index` with one pipeline per batch. Repository sets are
 /// read with SSCAN, so a huge set never arrives in one reply.
-pub fn scan(conn: &mut Connection, index: &mut CacheIndex, batch: usize) -> Result<(), String> {
+pub fn scan(
+    conn: &mut Connection,
+    index: &mut CacheIndex,
+    batch: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<(), String> {
     let mut cursor: u64 = 0;
     let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
     loop {
@@ -130,6 +135,7 @@ pub fn scan(conn: &mut Connection, index: &mut CacheIndex, batch: usize) -> Resu
             .arg(batch)
             .query(conn)
             .map_err(|e| format!("Redis SCAN failed: {}", brief(&e)))?;
+        progress.inc(keys.len() as u64);
         let sets = read_batch(conn, index, keys, &mut seen_sets)?;
         for (key, repo) in sets {
             read_set(conn, index, &key, &repo, batch)?;

@@ -1,16 +1,20 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
-//! how large is it, and (unless quick) does it hash to its digest. This is the one
-//! place with parallel code (`parallel_map` lends the same machinery to `probe`): a rayon pool of `jobs` threads, each blob read once with a
-//! reused buffer of a few hundred KiB, never held in memory whole. It only reads
-//! storage and knows nothing about the cache.
+//! how large is it, and (unless a policy says to skip it) does it hash to its digest.
+//! This is the one place with parallel code (`parallel_map` lends the same machinery to
+//! `probe`): a rayon pool of `jobs` threads, each blob read once with a reused buffer of
+//! a few hundred KiB, never held in memory whole. It reads storage only, and knows
+//! nothing about the cache; the verification state it consults and updates is `state`.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
+use serde::Serialize;
 use sha2::Digest as _;
 
 use crate::digest::{Algorithm, Digest};
+use crate::state::{self, State};
 use crate::storage::{BlobStat, Storage};
 
 /// Read buffer per worker: large enough for sequential throughput, small enough that
@@ -31,13 +35,110 @@ pub enum Content {
     Verified,
     /// Hashes to something else.
     Mismatch { actual: Digest },
-    /// Not hashed (quick mode).
-    NotHashed,
+    /// Not hashed this run, and why.
+    NotHashed(Skip),
 }
 
-#[derive(Debug, Default)]
-pub struct Totals {
-    pub bytes_hashed: AtomicU64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// `--quick`.
+    Quick,
+    /// Outside this run's `--sample`.
+    Sample,
+    /// Verified before with the same size and modification time (`--state`).
+    Trusted,
+    /// `--max-duration` ran out.
+    Deadline,
+}
+
+/// Which blobs a run re-hashes: `n/m` (the n-th of m slices, so m runs cover every
+/// blob exactly once) or a percentage, both chosen by digest, so deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    Slice {
+        n: u64,
+        m: u64,
+    },
+    /// Hundredths of a percent (5% is 500).
+    Basis(u64),
+}
+
+impl Sample {
+    pub fn parse(text: &str) -> Result<Sample, String> {
+        let bad = || format!("--sample '{text}': use a percentage like 5% or a slice like 1/20");
+        if let Some(p) = text.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(Sample::Basis((v * 100.0).round() as u64));
+        }
+        let (n, m) = text.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u64, u64) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if m == 0 || n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(Sample::Slice { n, m })
+    }
+
+    pub fn includes(&self, d: &Digest) -> bool {
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&d.raw()[..8]);
+        let key = u64::from_be_bytes(key);
+        match *self {
+            Sample::Slice { n, m } => key % m == n - 1,
+            Sample::Basis(b) => key % 10_000 < b,
+        }
+    }
+}
+
+/// What a run re-hashes.
+#[derive(Clone, Copy)]
+pub struct Policy<'a> {
+    pub jobs: usize,
+    pub quick: bool,
+    pub sample: Option<Sample>,
+    pub deadline: Option<Instant>,
+    pub state: Option<&'a State>,
+    pub reverify_after: Duration,
+}
+
+impl Policy<'_> {
+    pub fn simple(jobs: usize, quick: bool) -> Policy<'static> {
+        Policy {
+            jobs,
+            quick,
+            sample: None,
+            deadline: None,
+            state: None,
+            reverify_after: Duration::ZERO,
+        }
+    }
+}
+
+/// Counts of a verification, for the report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HashCounts {
+    pub bytes_hashed: u64,
+    pub blobs_hashed: u64,
+    /// Skipped: verified before and unchanged (`--state`).
+    pub blobs_trusted: u64,
+    /// Skipped: outside the sample.
+    pub blobs_not_sampled: u64,
+    /// Skipped: `--max-duration` ran out; the run is incomplete.
+    pub blobs_not_reached: u64,
+}
+
+#[derive(Default)]
+struct Totals {
+    bytes: AtomicU64,
+    hashed: AtomicU64,
+    trusted: AtomicU64,
+    not_sampled: AtomicU64,
+    not_reached: AtomicU64,
 }
 
 /// Maps `f` over `items` on `threads` threads; results keep the order of `items`. The
@@ -54,57 +155,164 @@ pub fn parallel_map<T: Sync, R: Send>(
     Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
-/// Checks every digest; the result is in the same order as `digests`.
+/// Checks every digest; the result is in the same order as `digests`. First every blob
+/// is stat'ed (existence and size are checked every run), then the ones the policy
+/// selects are hashed, with a progress bar of the bytes to go.
 pub fn verify(
     storage: &Storage,
     digests: &[Digest],
-    jobs: usize,
-    quick: bool,
-    totals: &Totals,
-) -> Result<Vec<BlobCheck>, String> {
+    policy: Policy<'_>,
+) -> Result<(Vec<BlobCheck>, HashCounts), String> {
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
+        .num_threads(policy.jobs)
         .thread_name(|i| format!("rehash-{i}"))
         .build()
-        .map_err(|e| format!("cannot start {jobs} hashing threads: {e}"))?;
-    Ok(pool.install(|| {
+        .map_err(|e| format!("cannot start {} hashing threads: {e}", policy.jobs))?;
+    let stats: Vec<BlobStat> =
+        pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
+
+    let totals = Totals::default();
+    let now = state::unix_now();
+    let plan: Vec<Option<Skip>> = digests
+        .iter()
+        .zip(&stats)
+        .map(|(d, st)| match st {
+            BlobStat::Present { size, modified } => {
+                let skip = skip_reason(&policy, d, *size, *modified, now);
+                match skip {
+                    Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
+                    Some(Skip::Sample) => totals.not_sampled.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                skip
+            }
+            _ => None,
+        })
+        .collect();
+    let to_hash: u64 = stats
+        .iter()
+        .zip(&plan)
+        .filter_map(|(st, skip)| match (st, skip) {
+            (BlobStat::Present { size, .. }, None) => Some(*size),
+            _ => None,
+        })
+        .sum();
+    let bar = crate::progress::bytes(to_hash);
+    let checks: Vec<BlobCheck> = pool.install(|| {
         digests
             .par_iter()
+            .zip(stats.into_par_iter())
+            .zip(plan.par_iter())
             .map_init(
                 || vec![0u8; READ_BUFFER],
-                |buf, d| check_one(storage, d, quick, buf, totals),
+                |buf, ((d, st), skip)| {
+                    let check = check_one(storage, d, st, *skip, &policy, buf, &totals, &bar, now);
+                    if let Some(state) = policy.state {
+                        state.maybe_save();
+                    }
+                    check
+                },
             )
             .collect()
-    }))
+    });
+    bar.finish();
+    Ok((
+        checks,
+        HashCounts {
+            bytes_hashed: totals.bytes.load(Ordering::Relaxed),
+            blobs_hashed: totals.hashed.load(Ordering::Relaxed),
+            blobs_trusted: totals.trusted.load(Ordering::Relaxed),
+            blobs_not_sampled: totals.not_sampled.load(Ordering::Relaxed),
+            blobs_not_reached: totals.not_reached.load(Ordering::Relaxed),
+        },
+    ))
 }
 
+fn skip_reason(
+    policy: &Policy<'_>,
+    d: &Digest,
+    size: u64,
+    modified: i128,
+    now: u64,
+) -> Option<Skip> {
+    if policy.quick {
+        return Some(Skip::Quick);
+    }
+    if policy
+        .state
+        .is_some_and(|s| s.trusts(d, size, modified, now, policy.reverify_after))
+    {
+        return Some(Skip::Trusted);
+    }
+    if policy.sample.is_some_and(|s| !s.includes(d)) {
+        return Some(Skip::Sample);
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
 fn check_one(
     storage: &Storage,
     d: &Digest,
-    quick: bool,
+    st: BlobStat,
+    skip: Option<Skip>,
+    policy: &Policy<'_>,
     buf: &mut [u8],
     totals: &Totals,
+    bar: &indicatif::ProgressBar,
+    now: u64,
 ) -> BlobCheck {
-    let size = match storage.stat_blob(d) {
-        BlobStat::Absent => return BlobCheck::Absent,
+    let (size, modified) = match st {
+        BlobStat::Absent => {
+            if let Some(state) = policy.state {
+                state.forget(d);
+            }
+            return BlobCheck::Absent;
+        }
         BlobStat::Unreadable { reason } => return BlobCheck::Unreadable { reason },
-        BlobStat::Present { size } => size,
+        BlobStat::Present { size, modified } => (size, modified),
     };
-    if quick {
+    if let Some(skip) = skip {
         return BlobCheck::Present {
             size,
-            content: Content::NotHashed,
+            content: Content::NotHashed(skip),
         };
     }
-    let hashed = storage
-        .open_blob(d)
-        .and_then(|mut f| hash_reader(d.algorithm(), &mut f, buf));
+    if policy.deadline.is_some_and(|t| Instant::now() >= t) {
+        totals.not_reached.fetch_add(1, Ordering::Relaxed);
+        return BlobCheck::Present {
+            size,
+            content: Content::NotHashed(Skip::Deadline),
+        };
+    }
+    let hashed = storage.open_blob(d).and_then(|mut f| {
+        let mut reader = Metered {
+            inner: &mut f,
+            bar,
+            deadline: policy.deadline,
+        };
+        hash_reader(d.algorithm(), &mut reader, buf)
+    });
     match hashed {
         Ok((actual, read)) => {
-            totals.bytes_hashed.fetch_add(read, Ordering::Relaxed);
+            totals.bytes.fetch_add(read, Ordering::Relaxed);
+            totals.hashed.fetch_add(1, Ordering::Relaxed);
             let content = if actual == *d {
+                if let Some(state) = policy.state {
+                    state.record(
+                        *d,
+                        state::Entry {
+                            size: read,
+                            modified,
+                            verified_at: now,
+                        },
+                    );
+                }
                 Content::Verified
             } else {
+                if let Some(state) = policy.state {
+                    state.forget(d);
+                }
                 Content::Mismatch { actual }
             };
             // The size hashed is the size that counts, should the file change meanwhile.
@@ -113,10 +321,38 @@ fn check_one(
                 content,
             }
         }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            totals.not_reached.fetch_add(1, Ordering::Relaxed);
+            BlobCheck::Present {
+                size,
+                content: Content::NotHashed(Skip::Deadline),
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => BlobCheck::Absent,
         Err(e) => BlobCheck::Unreadable {
             reason: format!("{}: {e}", storage.blob_data_path(d).display()),
         },
+    }
+}
+
+/// A reader that advances the progress bar and stops at the deadline.
+struct Metered<'a> {
+    inner: &'a mut dyn Read,
+    bar: &'a indicatif::ProgressBar,
+    deadline: Option<Instant>,
+}
+
+impl Read for Metered<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.deadline.is_some_and(|t| Instant::now() >= t) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "--max-duration reached",
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
     }
 }
 
@@ -198,8 +434,12 @@ mod tests {
         put(&st, &good, b"good");
         put(&st, &large, &big);
         put(&st, &corrupt, b"tampered");
-        let totals = Totals::default();
-        let out = verify(&st, &[good, large, corrupt, absent], 2, false, &totals).expect("verify");
+        let (out, counts) = verify(
+            &st,
+            &[good, large, corrupt, absent],
+            Policy::simple(2, false),
+        )
+        .expect("verify");
         assert_eq!(
             out[0],
             BlobCheck::Present {
@@ -222,18 +462,39 @@ mod tests {
             }
         ));
         assert_eq!(out[3], BlobCheck::Absent);
-        assert_eq!(
-            totals.bytes_hashed.load(Ordering::Relaxed),
-            4 + big.len() as u64 + 8
-        );
+        assert_eq!(counts.bytes_hashed, 4 + big.len() as u64 + 8);
+        assert_eq!(counts.blobs_hashed, 3);
 
-        let quick = verify(&st, &[corrupt], 1, true, &Totals::default()).expect("verify");
+        let (quick, _) = verify(&st, &[corrupt], Policy::simple(1, true)).expect("verify");
         assert_eq!(
             quick[0],
             BlobCheck::Present {
                 size: 8,
-                content: Content::NotHashed
+                content: Content::NotHashed(Skip::Quick)
             }
         );
+    }
+
+    #[test]
+    fn samples_are_deterministic_slices() {
+        assert_eq!(Sample::parse("1/4"), Ok(Sample::Slice { n: 1, m: 4 }));
+        assert_eq!(Sample::parse("5%"), Ok(Sample::Basis(500)));
+        for bad in ["0/4", "5/4", "1/0", "0%", "101%", "x"] {
+            assert!(Sample::parse(bad).is_err(), "{bad}");
+        }
+        let digests: Vec<Digest> = (0..200u32)
+            .map(|i| digest_of(Algorithm::Sha256, &i.to_le_bytes()))
+            .collect();
+        for d in &digests {
+            let hits = (1..=4)
+                .filter(|n| Sample::Slice { n: *n, m: 4 }.includes(d))
+                .count();
+            assert_eq!(hits, 1, "each blob is in exactly one of 4 slices");
+        }
+        let five = digests
+            .iter()
+            .filter(|d| Sample::Basis(500).includes(d))
+            .count();
+        assert!(five < 30, "about 5% of 200: {five}");
     }
 }

@@ -72,6 +72,10 @@ pub struct Report {
     pub command: &'static str,
     pub started_at: String,
     pub duration_ms: u64,
+    /// False when `--max-duration` stopped re-hashing before every selected blob.
+    pub complete: bool,
+    /// Things the operator should know about the run itself (a rebuilt state file, ...).
+    pub notes: Vec<String>,
     pub source: SourceInfo,
     pub options: Options,
     pub summary: Summary,
@@ -175,6 +179,7 @@ pub fn render(report: &Report, format: Format) -> String {
     match format {
         Format::Json => render_json(report),
         Format::Table => render_table(report),
+        Format::Prometheus => crate::metrics::render(report),
     }
 }
 

@@ -65,6 +65,11 @@ pub struct CheckSettings {
     pub quick: bool,
     pub scan_count: usize,
     pub verify_storage: bool,
+    pub state: Option<PathBuf>,
+    pub reverify_after: std::time::Duration,
+    pub sample: Option<crate::rehash::Sample>,
+    pub max_duration: Option<std::time::Duration>,
+    pub lock: Option<PathBuf>,
 }
 
 impl CheckSettings {
@@ -81,8 +86,28 @@ impl CheckSettings {
         if args.storage_only && args.skip_storage {
             return Err("--storage-only and --skip-storage exclude each other".into());
         }
+        let lock = args.lock.clone().or_else(|| {
+            args.state
+                .as_ref()
+                .map(|s| PathBuf::from(format!("{}.lock", s.display())))
+        });
         Ok(CheckSettings {
             verify_storage: !args.skip_storage,
+            state: args.state.clone(),
+            reverify_after: crate::state::parse_duration(&args.reverify_after)
+                .map_err(|e| format!("--reverify-after: {e}"))?,
+            sample: args
+                .sample
+                .as_deref()
+                .map(crate::rehash::Sample::parse)
+                .transpose()?,
+            max_duration: args
+                .max_duration
+                .as_deref()
+                .map(crate::state::parse_duration)
+                .transpose()
+                .map_err(|e| format!("--max-duration: {e}"))?,
+            lock,
             source: Source::resolve(&args.source, None, want)?,
             report: ReportSettings::from_args(&args.report),
             jobs,

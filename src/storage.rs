@@ -24,8 +24,9 @@ pub struct Storage {
 pub enum BlobStat {
     /// No data file: the blob is gone (or was never there).
     Absent,
-    /// A regular file of this many bytes.
-    Present { size: u64 },
+    /// A regular file of this many bytes, last modified at `modified` (nanoseconds
+    /// since the epoch).
+    Present { size: u64, modified: i128 },
     /// Something is there but cannot be used as blob data.
     Unreadable { reason: String },
 }
@@ -92,7 +93,14 @@ impl Storage {
     pub fn stat_blob(&self, digest: &Digest) -> BlobStat {
         let path = self.blob_data_path(digest);
         match self.checked_metadata(&path) {
-            Ok(meta) if meta.is_file() => BlobStat::Present { size: meta.len() },
+            Ok(meta) if meta.is_file() => BlobStat::Present {
+                size: meta.len(),
+                modified: meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as i128),
+            },
             Ok(_) => BlobStat::Unreadable {
                 reason: format!("{} is not a regular file", path.display()),
             },
@@ -318,7 +326,10 @@ pub(crate) mod tests {
         fs::create_dir_all(pa.parent().expect("parent")).expect("mkdir");
         fs::write(&pa, b"hello").expect("write");
         fs::create_dir_all(st.blob_data_path(&c)).expect("dir as data");
-        assert_eq!(st.stat_blob(&a), BlobStat::Present { size: 5 });
+        assert!(matches!(
+            st.stat_blob(&a),
+            BlobStat::Present { size: 5, .. }
+        ));
         assert_eq!(st.stat_blob(&b), BlobStat::Absent);
         assert!(matches!(st.stat_blob(&c), BlobStat::Unreadable { .. }));
     }
@@ -352,7 +363,10 @@ pub(crate) mod tests {
         fs::create_dir_all(pf.parent().expect("parent")).expect("mkdir");
         fs::write(s.0.join("docker/registry/v2/inside"), b"abc").expect("write");
         std::os::unix::fs::symlink(s.0.join("docker/registry/v2/inside"), &pf).expect("symlink");
-        assert_eq!(st.stat_blob(&f), BlobStat::Present { size: 3 });
+        assert!(matches!(
+            st.stat_blob(&f),
+            BlobStat::Present { size: 3, .. }
+        ));
     }
 
     #[test]

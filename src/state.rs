@@ -1,0 +1,282 @@
+//! The verification state kept between runs (`--state FILE`): for each blob verified,
+//! its size, modification time and when it was verified, so later runs re-hash only
+//! blobs that are new, changed or due again. The file is replaced atomically, saved
+//! during long runs so a crash keeps the progress, and a corrupt or foreign file
+//! (another storage root, another format) is reported and rebuilt, never trusted. It
+//! reads and writes only its own file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+pub const FORMAT: &str = "registry-audit-state";
+pub const VERSION: u32 = 1;
+/// How often a long run saves its progress.
+const SAVE_EVERY: Duration = Duration::from_secs(15);
+
+/// What was known of a blob when it was last verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub modified: i128,
+    /// When it was verified, seconds since the epoch.
+    pub verified_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    format: String,
+    version: u32,
+    storage_root: String,
+    blobs: BTreeMap<String, Entry>,
+}
+
+pub struct State {
+    path: PathBuf,
+    storage_root: String,
+    entries: Mutex<HashMap<Digest, Entry>>,
+    last_save: Mutex<Instant>,
+}
+
+impl State {
+    /// Loads the state for `storage_root`; a missing file is an empty state, a corrupt
+    /// or foreign one is an empty state plus a warning to report.
+    pub fn load(path: &Path, storage_root: &str) -> (State, Option<String>) {
+        let mut warning = None;
+        let mut entries = HashMap::new();
+        match std::fs::read(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warning = Some(format!(
+                    "cannot read state {}: {e}; starting afresh",
+                    path.display()
+                ))
+            }
+            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
+                Err(e) => {
+                    warning = Some(format!(
+                        "state {} is corrupt ({e}); it is rebuilt and not trusted",
+                        path.display()
+                    ))
+                }
+                Ok(f) if f.format != FORMAT || f.version != VERSION => {
+                    warning = Some(format!(
+                        "state {} is not a registry-audit state (format {:?} version {}); it is rebuilt",
+                        path.display(),
+                        f.format,
+                        f.version
+                    ))
+                }
+                Ok(f) if f.storage_root != storage_root => {
+                    warning = Some(format!(
+                        "state {} belongs to storage {}, not {storage_root}; it is rebuilt",
+                        path.display(),
+                        f.storage_root
+                    ))
+                }
+                Ok(f) => {
+                    for (k, v) in f.blobs {
+                        match Digest::parse_str(&k) {
+                            Some(d) => {
+                                entries.insert(d, v);
+                            }
+                            None => {
+                                warning = Some(format!(
+                                    "state {} holds a bad digest {k:?}; it is rebuilt",
+                                    path.display()
+                                ));
+                                entries.clear();
+                                break;
+                            }
+                        }
+                    }
+                }
+            },
+        }
+        (
+            State {
+                path: path.to_path_buf(),
+                storage_root: storage_root.to_string(),
+                entries: Mutex::new(entries),
+                last_save: Mutex::new(Instant::now()),
+            },
+            warning,
+        )
+    }
+
+    /// True when the blob was verified with this size and modification time, less than
+    /// `reverify_after` before `now`.
+    pub fn trusts(
+        &self,
+        d: &Digest,
+        size: u64,
+        modified: i128,
+        now: u64,
+        reverify_after: Duration,
+    ) -> bool {
+        let Ok(entries) = self.entries.lock() else {
+            return false;
+        };
+        entries.get(d).is_some_and(|e| {
+            e.size == size
+                && e.modified == modified
+                && now.saturating_sub(e.verified_at) < reverify_after.as_secs().max(1)
+                && reverify_after > Duration::ZERO
+        })
+    }
+
+    pub fn record(&self, d: Digest, entry: Entry) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(d, entry);
+        }
+    }
+
+    pub fn forget(&self, d: &Digest) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(d);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|e| e.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Saves when the last save is long enough ago; called while hashing, so a crash
+    /// loses at most a few seconds of work.
+    pub fn maybe_save(&self) {
+        let due = match self.last_save.try_lock() {
+            Ok(mut last) if last.elapsed() >= SAVE_EVERY => {
+                *last = Instant::now();
+                true
+            }
+            _ => false,
+        };
+        if due && let Err(e) = self.save() {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Replaces the file atomically with the current state.
+    pub fn save(&self) -> Result<(), String> {
+        let blobs: BTreeMap<String, Entry> = match self.entries.lock() {
+            Ok(entries) => entries.iter().map(|(d, e)| (d.to_string(), *e)).collect(),
+            Err(_) => return Err("state lock poisoned".into()),
+        };
+        let file = File {
+            format: FORMAT.into(),
+            version: VERSION,
+            storage_root: self.storage_root.clone(),
+            blobs,
+        };
+        crate::report::write_atomically(&self.path, |f| {
+            let mut w = std::io::BufWriter::new(f);
+            serde_json::to_writer(&mut w, &file)
+                .map_err(|e| e.to_string())
+                .and_then(|_| w.flush().map_err(|e| e.to_string()))
+                .map_err(|e| format!("cannot write state {}: {e}", self.path.display()))
+        })
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Parses `30d`, `12h`, `20m`, `90s`, `500ms` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (like 30d, 12h, 20m, 90s)"))?;
+    let secs = |m: u64| Duration::from_secs(n.saturating_mul(m));
+    match unit {
+        "" | "s" => Ok(secs(1)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(secs(60)),
+        "h" => Ok(secs(3600)),
+        "d" => Ok(secs(86_400)),
+        "w" => Ok(secs(7 * 86_400)),
+        _ => Err(format!(
+            "'{text}' has an unknown unit (use ms, s, m, h, d or w)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> Digest {
+        Digest::parse_str(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest")
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn saves_loads_and_distrusts_foreign_or_corrupt_files() {
+        let path = std::env::temp_dir().join(format!("ra-state-{}", std::process::id()));
+        let (s, w) = State::load(&path, "/root-a");
+        assert!(w.is_none() && s.is_empty());
+        let e = Entry {
+            size: 3,
+            modified: 7,
+            verified_at: 1000,
+        };
+        s.record(d('a'), e);
+        s.save().expect("save");
+        let (s, w) = State::load(&path, "/root-a");
+        assert!(w.is_none());
+        assert!(s.trusts(&d('a'), 3, 7, 1500, Duration::from_secs(3600)));
+        assert!(
+            !s.trusts(&d('a'), 4, 7, 1500, Duration::from_secs(3600)),
+            "size changed"
+        );
+        assert!(
+            !s.trusts(&d('a'), 3, 8, 1500, Duration::from_secs(3600)),
+            "mtime changed"
+        );
+        assert!(
+            !s.trusts(&d('a'), 3, 7, 5000, Duration::from_secs(3600)),
+            "due again"
+        );
+        assert!(
+            !s.trusts(&d('b'), 3, 7, 1500, Duration::from_secs(3600)),
+            "never verified"
+        );
+
+        let (s, w) = State::load(&path, "/root-b");
+        assert!(w.expect("warning").contains("belongs to storage"));
+        assert!(s.is_empty());
+
+        std::fs::write(&path, b"{not json").expect("write");
+        let (s, w) = State::load(&path, "/root-a");
+        assert!(w.expect("warning").contains("corrupt"));
+        assert!(s.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+}
