@@ -846,3 +846,71 @@ pub fn expected_after_gc(s: &Scenario) -> BTreeSet<(String, Option<String>, Opti
     }
     out
 }
+
+/// A storage root in the registry's layout, written by the test.
+pub struct Store {
+    pub dir: Scratch,
+}
+
+impl Store {
+    pub fn new(tag: &str) -> Store {
+        let dir = Scratch::new(tag);
+        fs::create_dir_all(dir.path("docker/registry/v2/blobs")).expect("layout");
+        fs::create_dir_all(dir.path("docker/registry/v2/repositories")).expect("layout");
+        Store { dir }
+    }
+    pub fn root(&self) -> String {
+        self.dir.0.display().to_string()
+    }
+    pub fn v2(&self) -> PathBuf {
+        self.dir.path("docker/registry/v2")
+    }
+    /// Writes a blob and links it into `repo` as a layer; returns its digest.
+    pub fn blob(&self, repo: &str, content: &[u8]) -> String {
+        let d = sha256(content);
+        self.write_data(&d, content);
+        let link = self
+            .v2()
+            .join("repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(&d[7..]);
+        fs::create_dir_all(&link).expect("mkdir");
+        fs::write(link.join("link"), &d).expect("link");
+        d
+    }
+    pub fn data_path(&self, d: &str) -> PathBuf {
+        self.v2()
+            .join("blobs/sha256")
+            .join(&d[7..9])
+            .join(&d[7..])
+            .join("data")
+    }
+    pub fn write_data(&self, d: &str, content: &[u8]) {
+        let p = self.data_path(d);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(p, content).expect("write");
+    }
+}
+
+/// Writes the registry's three entries for `digest` in `repo`, as the registry does.
+pub fn cache(c: &mut redis::Connection, repo: &str, digest: &str, size: usize) {
+    redis::pipe()
+        .cmd("HSET")
+        .arg(format!("blobs::{digest}"))
+        .arg("digest")
+        .arg(digest)
+        .arg("size")
+        .arg(size)
+        .arg("mediatype")
+        .arg("application/octet-stream")
+        .cmd("SADD")
+        .arg(format!("repository::{repo}::blobs"))
+        .arg(digest)
+        .cmd("HSET")
+        .arg(format!("repository::{repo}::blobs::{digest}"))
+        .arg("mediatype")
+        .arg("application/octet-stream")
+        .query::<()>(c)
+        .expect("cache");
+}
