@@ -25,6 +25,7 @@ pub mod report;
 pub mod settings;
 pub mod state;
 pub mod storage;
+pub mod synth;
 pub mod verify;
 
 /// Exit status when the tool could not do its job.
