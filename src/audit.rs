@@ -47,6 +47,26 @@ pub struct Summary {
     pub storage: Option<VerifyCounts>,
     /// What `probe` asked the registry; `None` for other commands.
     pub probe: Option<crate::probe::ProbeCounts>,
+    /// What `gc` ran, freed and purged; `None` for other commands.
+    pub gc: Option<crate::gc::GcCounts>,
+}
+
+impl Summary {
+    /// Counts `findings` by kind (every kind listed, zeros included), severity and live.
+    pub fn tally(&mut self, findings: &[Finding]) {
+        self.findings_by_kind = Kind::ALL.iter().map(|k| (*k, 0)).collect();
+        self.errors = 0;
+        self.warnings = 0;
+        self.live = 0;
+        for f in findings {
+            *self.findings_by_kind.entry(f.kind).or_default() += 1;
+            match f.severity {
+                Severity::Error => self.errors += 1,
+                Severity::Warning => self.warnings += 1,
+            }
+            self.live += u64::from(f.live);
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,18 +113,10 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
         blobs_absent: absent,
         bytes_hashed: hash_counts.bytes_hashed,
         hashing: hash_counts,
-        findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
         storage: storage_counts,
         ..Summary::default()
     };
-    for f in &findings {
-        *summary.findings_by_kind.entry(f.kind).or_default() += 1;
-        match f.severity {
-            Severity::Error => summary.errors += 1,
-            Severity::Warning => summary.warnings += 1,
-        }
-        summary.live += u64::from(f.live);
-    }
+    summary.tally(&findings);
     Ok(Audit { findings, summary })
 }
 

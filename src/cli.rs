@@ -47,6 +47,13 @@ pub enum Command {
     /// Exit status: 0 no live phantom, 1 live phantoms (storage findings are warnings),
     /// 2 could not run.
     Probe(ProbeArgs),
+    /// Run the registry's own garbage collection with the cache fixed and the result
+    /// verified: remembers which tags pull before, runs the GC command given after `--`,
+    /// purges exactly the cache entries of what it deleted, and verifies again.
+    ///
+    /// Exit status: 0 clean, 1 a tag broken by GC or a phantom left, 2 could not run
+    /// (the GC command failed: the cache is left untouched).
+    Gc(GcArgs),
     /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
     /// for `check --cache-dump` elsewhere.
     ExportCache(ExportArgs),
@@ -251,4 +258,29 @@ pub struct ProbeArgs {
     pub insecure: bool,
     #[command(flatten)]
     pub report: ReportArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The running registry, to confirm live phantoms of an in-memory cache with `probe`.
+    #[arg(long, value_name = "URL")]
+    pub registry_url: Option<String>,
+    /// Pass --dry-run to the GC command and only show what would be purged.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Journal of the cache entries removed, for `restore`
+    /// [default: registry-audit-journal-<time>.jsonl in the current directory].
+    #[arg(long, value_name = "FILE")]
+    pub journal: Option<PathBuf>,
+    /// Hashing threads for the audits [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// The GC command and its arguments, after `--`, e.g.
+    /// `-- registry garbage-collect /etc/docker/registry/config.yml --delete-untagged`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }

@@ -26,10 +26,11 @@ pub enum Kind {
     BadLink,
     LivePhantom,
     ProbeFailed,
+    TagBrokenByGc,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::PhantomBlobDescriptor,
         Kind::PhantomRepositoryBlob,
         Kind::UnlinkedRepositoryBlob,
@@ -45,6 +46,7 @@ impl Kind {
         Kind::BadLink,
         Kind::LivePhantom,
         Kind::ProbeFailed,
+        Kind::TagBrokenByGc,
     ];
 
     /// The kebab-case name used in JSON and on the command line.
@@ -65,6 +67,7 @@ impl Kind {
             Kind::BadLink => "bad-link",
             Kind::LivePhantom => "live-phantom",
             Kind::ProbeFailed => "probe-failed",
+            Kind::TagBrokenByGc => "tag-broken-by-gc",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod finding;
+pub mod gc;
 pub mod lock;
 pub mod metrics;
 pub mod probe;
@@ -50,6 +51,7 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         cli::Command::Restore(args) => purge_command::run_restore(&args),
         cli::Command::ExportCache(args) => cache_dump::run_export(&args),
         cli::Command::Probe(args) => probe::run(&args),
+        cli::Command::Gc(args) => gc::run(&args),
     }
 }
 

@@ -115,19 +115,11 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     }
     finding::sort(&mut findings);
     let mut summary = Summary {
-        findings_by_kind: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
         storage: Some(storage_counts),
         probe: Some(counts),
         ..Summary::default()
     };
-    for f in &findings {
-        *summary.findings_by_kind.entry(f.kind).or_default() += 1;
-        match f.severity {
-            Severity::Error => summary.errors += 1,
-            Severity::Warning => summary.warnings += 1,
-        }
-        summary.live += u64::from(f.live);
-    }
+    summary.tally(&findings);
     let mut verdict = report::verdict(&summary, &findings);
     if findings.is_empty() {
         verdict = format!(
@@ -247,37 +239,5 @@ fn candidates(
 pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read --gc-log {}: {e}", path.display()))?;
-    Ok(parse_gc_log(&text))
-}
-
-pub fn parse_gc_log(text: &str) -> Vec<Digest> {
-    let mut out: Vec<Digest> = text
-        .lines()
-        .filter_map(|line| {
-            let at = line.find("blob eligible for deletion")?;
-            line[at..]
-                .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
-                .find_map(Digest::parse_str)
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_gc_logs_of_both_versions() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let log = format!(
-            "team/app: marking manifest sha256:{}\n\n3 blobs marked, 2 blobs and 0 manifests eligible for deletion\nblob eligible for deletion: {a}\ntime=\"x\" level=info msg=\"blob eligible for deletion: {b}\"\nblob eligible for deletion: {a}\n",
-            "c".repeat(64)
-        );
-        let got: Vec<String> = parse_gc_log(&log).iter().map(|d| d.to_string()).collect();
-        assert_eq!(got, vec![a, b]);
-    }
+    Ok(crate::gc::GcLog::parse(&text).blobs.into_iter().collect())
 }

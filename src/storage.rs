@@ -182,6 +182,26 @@ impl Storage {
         (good, bad)
     }
 
+    /// Every blob in storage with its size: `blobs/<alg>/<xx>/<hex>/data`. Directories
+    /// whose names are not a digest are skipped.
+    pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
+        let base = self.v2.join("blobs");
+        let mut out = Vec::new();
+        for alg in sorted_dir_names(&base) {
+            for prefix in sorted_dir_names(&base.join(&alg)) {
+                for hex in sorted_dir_names(&base.join(&alg).join(&prefix)) {
+                    let Some(d) = Digest::parse(format!("{alg}:{hex}").as_bytes()) else {
+                        continue;
+                    };
+                    if let BlobStat::Present { size, .. } = self.stat_blob(&d) {
+                        out.push((d, size));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link`, as (path, alg, hex dir),
     /// sorted; `sub` is `_layers` or `_manifests/revisions`.
     pub fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {

@@ -152,7 +152,7 @@ pub fn generate(
             }
             pending += 1;
             if pending >= 500
-                && let Some(conn) = redis.as_deref_mut()
+                && let Some(conn) = redis.as_mut()
             {
                 pipe.query::<()>(conn)
                     .map_err(|e| format!("filling Redis: {e}"))?;
@@ -162,7 +162,7 @@ pub fn generate(
         }
     }
     if pending > 0
-        && let Some(conn) = redis.as_deref_mut()
+        && let Some(conn) = redis.as_mut()
     {
         pipe.query::<()>(conn)
             .map_err(|e| format!("filling Redis: {e}"))?;

@@ -1,0 +1,478 @@
+//! The `gc` command: the registry's own garbage collection with the cache fixed and the
+//! result verified, in one step. Before: verify storage (remembering which tags pull)
+//! and audit the cache. Then run the GC command as given, passing its output through
+//! and parsing what it deleted. After: purge exactly the cache entries of the deleted
+//! blobs (with all of `purge`'s safety), or with the in-memory cache confirm the live
+//! phantoms with `probe`'s client; then verify again and report every tag GC broke. It
+//! writes nothing itself but the cache entries `purge` removes; the GC command is the
+//! operator's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::audit::{AuditOptions, Summary};
+use crate::check;
+use crate::cli::{Format, GcArgs};
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind, Severity};
+use crate::purge;
+use crate::registry_client::{Answer, ClientOptions, RegistryClient};
+use crate::rehash::Policy;
+use crate::report::{self, Options, Report, Tool};
+use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
+use crate::storage::{BlobStat, Storage};
+use crate::verify;
+
+/// Lines of the GC's output kept in the report (all of it is passed through).
+const OUTPUT_TAIL: usize = 20;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcCounts {
+    pub command: Vec<String>,
+    pub dry_run: bool,
+    pub exit_status: i32,
+    /// Blobs the GC deleted (or, with --dry-run, would delete).
+    pub blobs_deleted: u64,
+    pub bytes_freed: u64,
+    pub manifests_deleted: u64,
+    pub layer_links_deleted: u64,
+    pub tags_pullable_before: u64,
+    pub tags_broken: u64,
+    /// Cache entries removed (Redis), or that would be removed (--dry-run).
+    pub cache_entries_purged: u64,
+    pub journal: Option<String>,
+    /// The in-memory cache still serves deleted blobs: only a restart clears it.
+    pub restart_needed: bool,
+    pub output_tail: Vec<String>,
+}
+
+/// What a GC run says it deleted, from its output (distribution 2.8 and 3).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcLog {
+    pub blobs: BTreeSet<Digest>,
+    pub manifests: BTreeSet<(String, Digest)>,
+    pub layer_links: BTreeSet<(String, Digest)>,
+}
+
+impl GcLog {
+    /// Reads one line of `registry garbage-collect` output.
+    pub fn add_line(&mut self, line: &str) {
+        let digest_after = |at: usize| {
+            line[at..]
+                .split(|c: char| {
+                    c.is_whitespace() || matches!(c, '"' | ',' | '{' | '}' | '[' | ']' | '@')
+                })
+                .find_map(Digest::parse_str)
+        };
+        if let Some(at) = line.find("blob eligible for deletion") {
+            if let Some(d) = digest_after(at) {
+                self.blobs.insert(d);
+            }
+        } else if let Some(at) = line.find("layer link eligible for deletion") {
+            let repo = line[..at].trim().trim_end_matches(':').to_string();
+            if let Some(d) = digest_after(at) {
+                self.layer_links.insert((repo, d));
+            }
+        } else if let Some(at) = line.find("manifest eligible for deletion") {
+            // v3 prints `{name digest [tags]}`.
+            let rest = &line[at + "manifest eligible for deletion".len()..];
+            let rest = rest.trim_start_matches([':', ' ', '{']);
+            let name = rest.split_whitespace().next().unwrap_or("").to_string();
+            if let Some(d) = digest_after(at) {
+                self.manifests.insert((name, d));
+            }
+        }
+    }
+
+    pub fn parse(text: &str) -> GcLog {
+        let mut log = GcLog::default();
+        text.lines().for_each(|l| log.add_line(l));
+        log
+    }
+}
+
+/// Runs `command`, passing its output through to stderr line by line (stdout stays
+/// the report's) and parsing it. Returns the exit status, the log and the last lines.
+fn run_gc(command: &[String]) -> Result<(i32, GcLog, Vec<String>), String> {
+    let (program, args) = command
+        .split_first()
+        .ok_or("no GC command given after --")?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the GC command {program}: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        }));
+    }
+    drop(tx);
+    let mut log = GcLog::default();
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    for line in rx {
+        eprintln!("{line}");
+        log.add_line(&line);
+        if tail.len() == OUTPUT_TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the GC command: {e}"))?;
+    Ok((status.code().unwrap_or(-1), log, tail.into_iter().collect()))
+}
+
+/// A repository and one of its tags.
+type Tag = (String, String);
+
+/// Every tag, and the tags that can be pulled: those without an error finding.
+fn pullable_tags(storage: &Storage, findings: &[Finding]) -> (BTreeSet<Tag>, HashMap<Tag, String>) {
+    let (repos, _) = storage.repositories();
+    let mut broken: HashMap<(String, String), String> = HashMap::new();
+    for f in findings {
+        if let (Some(repo), Some(tag), Severity::Error) = (&f.repository, &f.tag, f.severity) {
+            broken
+                .entry((repo.clone(), tag.clone()))
+                .or_insert_with(|| f.detail.clone());
+        }
+    }
+    let mut ok = BTreeSet::new();
+    for repo in repos {
+        for tag in storage.tags(&repo) {
+            let link = storage.tag_link(&repo, &tag);
+            let key = (repo.clone(), tag);
+            if std::fs::symlink_metadata(&link).is_ok() && !broken.contains_key(&key) {
+                ok.insert(key);
+            }
+        }
+    }
+    (ok, broken)
+}
+
+pub fn run(args: &GcArgs) -> Result<u8, String> {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let report_settings = ReportSettings::from_args(&args.report);
+    if report_settings.format == Format::Prometheus && report_settings.output.is_none() {
+        return Err("--format prometheus needs --output FILE".into());
+    }
+    let jobs = settings::jobs(args.jobs)?;
+    // Redis when the flags or the config say so; otherwise the in-memory cache.
+    let source = match Source::resolve(&args.source, None, Want::Redis) {
+        Ok(s) => s,
+        Err(redis_err) => match Source::resolve(&args.source, None, Want::Nothing) {
+            Ok(s) if args.source.redis.is_none() && !redis_err.contains("Redis URL") => s,
+            _ => return Err(redis_err),
+        },
+    };
+    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let quick = AuditOptions {
+        hashing: Policy::simple(jobs, true),
+        verify_storage: false,
+    };
+
+    // 1. Before.
+    let (before_storage, _) = verify::verify(&storage);
+    let (pullable_before, _) = pullable_tags(&storage, &before_storage);
+    let sizes: HashMap<Digest, u64> = storage.blob_sizes().into_iter().collect();
+    let cache_before = match &source.cache {
+        CacheSource::Redis(_) => {
+            Some(check::audit_source(&source, args.source.scan_count, quick)?.1)
+        }
+        _ => None,
+    };
+
+    // 2. The GC, as given.
+    let mut command = args.command.clone();
+    if args.dry_run {
+        command.push("--dry-run".into());
+    }
+    let (status, log, tail) = run_gc(&command)?;
+    if status != 0 {
+        let last = tail
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .cloned()
+            .unwrap_or_default();
+        return Err(format!(
+            "the GC command failed (exit status {status}): {last}; the cache was not touched"
+        ));
+    }
+    let deleted: BTreeSet<Digest> = log
+        .blobs
+        .iter()
+        .filter(|d| args.dry_run || storage.stat_blob(d) == BlobStat::Absent)
+        .copied()
+        .collect();
+    let mut counts = GcCounts {
+        command: command.clone(),
+        dry_run: args.dry_run,
+        exit_status: status,
+        blobs_deleted: deleted.len() as u64,
+        bytes_freed: deleted.iter().filter_map(|d| sizes.get(d)).sum(),
+        manifests_deleted: log.manifests.len() as u64,
+        layer_links_deleted: log.layer_links.len() as u64,
+        tags_pullable_before: pullable_before.len() as u64,
+        output_tail: tail,
+        ..GcCounts::default()
+    };
+
+    // 3. After: the cache entries of what was deleted.
+    let mut findings: Vec<Finding> = Vec::new();
+    let mut notes = Vec::new();
+    if let Some(before) = &cache_before {
+        let live = before.findings.iter().filter(|f| f.live).count();
+        if live > 0 {
+            notes.push(format!(
+                "{live} live wrong cache entries were already there before this GC; `registry-audit purge` removes them"
+            ));
+        }
+    }
+    match &source.cache {
+        CacheSource::Redis(target) if args.dry_run => {
+            let mut conn = target.connect()?;
+            counts.cache_entries_purged = count_entries(&mut conn, &deleted)?;
+            notes.push(format!(
+                "dry run: the GC would delete {} blobs; {} cache entries name them and would be purged",
+                deleted.len(),
+                counts.cache_entries_purged
+            ));
+        }
+        CacheSource::Redis(target) => {
+            let (_, audit) = check::audit_source(&source, args.source.scan_count, quick)?;
+            let ours: Vec<Finding> = audit
+                .findings
+                .into_iter()
+                .filter(|f| {
+                    f.digest.is_some_and(|d| deleted.contains(&d)) && purge::purges(f.kind, false)
+                })
+                .collect();
+            let mut conn = target.connect()?;
+            let plan = purge::build_plan(
+                &mut conn,
+                &storage,
+                &ours,
+                false,
+                check::source_info(&source),
+                report::rfc3339(started),
+            )?;
+            if !plan.groups.is_empty() {
+                let journal = args.journal.clone().unwrap_or_else(|| {
+                    let stamp: String = report::rfc3339(started)
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric())
+                        .collect();
+                    std::path::PathBuf::from(format!("registry-audit-journal-{stamp}.jsonl"))
+                });
+                let summary = purge::apply(
+                    &mut conn,
+                    &storage,
+                    &plan,
+                    &journal,
+                    report::rfc3339(started),
+                    |_| {},
+                )?;
+                counts.cache_entries_purged = summary.entries_removed;
+                counts.journal = Some(summary.journal);
+            }
+            // Every phantom of a deleted blob left now is an error.
+            let (_, after) = check::audit_source(&source, args.source.scan_count, quick)?;
+            for mut f in after.findings {
+                if f.digest.is_some_and(|d| deleted.contains(&d))
+                    && matches!(
+                        f.kind,
+                        Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob
+                    )
+                {
+                    f.severity = Severity::Error;
+                    findings.push(f);
+                }
+            }
+        }
+        _ if args.dry_run => {}
+        _ => {
+            counts.restart_needed = !deleted.is_empty();
+            if let Some(url) = &args.registry_url {
+                let client = RegistryClient::new(
+                    url,
+                    &ClientOptions {
+                        timeout: Duration::from_secs(10),
+                        ca_cert: None,
+                        insecure: false,
+                        credentials: None,
+                    },
+                )?;
+                let (repos, _) = storage.repositories();
+                let candidates: Vec<(String, Digest)> = deleted
+                    .iter()
+                    .flat_map(|d| repos.iter().map(move |r| (r.clone(), *d)))
+                    .collect();
+                let answers = crate::rehash::parallel_map(&candidates, 8, |(r, d)| {
+                    client.head_blob(r, &d.to_string())
+                })?;
+                for ((repo, d), a) in candidates.iter().zip(answers) {
+                    if let Answer::Exists(status) = a {
+                        findings.push(Finding::answer(
+                            Kind::LivePhantom,
+                            Severity::Error,
+                            true,
+                            *d,
+                            repo,
+                            format!("HEAD /v2/{repo}/blobs/{d} answered {status} after GC deleted the blob: restart the registry to clear its in-memory cache"),
+                        ));
+                    }
+                }
+                counts.restart_needed = findings.iter().any(|f| f.kind == Kind::LivePhantom);
+            }
+            if counts.restart_needed {
+                notes.push("the registry's in-memory cache still names deleted blobs: restart the registry to clear it".into());
+            }
+        }
+    }
+
+    // 4. Verify again: tags GC broke are errors; other storage findings are warnings.
+    let (after_storage, storage_counts) = verify::verify(&storage);
+    let (pullable_after, broken_now) = pullable_tags(&storage, &after_storage);
+    for (repo, tag) in pullable_before.difference(&pullable_after) {
+        counts.tags_broken += 1;
+        let why = broken_now
+            .get(&(repo.clone(), tag.clone()))
+            .cloned()
+            .unwrap_or_else(|| "the tag is gone".into());
+        let mut f = Finding::storage(
+            Kind::TagBrokenByGc,
+            Severity::Error,
+            None,
+            Some(repo.clone()),
+            storage.relative(&storage.tag_link(repo, tag)),
+            format!("{repo}:{tag} could be pulled before the GC and cannot now: {why}"),
+        );
+        f.tag = Some(tag.clone());
+        findings.push(f);
+    }
+    for mut f in after_storage {
+        f.severity = Severity::Warning;
+        findings.push(f);
+    }
+    finding::sort(&mut findings);
+    let mut summary = Summary {
+        storage: Some(storage_counts),
+        gc: Some(counts.clone()),
+        ..Summary::default()
+    };
+    summary.tally(&findings);
+    let mut verdict = report::verdict(&summary, &findings);
+    let freed = format!(
+        "GC {} {} blobs ({}), {} manifests; {} cache entries {}.",
+        if args.dry_run { "would free" } else { "freed" },
+        counts.blobs_deleted,
+        report::human_bytes(counts.bytes_freed),
+        counts.manifests_deleted,
+        counts.cache_entries_purged,
+        if args.dry_run {
+            "would be purged"
+        } else {
+            "purged"
+        }
+    );
+    verdict = if findings.is_empty() {
+        format!("{freed} Every tag that pulled before still pulls; no phantom is left.")
+    } else {
+        format!("{freed} {verdict}")
+    };
+    let code = report::exit_code(&findings, report_settings.fail_on);
+    let report = Report {
+        schema_version: report::SCHEMA_VERSION,
+        tool: Tool::this(),
+        command: "gc",
+        started_at: report::rfc3339(started),
+        duration_ms: clock.elapsed().as_millis() as u64,
+        complete: true,
+        notes,
+        source: check::source_info(&source),
+        options: Options {
+            quick: true,
+            fail_on: report::fail_on_name(report_settings.fail_on),
+        },
+        summary,
+        findings,
+        verdict,
+    };
+    let text = report::render(&report, report_settings.format);
+    report::write_output(&text, report_settings.output.as_deref())?;
+    Ok(code)
+}
+
+/// Cache entries naming any of `digests`: global descriptors, set memberships and
+/// repository hashes (read-only; for --dry-run).
+fn count_entries(conn: &mut redis::Connection, digests: &BTreeSet<Digest>) -> Result<u64, String> {
+    let mut index = crate::cache_index::CacheIndex::new();
+    crate::redis_cache::scan(conn, &mut index, 1000, &indicatif::ProgressBar::hidden())?;
+    Ok(digests
+        .iter()
+        .filter_map(|d| index.entry(d))
+        .map(|e| {
+            u64::from(e.global.is_some())
+                + e.repos
+                    .iter()
+                    .map(|r| {
+                        u64::from(r.member)
+                            + u64::from(r.hash != crate::cache_index::RepoHash::Absent)
+                    })
+                    .sum::<u64>()
+        })
+        .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_gc_output_of_both_versions() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let m = format!("sha256:{}", "c".repeat(64));
+        let text = format!(
+            "team/app\nteam/app: marking manifest {m} \n\n3 blobs marked, 2 blobs and 1 manifests eligible for deletion\nblob eligible for deletion: {a}\ntime=\"x\" level=info msg=\"blob eligible for deletion: {b}\"\nmanifest eligible for deletion: {{team/app {m} [v1]}}\nteam/app: layer link eligible for deletion: {a}\n"
+        );
+        let log = GcLog::parse(&text);
+        assert_eq!(log.blobs.len(), 2);
+        assert_eq!(
+            log.manifests
+                .iter()
+                .next()
+                .map(|(r, d)| (r.as_str(), d.to_string())),
+            Some(("team/app", m.clone()))
+        );
+        assert_eq!(
+            log.layer_links.iter().next().map(|(r, _)| r.as_str()),
+            Some("team/app")
+        );
+    }
+}
