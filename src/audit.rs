@@ -12,6 +12,7 @@ use crate::cache_index::{self, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, 
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::rehash::{self, BlobCheck, Content, HashCounts, Policy};
+use crate::shard::Shard;
 use crate::storage::Storage;
 use crate::verify::{self, VerifyCounts};
 
@@ -21,9 +22,11 @@ pub struct AuditOptions<'a> {
     pub hashing: Policy<'a>,
     /// Also walk repositories, links, tags and manifests (`verify`).
     pub verify_storage: bool,
+    /// The slice of the work this run does (the index is already built for it).
+    pub shard: Shard,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Registry-shaped keys read.
     pub keys_scanned: u64,
@@ -52,6 +55,24 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Adds another run's counts (a shard's) to these; findings are tallied apart.
+    pub fn add(&mut self, o: &Summary) {
+        self.keys_scanned += o.keys_scanned;
+        self.set_members_scanned += o.set_members_scanned;
+        self.foreign_keys_skipped += o.foreign_keys_skipped;
+        self.blobs_checked += o.blobs_checked;
+        self.blobs_absent += o.blobs_absent;
+        self.bytes_hashed += o.bytes_hashed;
+        self.hashing.add(&o.hashing);
+        self.storage = match (self.storage.take(), o.storage) {
+            (Some(mut a), Some(b)) => {
+                a.add(&b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
+    }
+
     /// Counts `findings` by kind (every kind listed, zeros included), severity and live.
     pub fn tally(&mut self, findings: &[Finding]) {
         self.findings_by_kind = Kind::ALL.iter().map(|k| (*k, 0)).collect();
@@ -96,7 +117,7 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
     let counts = index.counts;
     findings.extend(index.into_malformed());
     let storage_counts = if opts.verify_storage {
-        let (more, c) = verify::verify(storage);
+        let (more, c) = verify::verify_shard(storage, opts.shard);
         findings.extend(more);
         Some(c)
     } else {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::repo_name;
+use crate::shard::Shard;
 
 /// What a raw key is, by its shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,8 +197,10 @@ pub struct ScanCounts {
 
 /// Every registry-shaped cache entry, indexed by digest, plus the findings about
 /// entries that could not be indexed because they are malformed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CacheIndex {
+    /// Only entries of this shard are indexed (and counted).
+    shard: Shard,
     repos: Vec<String>,
     repo_ids: HashMap<String, u32>,
     digests: HashMap<Digest, DigestEntry>,
@@ -207,7 +210,26 @@ pub struct CacheIndex {
 
 impl CacheIndex {
     pub fn new() -> CacheIndex {
-        CacheIndex::default()
+        CacheIndex::for_shard(Shard::ALL)
+    }
+
+    pub fn for_shard(shard: Shard) -> CacheIndex {
+        CacheIndex {
+            shard,
+            repos: Vec::new(),
+            repo_ids: HashMap::new(),
+            digests: HashMap::new(),
+            malformed: Vec::new(),
+            counts: ScanCounts::default(),
+        }
+    }
+
+    /// Whether this shard owns a key of this shape.
+    fn owns(&self, shape: &KeyShape) -> bool {
+        match shape {
+            KeyShape::Global(d) | KeyShape::RepoHash(_, d) => self.shard.owns_digest(d),
+            _ => self.shard.owns_unsharded(),
+        }
     }
 
     pub fn repo_name(&self, id: u32) -> &str {
@@ -275,9 +297,17 @@ impl CacheIndex {
         redis_type: &str,
         fields: &HashFields<'_>,
     ) -> Option<String> {
+        let owned = self.owns(&shape);
         if shape == KeyShape::Foreign {
-            self.counts.foreign_keys += 1;
+            self.counts.foreign_keys += u64::from(owned);
             return None;
+        }
+        if !owned {
+            // Another shard counts it; a set's members are still this shard's to read.
+            return match (shape, redis_type) {
+                (KeyShape::RepoSet(repo), "set") => Some(repo),
+                _ => None,
+            };
         }
         self.counts.keys += 1;
         match shape {
@@ -370,8 +400,16 @@ impl CacheIndex {
 
     /// Records one member of `repository::<repo>::blobs`.
     pub fn add_member(&mut self, set_key: &[u8], repo: &str, member: &[u8]) {
+        let parsed = Digest::parse(member);
+        let owned = match &parsed {
+            Some(d) => self.shard.owns_digest(d),
+            None => self.shard.owns_unsharded(),
+        };
+        if !owned {
+            return;
+        }
         self.counts.set_members += 1;
-        match Digest::parse(member) {
+        match parsed {
             Some(d) => self.repo_entry(repo, d).member = true,
             None => self.malformed.push(malformed(
                 None,

@@ -33,7 +33,7 @@ fn audit_storage(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<audit::Audit, String> {
-    let mut index = CacheIndex::new();
+    let mut index = CacheIndex::for_shard(opts.shard);
     let keys = progress::counter("cache keys read");
     match &source.cache {
         CacheSource::Redis(target) => {
@@ -92,6 +92,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
             reverify_after: settings.reverify_after,
         },
         verify_storage: settings.verify_storage,
+        shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
     };
     let audit = audit_storage(&storage, &settings.source, settings.scan_count, opts)?;
     if let Some(state) = &state {
@@ -109,15 +110,17 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         tool: Tool::this(),
-        command: "check",
+        command: "check".into(),
         started_at: report::rfc3339(started_at),
         duration_ms: clock.elapsed().as_millis() as u64,
         complete,
         notes,
+        shard: settings.shard.map(|s| s.to_string()),
         source: source_info(&settings.source),
         options: Options {
-            quick: settings.quick,
-            fail_on: report::fail_on_name(settings.report.fail_on),
+            verify_storage: settings.verify_storage,
+            sample: settings.sample_spec.clone(),
+            ..Options::new(settings.quick, settings.report.fail_on)
         },
         summary: audit.summary,
         findings: audit.findings,

@@ -54,6 +54,10 @@ pub enum Command {
     /// Exit status: 0 clean, 1 a tag broken by GC or a phantom left, 2 could not run
     /// (the GC command failed: the cache is left untouched).
     Gc(GcArgs),
+    /// Combine the reports of `check --shard K/N` runs into the report one full run
+    /// would give; refuses reports of different registries or options, and missing or
+    /// duplicate shards.
+    Merge(MergeArgs),
     /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
     /// for `check --cache-dump` elsewhere.
     ExportCache(ExportArgs),
@@ -142,6 +146,11 @@ pub struct CheckArgs {
     /// Lock file against overlapping runs [default: next to --state, none without it].
     #[arg(long, value_name = "FILE")]
     pub lock: Option<PathBuf>,
+    /// Do only the K-th of N slices of the work (cache keys, blobs and repositories), for
+    /// N machines at once; `auto/N` takes K from JOB_COMPLETION_INDEX (a Kubernetes
+    /// Indexed Job). Combine the reports with `registry-audit merge`.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
     /// Audit the cache only; skip the walk of repositories, tags and manifests.
     #[arg(long)]
     pub skip_storage: bool,
@@ -283,4 +292,26 @@ pub struct GcArgs {
     /// `-- registry garbage-collect /etc/docker/registry/config.yml --delete-untagged`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The shard reports (JSON), one per shard.
+    #[arg(required = true, value_name = "REPORT")]
+    pub reports: Vec<PathBuf>,
+    #[command(flatten)]
+    pub report: MergeReportArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeReportArgs {
+    /// Report format [default: table on a terminal, json otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Write the merged report to FILE (atomically) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exit 1 when a finding of this severity or worse is found [default: the shards'].
+    #[arg(long = "fail-on", value_enum)]
+    pub fail_on_given: Option<FailOn>,
 }

@@ -30,7 +30,7 @@ use crate::verify;
 /// Lines of the GC's output kept in the report (all of it is passed through).
 const OUTPUT_TAIL: usize = 20;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct GcCounts {
     pub command: Vec<String>,
     pub dry_run: bool,
@@ -193,6 +193,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let quick = AuditOptions {
         hashing: Policy::simple(jobs, true),
         verify_storage: false,
+        shard: crate::shard::Shard::ALL,
     };
 
     // 1. Before.
@@ -409,16 +410,14 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         tool: Tool::this(),
-        command: "gc",
+        command: "gc".into(),
         started_at: report::rfc3339(started),
         duration_ms: clock.elapsed().as_millis() as u64,
         complete: true,
         notes,
+        shard: None,
         source: check::source_info(&source),
-        options: Options {
-            quick: true,
-            fail_on: report::fail_on_name(report_settings.fail_on),
-        },
+        options: Options::new(true, report_settings.fail_on),
         summary,
         findings,
         verdict,

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod finding;
 pub mod gc;
 pub mod lock;
+pub mod merge;
 pub mod metrics;
 pub mod probe;
 pub mod progress;
@@ -24,6 +25,7 @@ pub mod rehash;
 pub mod repo_name;
 pub mod report;
 pub mod settings;
+pub mod shard;
 pub mod state;
 pub mod storage;
 pub mod synth;
@@ -52,6 +54,7 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         cli::Command::ExportCache(args) => cache_dump::run_export(&args),
         cli::Command::Probe(args) => probe::run(&args),
         cli::Command::Gc(args) => gc::run(&args),
+        cli::Command::Merge(args) => merge::run(&args),
     }
 }
 

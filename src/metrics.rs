@@ -148,8 +148,8 @@ pub fn render(report: &Report) -> String {
     o.sample(
         "info",
         &[
-            ("version", report.tool.version),
-            ("command", report.command),
+            ("version", report.tool.version.as_str()),
+            ("command", report.command.as_str()),
         ],
         1.0,
     );

@@ -22,7 +22,7 @@ use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::verify;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProbeCounts {
     /// (repository, digest) pairs asked.
     pub probed: u64,
@@ -140,16 +140,14 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         tool: Tool::this(),
-        command: "probe",
+        command: "probe".into(),
         started_at: report::rfc3339(started),
         duration_ms: clock.elapsed().as_millis() as u64,
         complete: true,
         notes: Vec::new(),
+        shard: None,
         source: info,
-        options: Options {
-            quick: true,
-            fail_on: report::fail_on_name(report_settings.fail_on),
-        },
+        options: Options::new(true, report_settings.fail_on),
         summary,
         findings,
         verdict,

@@ -63,6 +63,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let opts = AuditOptions {
         hashing: crate::rehash::Policy::simple(settings::jobs(args.jobs)?, args.quick),
         verify_storage: false,
+        shard: crate::shard::Shard::ALL,
     };
     let s = PurgeSettings {
         format: match settings::default_format(args.format, None) {

@@ -120,7 +120,7 @@ impl Policy<'_> {
 }
 
 /// Counts of a verification, for the report.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct HashCounts {
     pub bytes_hashed: u64,
     pub blobs_hashed: u64,
@@ -130,6 +130,16 @@ pub struct HashCounts {
     pub blobs_not_sampled: u64,
     /// Skipped: `--max-duration` ran out; the run is incomplete.
     pub blobs_not_reached: u64,
+}
+
+impl HashCounts {
+    pub fn add(&mut self, o: &HashCounts) {
+        self.bytes_hashed += o.bytes_hashed;
+        self.blobs_hashed += o.blobs_hashed;
+        self.blobs_trusted += o.blobs_trusted;
+        self.blobs_not_sampled += o.blobs_not_sampled;
+        self.blobs_not_reached += o.blobs_not_reached;
+    }
 }
 
 #[derive(Default)]

@@ -16,17 +16,17 @@ use crate::finding::{Finding, Kind, Severity};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tool {
-    pub name: &'static str,
-    pub version: &'static str,
+    pub name: String,
+    pub version: String,
 }
 
 impl Tool {
     pub fn this() -> Tool {
         Tool {
-            name: env!("CARGO_PKG_NAME"),
-            version: env!("CARGO_PKG_VERSION"),
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
         }
     }
 }
@@ -59,23 +59,45 @@ impl SourceInfo {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The options that decide what a run finds; reports with different options are not
+/// merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Options {
     pub quick: bool,
-    pub fail_on: &'static str,
+    pub fail_on: String,
+    /// Whether repositories, tags and manifests were walked.
+    #[serde(default)]
+    pub verify_storage: bool,
+    /// `--sample`, as given.
+    #[serde(default)]
+    pub sample: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl Options {
+    pub fn new(quick: bool, fail_on: FailOn) -> Options {
+        Options {
+            quick,
+            fail_on: fail_on_name(fail_on).into(),
+            verify_storage: false,
+            sample: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub schema_version: u32,
     pub tool: Tool,
-    pub command: &'static str,
+    pub command: String,
     pub started_at: String,
     pub duration_ms: u64,
     /// False when `--max-duration` stopped re-hashing before every selected blob.
     pub complete: bool,
     /// Things the operator should know about the run itself (a rebuilt state file, ...).
     pub notes: Vec<String>,
+    /// `K/N` when this run did one shard of the work (see `merge`).
+    #[serde(default)]
+    pub shard: Option<String>,
     pub source: SourceInfo,
     pub options: Options,
     pub summary: Summary,

@@ -68,8 +68,12 @@ pub struct CheckSettings {
     pub state: Option<PathBuf>,
     pub reverify_after: std::time::Duration,
     pub sample: Option<crate::rehash::Sample>,
+    /// `--sample` as given, for the report.
+    pub sample_spec: Option<String>,
     pub max_duration: Option<std::time::Duration>,
     pub lock: Option<PathBuf>,
+    /// `--shard`, when given (`1/1` included: it still makes a shard report).
+    pub shard: Option<crate::shard::Shard>,
 }
 
 impl CheckSettings {
@@ -96,6 +100,7 @@ impl CheckSettings {
             state: args.state.clone(),
             reverify_after: crate::state::parse_duration(&args.reverify_after)
                 .map_err(|e| format!("--reverify-after: {e}"))?,
+            sample_spec: args.sample.clone(),
             sample: args
                 .sample
                 .as_deref()
@@ -108,6 +113,20 @@ impl CheckSettings {
                 .transpose()
                 .map_err(|e| format!("--max-duration: {e}"))?,
             lock,
+            shard: match args.shard.as_deref() {
+                None => None,
+                Some(spec) => Some(match spec.strip_prefix("auto/") {
+                    Some(n) => {
+                        let n: u64 = n
+                            .parse()
+                            .map_err(|_| format!("--shard '{spec}': use auto/N"))?;
+                        let index = std::env::var("JOB_COMPLETION_INDEX")
+                            .map_err(|_| format!("--shard {spec} needs JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)"))?;
+                        crate::shard::Shard::from_index(&index, n)?
+                    }
+                    None => crate::shard::Shard::parse(spec)?,
+                }),
+            },
             source: Source::resolve(&args.source, None, want)?,
             report: ReportSettings::from_args(&args.report),
             jobs,

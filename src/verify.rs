@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
+use crate::shard::Shard;
 use crate::storage::{BlobStat, Storage};
 
 /// Manifests larger than this are not parsed (the registry's own limit is 4 MiB).
@@ -18,24 +19,46 @@ const MAX_LINK: u64 = 1024;
 /// How deep indexes may nest.
 const MAX_DEPTH: usize = 8;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyCounts {
     pub repositories: u64,
     pub links_checked: u64,
     pub tags_checked: u64,
-    pub manifests_parsed: u64,
+    /// Distinct manifests that tags point to, counted per repository (each followed
+    /// through indexes to every blob it needs).
+    pub tagged_manifests_checked: u64,
+}
+
+impl VerifyCounts {
+    pub fn add(&mut self, o: &VerifyCounts) {
+        self.repositories += o.repositories;
+        self.links_checked += o.links_checked;
+        self.tags_checked += o.tags_checked;
+        self.tagged_manifests_checked += o.tagged_manifests_checked;
+    }
 }
 
 /// Verifies all of storage; returns findings (unsorted) and counts.
 pub fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
+    verify_shard(storage, Shard::ALL)
+}
+
+/// Verifies the repositories `shard` owns.
+pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCounts) {
     let mut v = Verifier {
         storage,
         present: HashMap::new(),
         missing_by_manifest: HashMap::new(),
         findings: Vec::new(),
         counts: VerifyCounts::default(),
+        followed_here: HashSet::new(),
     };
     let (repos, bad) = storage.repositories();
+    let bad: Vec<String> = if shard.owns_unsharded() {
+        bad
+    } else {
+        Vec::new()
+    };
     for name in bad {
         v.findings.push(Finding::storage(
             Kind::BadLink,
@@ -46,7 +69,7 @@ pub fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
             format!("'{name}' is not a valid repository name; the registry cannot serve it"),
         ));
     }
-    for repo in &repos {
+    for repo in repos.iter().filter(|r| shard.owns_repository(r)) {
         v.counts.repositories += 1;
         v.repository(repo);
     }
@@ -61,6 +84,8 @@ struct Verifier<'a> {
     missing_by_manifest: HashMap<Digest, Vec<(Digest, Digest)>>,
     findings: Vec<Finding>,
     counts: VerifyCounts,
+    /// Manifests followed in the current repository (for the count).
+    followed_here: HashSet<Digest>,
 }
 
 impl Verifier<'_> {
@@ -75,6 +100,7 @@ impl Verifier<'_> {
     }
 
     fn repository(&mut self, repo: &str) {
+        self.followed_here.clear();
         for (sub, kind, severity, what) in [
             (
                 "_layers",
@@ -139,6 +165,9 @@ impl Verifier<'_> {
                 f.tag = Some(tag.clone());
                 self.findings.push(f);
                 continue;
+            }
+            if self.followed_here.insert(manifest) {
+                self.counts.tagged_manifests_checked += 1;
             }
             let mut visiting = HashSet::new();
             let missing = self.missing_under(manifest, 0, &mut visiting);
@@ -236,7 +265,6 @@ impl Verifier<'_> {
         let Ok(bytes) = self.storage.read_small(&path, MAX_MANIFEST) else {
             return Vec::new();
         };
-        self.counts.manifests_parsed += 1;
         parse_references(&bytes)
     }
 }

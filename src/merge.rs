@@ -1,0 +1,138 @@
+//! The `merge` command: shard reports (`check --shard K/N`) combined into the report a
+//! single full run would give - the same findings in the same order, the same summary
+//! and verdict; only timings differ. It refuses reports of different registries or
+//! options, and missing or duplicate shards. It reads report files and writes a report.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::audit::Summary;
+use crate::cli::{FailOn, MergeArgs};
+use crate::finding;
+use crate::report::{self, Report};
+use crate::settings::{self, ReportSettings};
+use crate::shard::Shard;
+
+pub fn run(args: &MergeArgs) -> Result<u8, String> {
+    let reports = args
+        .reports
+        .iter()
+        .map(|p| load(p).map(|r| (p.clone(), r)))
+        .collect::<Result<Vec<_>, String>>()?;
+    let merged = merge(reports)?;
+    // The threshold the shards ran with, unless given here.
+    let fail_on = args
+        .report
+        .fail_on_given
+        .unwrap_or(match merged.options.fail_on.as_str() {
+            "warning" => FailOn::Warning,
+            "never" => FailOn::Never,
+            _ => FailOn::Error,
+        });
+    let settings = ReportSettings {
+        format: settings::default_format(args.report.format, args.report.output.as_deref()),
+        output: args.report.output.clone(),
+        fail_on,
+    };
+    let code = report::exit_code(&merged.findings, settings.fail_on);
+    let text = report::render(&merged, settings.format);
+    report::write_output(&text, settings.output.as_deref())?;
+    Ok(code)
+}
+
+fn load(path: &PathBuf) -> Result<Report, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read report {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not a registry-audit JSON report: {e} (line {}, column {})",
+            path.display(),
+            e.line(),
+            e.column()
+        )
+    })
+}
+
+/// Combines shard reports; errors say which report does not fit.
+pub fn merge(reports: Vec<(PathBuf, Report)>) -> Result<Report, String> {
+    let (first_path, first) = reports
+        .first()
+        .ok_or("give the shard reports to merge")?
+        .clone();
+    let mut shards: Vec<(PathBuf, Shard)> = Vec::new();
+    for (path, r) in &reports {
+        let name = path.display();
+        if r.schema_version != report::SCHEMA_VERSION || r.command != "check" {
+            return Err(format!(
+                "{name}: not a check report of schema {}",
+                report::SCHEMA_VERSION
+            ));
+        }
+        if r.source != first.source {
+            return Err(format!(
+                "{name} audits {} against {}, but {} audits {} against {}: reports of different registries",
+                r.source.storage_root,
+                r.source.describe_cache(),
+                first_path.display(),
+                first.source.storage_root,
+                first.source.describe_cache()
+            ));
+        }
+        if r.options != first.options {
+            return Err(format!(
+                "{name} ran with options {:?}, {} with {:?}: run every shard with the same options",
+                r.options,
+                first_path.display(),
+                first.options
+            ));
+        }
+        let spec = r
+            .shard
+            .as_deref()
+            .ok_or_else(|| format!("{name} is not a shard report (it ran without --shard)"))?;
+        shards.push((path.clone(), Shard::parse(spec)?));
+    }
+    let n = shards[0].1.n;
+    let mut seen = BTreeSet::new();
+    for (path, s) in &shards {
+        if s.n != n {
+            return Err(format!(
+                "{} is shard {s}, but {} is of {n} shards",
+                path.display(),
+                first_path.display()
+            ));
+        }
+        if !seen.insert(s.k) {
+            return Err(format!("shard {s} is given twice ({})", path.display()));
+        }
+    }
+    let missing: Vec<String> = (1..=n)
+        .filter(|k| !seen.contains(k))
+        .map(|k| format!("{k}/{n}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("missing shard reports: {}", missing.join(", ")));
+    }
+
+    let mut merged = first.clone();
+    merged.shard = None;
+    merged.findings = Vec::new();
+    merged.notes = Vec::new();
+    merged.summary = Summary::default();
+    for (_, r) in reports {
+        merged.started_at = merged.started_at.min(r.started_at.clone());
+        merged.duration_ms = merged.duration_ms.max(r.duration_ms);
+        merged.complete &= r.complete;
+        for note in r.notes {
+            if !merged.notes.contains(&note) {
+                merged.notes.push(note);
+            }
+        }
+        merged.summary.add(&r.summary);
+        merged.findings.extend(r.findings);
+    }
+    finding::sort(&mut merged.findings);
+    merged.summary.tally(&merged.findings);
+    merged.verdict = report::verdict(&merged.summary, &merged.findings);
+    Ok(merged)
+}
