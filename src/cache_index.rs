@@ -208,6 +208,12 @@ pub struct CacheIndex {
     pub counts: ScanCounts,
 }
 
+impl Default for CacheIndex {
+    fn default() -> CacheIndex {
+        CacheIndex::for_shard(Shard::ALL)
+    }
+}
+
 impl CacheIndex {
     pub fn new() -> CacheIndex {
         CacheIndex::for_shard(Shard::ALL)
