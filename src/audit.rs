@@ -4,7 +4,7 @@
 //! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
 //! and never reads Redis itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
@@ -102,6 +102,23 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
     digests.sort_unstable();
     let (checks, hash_counts) = rehash::verify(storage, &digests, opts.hashing)?;
 
+    // Links of the repositories that list a present blob, checked in parallel.
+    let link_checks: Vec<(u32, Digest)> = digests
+        .iter()
+        .zip(&checks)
+        .filter(|(_, c)| matches!(c, BlobCheck::Present { .. }))
+        .filter_map(|(d, _)| index.entry(d).map(|e| (d, e)))
+        .flat_map(|(d, e)| e.repos.iter().filter(|r| r.member).map(|r| (r.repo, *d)))
+        .collect();
+    let linked = rehash::parallel_map(&link_checks, opts.hashing.jobs, |(repo, d)| {
+        storage.is_linked(index.repo_name(*repo), d)
+    })?;
+    let unlinked: HashSet<(u32, Digest)> = link_checks
+        .into_iter()
+        .zip(linked)
+        .filter_map(|(pair, linked)| (!linked).then_some(pair))
+        .collect();
+
     let mut findings = Vec::new();
     let mut absent = 0;
     for (d, check) in digests.iter().zip(&checks) {
@@ -111,7 +128,7 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
         if *check == BlobCheck::Absent {
             absent += 1;
         }
-        judge(storage, &index, d, entry, check, &mut findings);
+        judge(&index, &unlinked, d, entry, check, &mut findings);
     }
 
     let counts = index.counts;
@@ -151,8 +168,8 @@ fn severity_by_live(live: bool) -> Severity {
 
 /// Findings for one digest's entries.
 fn judge(
-    storage: &Storage,
     index: &CacheIndex,
+    unlinked: &HashSet<(u32, Digest)>,
     d: &Digest,
     entry: &DigestEntry,
     check: &BlobCheck,
@@ -258,7 +275,7 @@ fn judge(
             for r in &entry.repos {
                 let repo = index.repo_name(r.repo);
                 if r.member {
-                    if !storage.is_linked(repo, d) {
+                    if unlinked.contains(&(r.repo, *d)) {
                         let live = entry.repo_live(r);
                         out.push(finding(
                             Kind::UnlinkedRepositoryBlob,

@@ -154,23 +154,24 @@ fn read_batch(
     keys: Vec<Vec<u8>>,
     seen_sets: &mut HashSet<Vec<u8>>,
 ) -> Result<Vec<(Vec<u8>, String)>, String> {
+    // One command per key: HMGET for the hash shapes (its reply says whether the key
+    // is a hash), TYPE for sets; malformed keys need no read.
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut pending = Vec::new();
     for key in keys {
         let shape = classify(&key);
         match &shape {
-            KeyShape::Foreign => {
+            KeyShape::Foreign | KeyShape::Malformed { .. } => {
                 index.ingest(&key, shape, "", &HashFields::default());
                 continue;
             }
             // SCAN may return a key twice; read it once.
             KeyShape::Global(d) if index.has_global(d) => continue,
             KeyShape::RepoSet(_) if !seen_sets.insert(key.clone()) => continue,
-            _ => {}
-        }
-        pipe.cmd("TYPE").arg(&key);
-        pipe.cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]);
+            KeyShape::RepoSet(_) => pipe.cmd("TYPE").arg(&key),
+            _ => pipe.cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]),
+        };
         pending.push((key, shape));
     }
     if pending.is_empty() {
@@ -179,12 +180,38 @@ fn read_batch(
     let replies: Vec<Value> = pipe
         .query(conn)
         .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-    let mut replies = replies.into_iter();
+    // A hash reply with none of the fields, or an error (not a hash), needs its TYPE:
+    // asked in a second, small pipeline.
+    let mut unsure: Vec<usize> = Vec::new();
+    for (i, ((_, shape), reply)) in pending.iter().zip(&replies).enumerate() {
+        let is_hash_shape = !matches!(shape, KeyShape::RepoSet(_));
+        let all_nil =
+            matches!(reply, Value::Array(items) if items.iter().all(|v| *v == Value::Nil));
+        if is_hash_shape && (all_nil || matches!(reply, Value::ServerError(_))) {
+            unsure.push(i);
+        }
+    }
+    let mut types: Vec<Option<String>> = vec![None; pending.len()];
+    if !unsure.is_empty() {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for &i in &unsure {
+            pipe.cmd("TYPE").arg(&pending[i].0);
+        }
+        let answers: Vec<Value> = pipe
+            .query(conn)
+            .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
+        for (&i, t) in unsure.iter().zip(answers) {
+            types[i] = Some(type_name(Some(t)));
+        }
+    }
     let mut sets = Vec::new();
-    for (key, shape) in pending {
-        let kind = type_name(replies.next());
-        // HMGET of a key that is not a hash is an error reply: no fields.
-        let values = bulk_list(replies.next());
+    for (((key, shape), reply), ty) in pending.into_iter().zip(replies).zip(types) {
+        let (kind, values) = match (&shape, ty) {
+            (KeyShape::RepoSet(_), _) => (type_name(Some(reply)), Vec::new()),
+            (_, Some(t)) => (t, bulk_list(Some(reply))),
+            (_, None) => ("hash".to_string(), bulk_list(Some(reply))),
+        };
         let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
         let fields = HashFields {
             digest: field(0),
