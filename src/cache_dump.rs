@@ -23,12 +23,13 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
-use redis::{Connection, Value};
+use redis::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
 use crate::finding;
-use crate::redis_cache::brief;
+use crate::redis_cache::{self, CacheConn, brief};
+use crate::redis_cluster;
 
 pub const FORMAT: &str = "registry-audit-cache-dump";
 pub const VERSION: u32 = 1;
@@ -64,9 +65,10 @@ pub struct ExportCounts {
     pub foreign_keys_skipped: u64,
 }
 
-/// Streams every registry-shaped key of the database to `out`.
+/// Streams every registry-shaped key of the database (every master of a cluster) to
+/// `out`.
 pub fn export(
-    conn: &mut Connection,
+    conn: &mut CacheConn,
     out: &mut dyn Write,
     source: &str,
     created_at: &str,
@@ -81,15 +83,7 @@ pub fn export(
     };
     write_line(&mut w, &header)?;
     let mut counts = ExportCounts::default();
-    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(batch)
-            .query(conn)
-            .map_err(|e| format!("Redis SCAN failed: {}", brief(&e)))?;
+    conn.for_each_batch(batch, |reader, keys| {
         let ours: Vec<Vec<u8>> = keys
             .into_iter()
             .filter(|k| {
@@ -98,105 +92,111 @@ pub fn export(
                 !foreign
             })
             .collect();
-        if !ours.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for k in &ours {
-                pipe.cmd("TYPE").arg(k);
-                pipe.cmd("HGETALL").arg(k);
+        if ours.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for k in &ours {
+            pipe.cmd("TYPE").arg(k);
+            pipe.cmd("HGETALL").arg(k);
+        }
+        let replies: Vec<Value> = pipe
+            .query(reader.node)
+            .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
+        let mut replies = replies.into_iter();
+        for key in ours {
+            let mut ty = replies.next();
+            let mut all = replies.next();
+            if ty.as_ref().is_some_and(redis_cluster::is_redirect) {
+                // The key moved while we read: ask where it is now.
+                let router = reader
+                    .router
+                    .as_deref_mut()
+                    .ok_or("a cluster redirect outside a cluster")?;
+                ty = Some(
+                    redis::cmd("TYPE")
+                        .arg(&key)
+                        .query(router)
+                        .map_err(|e| brief(&e))?,
+                );
+                all = Some(
+                    redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query(router)
+                        .unwrap_or(Value::Nil),
+                );
             }
-            let replies: Vec<Value> = pipe
-                .query(conn)
-                .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-            let mut replies = replies.into_iter();
-            for key in ours {
-                let ty = match replies.next() {
-                    Some(Value::SimpleString(s)) => s,
-                    _ => "unknown".into(),
-                };
-                let all = replies.next();
-                match ty.as_str() {
-                    "none" => continue,
-                    "hash" => {
-                        let fields = hash_pairs(all)
-                            .into_iter()
-                            .map(|(k, v)| (finding::escape(&k), finding::escape(&v)))
-                            .collect();
-                        write_line(
-                            &mut w,
-                            &Line {
-                                key: finding::escape(&key),
-                                redis_type: ty,
-                                fields: Some(fields),
-                                members: None,
-                            },
-                        )?;
-                    }
-                    "set" => {
-                        if seen_sets.insert(key.clone()) {
-                            counts.set_members += export_set(conn, &mut w, &key, batch)?;
-                        }
-                    }
-                    _ => write_line(
+            let ty = match ty {
+                Some(Value::SimpleString(s)) => s,
+                _ => "unknown".into(),
+            };
+            match ty.as_str() {
+                "none" => continue,
+                "hash" => {
+                    let fields = hash_pairs(all)
+                        .into_iter()
+                        .map(|(k, v)| (finding::escape(&k), finding::escape(&v)))
+                        .collect();
+                    write_line(
                         &mut w,
                         &Line {
                             key: finding::escape(&key),
                             redis_type: ty,
-                            fields: None,
+                            fields: Some(fields),
                             members: None,
                         },
-                    )?,
+                    )?;
                 }
-                counts.keys += 1;
+                "set" => {
+                    let mut pending: Vec<String> = Vec::new();
+                    let mut total = 0u64;
+                    let mut write_err = None;
+                    redis_cache::sscan(reader, &key, batch, |members| {
+                        total += members.len() as u64;
+                        pending.extend(members.iter().map(|m| finding::escape(m)));
+                        while pending.len() >= MEMBERS_PER_LINE && write_err.is_none() {
+                            let chunk: Vec<String> = pending.drain(..MEMBERS_PER_LINE).collect();
+                            write_err = write_members(&mut w, &key, chunk).err();
+                        }
+                    })?;
+                    if let Some(e) = write_err {
+                        return Err(e);
+                    }
+                    if !pending.is_empty() {
+                        write_members(&mut w, &key, pending)?;
+                    }
+                    counts.set_members += total;
+                }
+                _ => write_line(
+                    &mut w,
+                    &Line {
+                        key: finding::escape(&key),
+                        redis_type: ty,
+                        fields: None,
+                        members: None,
+                    },
+                )?,
             }
+            counts.keys += 1;
         }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     w.flush()
         .map_err(|e| format!("cannot write the dump: {e}"))?;
     Ok(counts)
 }
 
-fn export_set(
-    conn: &mut Connection,
-    w: &mut dyn Write,
-    key: &[u8],
-    batch: usize,
-) -> Result<u64, String> {
-    let mut cursor: u64 = 0;
-    let mut pending: Vec<String> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        let (next, members): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
-            .arg(key)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(batch)
-            .query(conn)
-            .map_err(|e| format!("Redis SSCAN failed: {}", brief(&e)))?;
-        pending.extend(members.iter().map(|m| finding::escape(m)));
-        total += members.len() as u64;
-        cursor = next;
-        while pending.len() >= MEMBERS_PER_LINE || (cursor == 0 && !pending.is_empty()) {
-            let take = pending.len().min(MEMBERS_PER_LINE);
-            let chunk: Vec<String> = pending.drain(..take).collect();
-            write_line(
-                w,
-                &Line {
-                    key: finding::escape(key),
-                    redis_type: "set".into(),
-                    fields: None,
-                    members: Some(chunk),
-                },
-            )?;
-        }
-        if cursor == 0 {
-            return Ok(total);
-        }
-    }
+fn write_members(w: &mut dyn Write, key: &[u8], members: Vec<String>) -> Result<(), String> {
+    write_line(
+        w,
+        &Line {
+            key: finding::escape(key),
+            redis_type: "set".into(),
+            fields: None,
+            members: Some(members),
+        },
+    )
 }
 
 fn hash_pairs(v: Option<Value>) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -239,7 +239,7 @@ pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
         None => None,
     };
     let target = crate::settings::redis_target(args.redis.as_deref(), file.as_ref(), None)?;
-    let mut conn = target.connect()?;
+    let mut conn = target.connect_cache()?;
     let created = crate::report::rfc3339(std::time::SystemTime::now());
     let counts = match &args.output {
         None => export(

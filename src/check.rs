@@ -37,7 +37,7 @@ fn audit_storage(
     let keys = progress::counter("cache keys read");
     match &source.cache {
         CacheSource::Redis(target) => {
-            let mut conn = target.connect()?;
+            let mut conn = target.connect_cache()?;
             redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
         }
         CacheSource::Dump(path) => cache_dump::read(path, &mut index)?,

@@ -256,7 +256,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     }
     match &source.cache {
         CacheSource::Redis(target) if args.dry_run => {
-            let mut conn = target.connect()?;
+            let mut conn = target.connect_cache()?;
             counts.cache_entries_purged = count_entries(&mut conn, &deleted)?;
             notes.push(format!(
                 "dry run: the GC would delete {} blobs; {} cache entries name them and would be purged",
@@ -273,9 +273,9 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                     f.digest.is_some_and(|d| deleted.contains(&d)) && purge::purges(f.kind, false)
                 })
                 .collect();
-            let mut conn = target.connect()?;
+            let mut conn = target.connect_cache()?;
             let plan = purge::build_plan(
-                &mut conn,
+                conn.router(),
                 &storage,
                 &ours,
                 false,
@@ -429,7 +429,10 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
 
 /// Cache entries naming any of `digests`: global descriptors, set memberships and
 /// repository hashes (read-only; for --dry-run).
-fn count_entries(conn: &mut redis::Connection, digests: &BTreeSet<Digest>) -> Result<u64, String> {
+fn count_entries(
+    conn: &mut crate::redis_cache::CacheConn,
+    digests: &BTreeSet<Digest>,
+) -> Result<u64, String> {
     let mut index = crate::cache_index::CacheIndex::new();
     crate::redis_cache::scan(conn, &mut index, 1000, &indicatif::ProgressBar::hidden())?;
     Ok(digests

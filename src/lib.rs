@@ -20,6 +20,7 @@ pub mod progress;
 pub mod purge;
 pub mod purge_command;
 pub mod redis_cache;
+pub mod redis_cluster;
 pub mod registry_client;
 pub mod rehash;
 pub mod repo_name;

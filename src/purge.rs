@@ -11,7 +11,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
-use redis::{Connection, Script};
+use redis::{ConnectionLike, Script};
+
+use crate::redis_cache::CacheConn;
 use serde::{Deserialize, Serialize};
 
 use crate::cache_index;
@@ -170,7 +172,7 @@ fn advice(kind: Kind) -> &'static str {
 /// Builds the plan from audit findings, reading the current value of every entry to
 /// remove. Storage problems become `kept` with advice.
 pub fn build_plan(
-    conn: &mut Connection,
+    conn: &mut dyn ConnectionLike,
     storage: &Storage,
     findings: &[Finding],
     include_malformed: bool,
@@ -247,7 +249,7 @@ pub fn build_plan(
 }
 
 /// The entries behind one finding, with their current values.
-fn snapshot(conn: &mut Connection, f: &Finding) -> Result<Vec<Entry>, String> {
+fn snapshot(conn: &mut dyn ConnectionLike, f: &Finding) -> Result<Vec<Entry>, String> {
     let err =
         |e: redis::RedisError| format!("reading entries to purge from Redis failed: {}", brief(&e));
     let mut out = Vec::new();
@@ -474,7 +476,7 @@ struct ScriptCall {
 }
 
 impl ScriptCall {
-    fn invoke(&self, script: &Script, conn: &mut Connection) -> redis::RedisResult<i64> {
+    fn invoke(&self, script: &Script, conn: &mut dyn ConnectionLike) -> redis::RedisResult<i64> {
         let mut inv = script.prepare_invoke();
         for k in &self.keys {
             inv.key(k.as_slice());
@@ -625,7 +627,7 @@ impl Journal {
 /// Applies a plan group by group: re-check storage, journal, remove atomically.
 /// `progress` is told each group's result as it happens.
 pub fn apply(
-    conn: &mut Connection,
+    conn: &mut CacheConn,
     storage: &Storage,
     plan: &Plan,
     journal_path: &Path,
@@ -660,30 +662,49 @@ pub fn apply(
             None => Outcome::CameBack,
             Some(entries) if entries.is_empty() => Outcome::CameBack,
             Some(entries) => {
-                let call = script_args(&entries, &group.not_member_of, group.digest.as_ref())?;
                 journal.write(&JournalLine::Remove {
                     seq,
                     digest: group.digest,
                     entries: entries.clone(),
                 })?;
-                let done = call.invoke(&remove, conn).map_err(|e| {
+                let failed = |e: redis::RedisError| {
                     format!(
                         "removing cache entries failed (journal {} is valid): {}",
                         journal_path.display(),
                         brief(&e)
                     )
-                })?;
-                let outcome = match done {
-                    1 => Outcome::Removed,
-                    2 => Outcome::AlreadyGone,
-                    _ => Outcome::Changed,
+                };
+                // One script for the whole digest on a single server: all or nothing.
+                // In a cluster the keys of one digest live in different slots, so each
+                // key is removed by its own conditional script (see README).
+                let removed: Vec<&Entry> = if conn.is_cluster() {
+                    remove_per_key(
+                        conn.router(),
+                        &remove,
+                        &entries,
+                        &group.not_member_of,
+                        group.digest.as_ref(),
+                    )
+                    .map_err(failed)?
+                } else {
+                    let call = script_args(&entries, &group.not_member_of, group.digest.as_ref())?;
+                    match call.invoke(&remove, conn.router()).map_err(failed)? {
+                        1 => entries.iter().collect(),
+                        // 2: nothing left to remove; 0: a value changed, nothing removed.
+                        _ => Vec::new(),
+                    }
+                };
+                let outcome = if !removed.is_empty() {
+                    Outcome::Removed
+                } else if all_gone(conn.router(), &entries)? {
+                    Outcome::AlreadyGone
+                } else {
+                    Outcome::Changed
                 };
                 journal.write(&JournalLine::Result { seq, outcome })?;
-                if outcome == Outcome::Removed {
-                    for e in &entries {
-                        *summary.entries_removed_by_kind.entry(e.kind).or_default() += 1;
-                        summary.entries_removed += 1;
-                    }
+                for e in removed {
+                    *summary.entries_removed_by_kind.entry(e.kind).or_default() += 1;
+                    summary.entries_removed += 1;
                 }
                 outcome
             }
@@ -704,6 +725,98 @@ pub fn apply(
         summary.results.push(result);
     }
     Ok(summary)
+}
+
+/// Removes a digest's entries key by key, for a cluster: repository set members first,
+/// then repository hashes, then the global descriptor, each only if it still holds the
+/// audited value. Removing an entry can only turn an answer of the registry into a
+/// miss, never into a wrong answer, so a removal that interleaves with a push leaves at
+/// worst a cold entry that the registry fills again from storage.
+fn remove_per_key<'a>(
+    conn: &mut dyn ConnectionLike,
+    script: &Script,
+    entries: &'a [Entry],
+    not_member_of: &[String],
+    digest: Option<&Digest>,
+) -> redis::RedisResult<Vec<&'a Entry>> {
+    // An orphan descriptor is removed only while the digest is still not a member.
+    if let Some(d) = digest {
+        for set in not_member_of {
+            let raw = finding::unescape(set).unwrap_or_default();
+            let is: bool = redis::cmd("SISMEMBER")
+                .arg(raw)
+                .arg(d.to_string())
+                .query(conn)?;
+            if is {
+                return Ok(Vec::new());
+            }
+        }
+    }
+    let rank = |e: &Entry| match e.op {
+        Op::Member { .. } => 0,
+        Op::Fields { exact: true, .. } | Op::Key { .. } => 1,
+        Op::Fields { exact: false, .. } => 2,
+    };
+    let mut ordered: Vec<&Entry> = entries.iter().collect();
+    ordered.sort_by_key(|e| rank(e));
+    let mut removed = Vec::new();
+    for e in ordered {
+        let Ok(call) = script_args(std::slice::from_ref(e), &[], None) else {
+            continue;
+        };
+        if call.invoke(script, conn)? == 1 {
+            removed.push(e);
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether none of the entries is there any more (a plan applied twice).
+fn all_gone(conn: &mut dyn ConnectionLike, entries: &[Entry]) -> Result<bool, String> {
+    let err =
+        |e: redis::RedisError| format!("reading cache entries from Redis failed: {}", brief(&e));
+    for e in entries {
+        let Some(raw) = finding::unescape(&e.key) else {
+            continue;
+        };
+        let present = match &e.op {
+            Op::Member { member } => {
+                let m = finding::unescape(member).unwrap_or_default();
+                let ty: String = redis::cmd("TYPE").arg(&raw).query(conn).map_err(err)?;
+                ty == "set"
+                    && redis::cmd("SISMEMBER")
+                        .arg(&raw)
+                        .arg(m)
+                        .query::<bool>(conn)
+                        .map_err(err)?
+            }
+            Op::Fields { fields, .. } => {
+                let ty: String = redis::cmd("TYPE").arg(&raw).query(conn).map_err(err)?;
+                if ty == "hash" {
+                    let mut any = false;
+                    for f in fields.keys() {
+                        let name = finding::unescape(f).unwrap_or_default();
+                        any |= redis::cmd("HEXISTS")
+                            .arg(&raw)
+                            .arg(name)
+                            .query::<bool>(conn)
+                            .map_err(err)?;
+                    }
+                    any
+                } else {
+                    ty != "none"
+                }
+            }
+            Op::Key { .. } => redis::cmd("EXISTS")
+                .arg(&raw)
+                .query::<bool>(conn)
+                .map_err(err)?,
+        };
+        if present {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Storage, checked again just before removal. `None` when the blob's state is no longer
@@ -749,7 +862,7 @@ pub struct RestoreSummary {
 
 /// Restores every entry that the journal records as removed (or whose removal was cut
 /// short), where nothing has been written since.
-pub fn restore(conn: &mut Connection, journal_path: &Path) -> Result<RestoreSummary, String> {
+pub fn restore(conn: &mut CacheConn, journal_path: &Path) -> Result<RestoreSummary, String> {
     let file = File::open(journal_path)
         .map_err(|e| format!("cannot read journal {}: {e}", journal_path.display()))?;
     let mut removes: Vec<(u64, Vec<Entry>)> = Vec::new();
@@ -802,9 +915,18 @@ pub fn restore(conn: &mut Connection, journal_path: &Path) -> Result<RestoreSumm
         ) {
             continue;
         }
-        let restored = script_args(entries, &[], None)?
-            .invoke(&script, conn)
-            .map_err(|e| format!("restoring cache entries failed: {}", brief(&e)))?;
+        // Per key in a cluster (the keys of one digest are in different slots).
+        let batches: Vec<&[Entry]> = if conn.is_cluster() {
+            entries.chunks(1).collect()
+        } else {
+            vec![entries.as_slice()]
+        };
+        let mut restored = 0i64;
+        for batch in batches {
+            restored += script_args(batch, &[], None)?
+                .invoke(&script, conn.router())
+                .map_err(|e| format!("restoring cache entries failed: {}", brief(&e)))?;
+        }
         summary.entries_restored += restored as u64;
         summary.entries_left_alone += entries.len() as u64 - restored as u64;
     }

@@ -86,9 +86,9 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             let source = Source::from_args(&args.source)?;
             let scan_count = settings::scan_count(&args.source)?;
             let (storage, audit) = check::audit_source(&source, scan_count, opts)?;
-            let mut conn = source.redis()?.connect()?;
+            let mut conn = source.redis()?.connect_cache()?;
             let plan = purge::build_plan(
-                &mut conn,
+                conn.router(),
                 &storage,
                 &audit.findings,
                 args.include_malformed,
@@ -129,7 +129,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             .journal
             .clone()
             .unwrap_or_else(|| default_journal(started));
-        let mut conn = source.redis()?.connect()?;
+        let mut conn = source.redis()?.connect_cache()?;
         if table {
             println!("\nApplying; journal: {}", journal.display());
         }
@@ -394,7 +394,7 @@ pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
         None => None,
     };
     let target = settings::redis_target(args.redis.as_deref(), file.as_ref(), Some(&recorded))?;
-    let mut conn = target.connect()?;
+    let mut conn = target.connect_cache()?;
     let summary = purge::restore(&mut conn, &args.journal)?;
     match settings::default_format(args.format, None) {
         Format::Prometheus => return Err("restore writes table or json, not prometheus".into()),

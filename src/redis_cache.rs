@@ -1,12 +1,17 @@
 //! Reading the registry's cache from Redis: connecting (TCP, TLS or a Unix socket, with
-//! the credentials of the registry's config), then streaming every key with SCAN and
+//! the credentials of the registry's config; a single server or any node of a Redis
+//! Cluster), then streaming every key with SCAN - on every master of a cluster - and
 //! reading the registry-shaped ones with pipelines, a batch per round trip, into a
 //! `CacheIndex`. It reads Redis and never writes - writes live in `purge`.
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, Value};
+use redis::cluster::ClusterConnection;
+use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, Value};
+
+use crate::redis_cluster::{self, Cluster};
 
 use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
 
@@ -117,17 +122,151 @@ pub fn brief(e: &redis::RedisError) -> String {
     text.lines().next().unwrap_or("error").to_string()
 }
 
-/// Streams the whole keyspace with SCAN (`batch` keys per call) and reads every
-/// registry-shaped key into `index` with one pipeline per batch. Repository sets are
-/// read with SSCAN, so a huge set never arrives in one reply.
-pub fn scan(
+/// A connection to the cache: one server, or a cluster.
+pub enum CacheConn {
+    Single(Connection),
+    Cluster(Box<Cluster>),
+}
+
+impl RedisTarget {
+    /// Connects, recognising a Redis Cluster by any of its nodes.
+    pub fn connect_cache(&self) -> Result<CacheConn, String> {
+        let mut conn = self.connect()?;
+        if redis_cluster::is_cluster(&mut conn) {
+            Ok(CacheConn::Cluster(Box::new(Cluster::connect(self)?)))
+        } else {
+            Ok(CacheConn::Single(conn))
+        }
+    }
+}
+
+/// Where a batch of keys is read: the node that holds them, and in a cluster the
+/// routing connection for keys that moved meanwhile.
+pub struct Reader<'a> {
+    pub node: &'a mut Connection,
+    pub router: Option<&'a mut ClusterConnection>,
+}
+
+impl Reader<'_> {
+    /// Asks again, through the cluster's routing, a command whose node answered with a
+    /// redirect.
+    fn reroute(&mut self, cmd: &redis::Cmd) -> Result<Value, String> {
+        match self.router.as_deref_mut() {
+            Some(router) => cmd.query(router).map_err(|e| {
+                format!(
+                    "reading a moved key from Redis Cluster failed: {}",
+                    brief(&e)
+                )
+            }),
+            None => Err("Redis answered with a cluster redirect outside a cluster".into()),
+        }
+    }
+}
+
+/// Keys already handed out, by hash: SCAN may return a key twice, and a resharding
+/// makes some keys read again; each reaches the caller once.
+#[derive(Default)]
+struct Seen(HashSet<u64>);
+
+impl Seen {
+    fn first_time(&mut self, key: &[u8]) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        self.0.insert(h.finish())
+    }
+}
+
+impl CacheConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, CacheConn::Cluster(_))
+    }
+
+    /// The connection for commands about given keys (a cluster routes them by slot and
+    /// follows MOVED/ASK).
+    pub fn router(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            CacheConn::Single(c) => c,
+            CacheConn::Cluster(c) => &mut c.router,
+        }
+    }
+
+    /// Streams every key once, in SCAN batches of about `batch`, handing each batch to
+    /// `f` with a reader on the node that holds it. In a cluster every master is
+    /// scanned, and the slots that changed owner or were migrating while we scanned are
+    /// read again (CLUSTER GETKEYSINSLOT on every master), so a resharding loses no key.
+    pub fn for_each_batch(
+        &mut self,
+        batch: usize,
+        mut f: impl FnMut(&mut Reader<'_>, Vec<Vec<u8>>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut seen = Seen::default();
+        match self {
+            CacheConn::Single(conn) => scan_node(conn, None, batch, &mut seen, &mut f),
+            CacheConn::Cluster(cluster) => {
+                let mut before = cluster.slot_map()?;
+                for (host, port) in before.masters() {
+                    let mut node = cluster.node(&host, port)?;
+                    scan_node(
+                        &mut node,
+                        Some(&mut cluster.router),
+                        batch,
+                        &mut seen,
+                        &mut f,
+                    )?;
+                }
+                // Until the slot map holds still and nothing is migrating.
+                for _ in 0..50 {
+                    let after = cluster.slot_map()?;
+                    let mut slots: Vec<usize> =
+                        before.moved_to(&after).into_values().flatten().collect();
+                    let migrating = migrating_slots(&mut cluster.router)?;
+                    slots.extend(migrating.iter().copied());
+                    slots.sort_unstable();
+                    slots.dedup();
+                    if slots.is_empty() {
+                        return Ok(());
+                    }
+                    tracing::info!(
+                        slots = slots.len(),
+                        "slots moved during the scan; reading them again"
+                    );
+                    for (host, port) in after.masters() {
+                        let mut node = cluster.node(&host, port)?;
+                        for &slot in &slots {
+                            let keys = keys_in_slot(&mut node, slot)?;
+                            let fresh: Vec<Vec<u8>> =
+                                keys.into_iter().filter(|k| seen.first_time(k)).collect();
+                            if !fresh.is_empty() {
+                                let mut reader = Reader {
+                                    node: &mut node,
+                                    router: Some(&mut cluster.router),
+                                };
+                                f(&mut reader, fresh)?;
+                            }
+                        }
+                    }
+                    before = after;
+                    if !migrating.is_empty() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                Err(
+                    "the Redis Cluster kept resharding during the scan; run again when it is done"
+                        .into(),
+                )
+            }
+        }
+    }
+}
+
+fn scan_node(
     conn: &mut Connection,
-    index: &mut CacheIndex,
+    mut router: Option<&mut ClusterConnection>,
     batch: usize,
-    progress: &indicatif::ProgressBar,
+    seen: &mut Seen,
+    f: &mut impl FnMut(&mut Reader<'_>, Vec<Vec<u8>>) -> Result<(), String>,
 ) -> Result<(), String> {
     let mut cursor: u64 = 0;
-    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
     loop {
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
@@ -135,10 +274,13 @@ pub fn scan(
             .arg(batch)
             .query(conn)
             .map_err(|e| format!("Redis SCAN failed: {}", brief(&e)))?;
-        progress.inc(keys.len() as u64);
-        let sets = read_batch(conn, index, keys, &mut seen_sets)?;
-        for (key, repo) in sets {
-            read_set(conn, index, &key, &repo, batch)?;
+        let fresh: Vec<Vec<u8>> = keys.into_iter().filter(|k| seen.first_time(k)).collect();
+        if !fresh.is_empty() {
+            let mut reader = Reader {
+                node: conn,
+                router: router.as_deref_mut(),
+            };
+            f(&mut reader, fresh)?;
         }
         cursor = next;
         if cursor == 0 {
@@ -147,9 +289,64 @@ pub fn scan(
     }
 }
 
+/// Slots a node of the cluster is migrating or importing right now (CLUSTER NODES).
+fn migrating_slots(conn: &mut dyn ConnectionLike) -> Result<Vec<usize>, String> {
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query(conn)
+        .map_err(|e| format!("CLUSTER NODES failed: {}", brief(&e)))?;
+    let mut slots = Vec::new();
+    for token in text.split_whitespace() {
+        if let Some(inner) = token.strip_prefix('[')
+            && let Some(slot) = inner.split(['-', '>', '<']).next()
+            && let Ok(n) = slot.parse::<usize>()
+        {
+            slots.push(n);
+        }
+    }
+    Ok(slots)
+}
+
+fn keys_in_slot(conn: &mut Connection, slot: usize) -> Result<Vec<Vec<u8>>, String> {
+    let count: u64 = redis::cmd("CLUSTER")
+        .arg("COUNTKEYSINSLOT")
+        .arg(slot)
+        .query(conn)
+        .map_err(|e| format!("CLUSTER COUNTKEYSINSLOT failed: {}", brief(&e)))?;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(count)
+        .query(conn)
+        .map_err(|e| format!("CLUSTER GETKEYSINSLOT failed: {}", brief(&e)))
+}
+
+/// Streams the whole keyspace (every master of a cluster) and reads every
+/// registry-shaped key into `index` with one pipeline per batch. Repository sets are
+/// read with SSCAN, so a huge set never arrives in one reply.
+pub fn scan(
+    conn: &mut CacheConn,
+    index: &mut CacheIndex,
+    batch: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<(), String> {
+    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
+    conn.for_each_batch(batch, |reader, keys| {
+        progress.inc(keys.len() as u64);
+        let sets = read_batch(reader, index, keys, &mut seen_sets)?;
+        for (key, repo) in sets {
+            read_set(reader, index, &key, &repo, batch)?;
+        }
+        Ok(())
+    })
+}
+
 /// Reads one SCAN batch; returns the repository sets found, to be read with SSCAN.
 fn read_batch(
-    conn: &mut Connection,
+    reader: &mut Reader<'_>,
     index: &mut CacheIndex,
     keys: Vec<Vec<u8>>,
     seen_sets: &mut HashSet<Vec<u8>>,
@@ -159,50 +356,58 @@ fn read_batch(
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut pending = Vec::new();
+    let mut cmds = Vec::new();
     for key in keys {
         let shape = classify(&key);
-        match &shape {
+        let cmd = match &shape {
             KeyShape::Foreign | KeyShape::Malformed { .. } => {
                 index.ingest(&key, shape, "", &HashFields::default());
                 continue;
             }
-            // SCAN may return a key twice; read it once.
             KeyShape::Global(d) if index.has_global(d) => continue,
             KeyShape::RepoSet(_) if !seen_sets.insert(key.clone()) => continue,
-            KeyShape::RepoSet(_) => pipe.cmd("TYPE").arg(&key),
-            _ => pipe.cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]),
+            KeyShape::RepoSet(_) => redis::cmd("TYPE").arg(&key).clone(),
+            _ => redis::cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]).clone(),
         };
+        pipe.add_command(cmd.clone());
+        cmds.push(cmd);
         pending.push((key, shape));
     }
     if pending.is_empty() {
         return Ok(Vec::new());
     }
-    let replies: Vec<Value> = pipe
-        .query(conn)
+    let mut replies: Vec<Value> = pipe
+        .query(reader.node)
         .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-    // A hash reply with none of the fields, or an error (not a hash), needs its TYPE:
-    // asked in a second, small pipeline.
-    let mut unsure: Vec<usize> = Vec::new();
-    for (i, ((_, shape), reply)) in pending.iter().zip(&replies).enumerate() {
+    for (reply, cmd) in replies.iter_mut().zip(&cmds) {
+        if redis_cluster::is_redirect(reply) {
+            *reply = reader.reroute(cmd)?;
+        }
+    }
+    // A hash reply with none of the fields, or an error (not a hash), needs its TYPE.
+    let mut types: Vec<Option<String>> = vec![None; pending.len()];
+    for (i, ((key, shape), reply)) in pending.iter().zip(&replies).enumerate() {
         let is_hash_shape = !matches!(shape, KeyShape::RepoSet(_));
         let all_nil =
             matches!(reply, Value::Array(items) if items.iter().all(|v| *v == Value::Nil));
         if is_hash_shape && (all_nil || matches!(reply, Value::ServerError(_))) {
-            unsure.push(i);
-        }
-    }
-    let mut types: Vec<Option<String>> = vec![None; pending.len()];
-    if !unsure.is_empty() {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for &i in &unsure {
-            pipe.cmd("TYPE").arg(&pending[i].0);
-        }
-        let answers: Vec<Value> = pipe
-            .query(conn)
-            .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-        for (&i, t) in unsure.iter().zip(answers) {
-            types[i] = Some(type_name(Some(t)));
+            let cmd = redis::cmd("TYPE").arg(key).clone();
+            let answer = match cmd.query::<Value>(reader.node) {
+                Ok(v) => v,
+                Err(e)
+                    if e.code()
+                        .is_some_and(|c| matches!(c, "MOVED" | "ASK" | "TRYAGAIN")) =>
+                {
+                    reader.reroute(&cmd)?
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "reading cache keys from Redis failed: {}",
+                        brief(&e)
+                    ));
+                }
+            };
+            types[i] = Some(type_name(Some(answer)));
         }
     }
     let mut sets = Vec::new();
@@ -226,30 +431,64 @@ fn read_batch(
     Ok(sets)
 }
 
-fn read_set(
-    conn: &mut Connection,
-    index: &mut CacheIndex,
+/// SSCAN of one set, on its node (or through the cluster's routing if it moved).
+pub fn sscan(
+    reader: &mut Reader<'_>,
     key: &[u8],
-    repo: &str,
     batch: usize,
+    mut f: impl FnMut(Vec<Vec<u8>>),
 ) -> Result<(), String> {
     let mut cursor: u64 = 0;
+    let mut rerouted = false;
     loop {
-        let (next, members): (u64, Vec<Vec<u8>>) = redis::cmd("SSCAN")
+        let cmd = redis::cmd("SSCAN")
             .arg(key)
             .arg(cursor)
             .arg("COUNT")
             .arg(batch)
-            .query(conn)
-            .map_err(|e| format!("Redis SSCAN failed: {}", brief(&e)))?;
-        for m in members {
-            index.add_member(key, repo, &m);
-        }
+            .clone();
+        let result: Result<(u64, Vec<Vec<u8>>), redis::RedisError> = if rerouted {
+            match reader.router.as_deref_mut() {
+                Some(r) => cmd.query(r),
+                None => cmd.query(reader.node),
+            }
+        } else {
+            cmd.query(reader.node)
+        };
+        let (next, members) = match result {
+            Ok(r) => r,
+            Err(e)
+                if !rerouted
+                    && reader.router.is_some()
+                    && e.code().is_some_and(|c| matches!(c, "MOVED" | "ASK")) =>
+            {
+                // The set moved: read it again, whole, where it is now.
+                rerouted = true;
+                cursor = 0;
+                continue;
+            }
+            Err(e) => return Err(format!("Redis SSCAN failed: {}", brief(&e))),
+        };
+        f(members);
         cursor = next;
         if cursor == 0 {
             return Ok(());
         }
     }
+}
+
+fn read_set(
+    reader: &mut Reader<'_>,
+    index: &mut CacheIndex,
+    key: &[u8],
+    repo: &str,
+    batch: usize,
+) -> Result<(), String> {
+    sscan(reader, key, batch, |members| {
+        for m in members {
+            index.add_member(key, repo, &m);
+        }
+    })
 }
 
 fn type_name(v: Option<Value>) -> String {
