@@ -80,6 +80,10 @@ pub struct SourceArgs {
     /// Keys asked for per SCAN call (and per pipeline).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub scan_count: usize,
+    /// The Redis is a cluster (found by itself from any node; this makes a server that
+    /// is not one an error).
+    #[arg(long)]
+    pub redis_cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -47,6 +47,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
             root: args.root.clone(),
             redis: None,
             scan_count: 1000,
+            redis_cluster: false,
         },
         None,
         Want::Nothing,

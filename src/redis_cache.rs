@@ -25,6 +25,9 @@ pub const HASH_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
 pub struct RedisTarget {
     pub info: ConnectionInfo,
     pub tls: Option<redis::TlsCertificates>,
+    /// The operator said this is a cluster (`--redis-cluster`, or several
+    /// `redis.addrs`): a server that is not one is an error, not a silent single node.
+    pub expect_cluster: bool,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -44,7 +47,11 @@ impl RedisTarget {
                     e.detail().unwrap_or("unrecognised form")
                 )
             })?;
-        Ok(RedisTarget { info, tls: None })
+        Ok(RedisTarget {
+            info,
+            tls: None,
+            expect_cluster: false,
+        })
     }
 
     /// The target as a URL with the password masked: safe for reports and errors.
@@ -134,6 +141,11 @@ impl RedisTarget {
         let mut conn = self.connect()?;
         if redis_cluster::is_cluster(&mut conn) {
             Ok(CacheConn::Cluster(Box::new(Cluster::connect(self)?)))
+        } else if self.expect_cluster {
+            Err(format!(
+                "{} is not a Redis Cluster node (cluster_enabled is 0); Redis Sentinel is not supported: pass --redis URL of the server that holds the cache",
+                self.display()
+            ))
         } else {
             Ok(CacheConn::Single(conn))
         }

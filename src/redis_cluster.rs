@@ -133,6 +133,7 @@ impl Cluster {
         let node = RedisTarget {
             info,
             tls: self.target.tls.clone(),
+            expect_cluster: false,
         };
         let conn = node.connect()?;
         conn.set_read_timeout(Some(Duration::from_secs(60)))

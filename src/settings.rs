@@ -211,11 +211,11 @@ impl Source {
             }
         };
         let cache = match want {
-            Want::Redis => CacheSource::Redis(Box::new(redis_target(
-                args.redis.as_deref(),
-                file.as_ref(),
-                recorded,
-            )?)),
+            Want::Redis => {
+                let mut target = redis_target(args.redis.as_deref(), file.as_ref(), recorded)?;
+                target.expect_cluster |= args.redis_cluster;
+                CacheSource::Redis(Box::new(target))
+            }
             Want::Dump(path) => CacheSource::Dump(path.to_path_buf()),
             Want::Nothing => CacheSource::None,
         };
@@ -272,15 +272,11 @@ pub fn redis_target(
 }
 
 fn target_from_config(r: &RedisConfig) -> Result<RedisTarget, String> {
-    let addr = match r.addrs.as_slice() {
-        [] => return Err("the config's redis: section has no addr (or addrs)".into()),
-        [one] => one,
-        _ => {
-            return Err(
-                "redis.addrs lists several servers (a cluster or sentinels), which registry-audit does not support yet: pass --redis URL of the server that holds the cache".into(),
-            );
-        }
-    };
+    // Several addresses are the seeds of a cluster: any one finds the rest.
+    let addr = r
+        .addrs
+        .first()
+        .ok_or("the config's redis: section has no addr (or addrs)")?;
     let (host, port) = split_host_port(addr)?;
     let tcp = if r.tls.is_some() {
         ConnectionAddr::TcpTls {
@@ -326,7 +322,11 @@ fn target_from_config(r: &RedisConfig) -> Result<RedisTarget, String> {
             })
         }
     };
-    Ok(RedisTarget { info, tls })
+    Ok(RedisTarget {
+        info,
+        tls,
+        expect_cluster: r.addrs.len() > 1,
+    })
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
