@@ -185,7 +185,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let source = match Source::resolve(&args.source, None, Want::Redis) {
         Ok(s) => s,
         Err(redis_err) => match Source::resolve(&args.source, None, Want::Nothing) {
-            Ok(s) if args.source.redis.is_none() && !redis_err.contains("Redis URL") => s,
+            Ok(s) if args.source.redis.is_none() => s,
             _ => return Err(redis_err),
         },
     };
