@@ -12,7 +12,7 @@ use crate::lock::Lock;
 use crate::progress;
 use crate::redis_cache;
 use crate::rehash::Policy;
-use crate::report::{self, Options, Report, SourceInfo, Tool};
+use crate::report::{self, Options, Report, SourceInfo};
 use crate::settings::{CacheSource, CheckSettings, Source};
 use crate::state::State;
 use crate::storage::Storage;
@@ -107,26 +107,23 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     }
     let verdict = report::verdict(&audit.summary, &audit.findings);
     let code = report::exit_code(&audit.findings, settings.report.fail_on);
-    let report = Report {
-        schema_version: report::SCHEMA_VERSION,
-        tool: Tool::this(),
-        command: "check".into(),
-        started_at: report::rfc3339(started_at),
-        duration_ms: clock.elapsed().as_millis() as u64,
-        complete,
-        notes,
-        shard: settings.shard.map(|s| s.to_string()),
-        source: source_info(&settings.source),
-        options: Options {
+    let mut report = Report::new(
+        "check",
+        started_at,
+        clock,
+        source_info(&settings.source),
+        Options {
             verify_storage: settings.verify_storage,
             sample: settings.sample_spec.clone(),
             ..Options::new(settings.quick, settings.report.fail_on)
         },
-        summary: audit.summary,
-        findings: audit.findings,
+        audit.summary,
+        audit.findings,
         verdict,
-    };
-    let text = report::render(&report, settings.report.format);
-    report::write_output(&text, settings.report.output.as_deref())?;
+    );
+    report.complete = complete;
+    report.notes = notes;
+    report.shard = settings.shard.map(|s| s.to_string());
+    report.write(settings.report.format, settings.report.output.as_deref())?;
     Ok(code)
 }

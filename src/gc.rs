@@ -22,7 +22,7 @@ use crate::finding::{self, Finding, Kind, Severity};
 use crate::purge;
 use crate::registry_client::{Answer, ClientOptions, RegistryClient};
 use crate::rehash::Policy;
-use crate::report::{self, Options, Report, Tool};
+use crate::report::{self, Options, Report};
 use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::verify;
@@ -407,23 +407,18 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         format!("{freed} {verdict}")
     };
     let code = report::exit_code(&findings, report_settings.fail_on);
-    let report = Report {
-        schema_version: report::SCHEMA_VERSION,
-        tool: Tool::this(),
-        command: "gc".into(),
-        started_at: report::rfc3339(started),
-        duration_ms: clock.elapsed().as_millis() as u64,
-        complete: true,
-        notes,
-        shard: None,
-        source: check::source_info(&source),
-        options: Options::new(true, report_settings.fail_on),
+    let mut report = Report::new(
+        "gc",
+        started,
+        clock,
+        check::source_info(&source),
+        Options::new(true, report_settings.fail_on),
         summary,
         findings,
         verdict,
-    };
-    let text = report::render(&report, report_settings.format);
-    report::write_output(&text, report_settings.output.as_deref())?;
+    );
+    report.notes = notes;
+    report.write(report_settings.format, report_settings.output.as_deref())?;
     Ok(code)
 }
 

@@ -54,6 +54,27 @@ fn now_seconds() -> f64 {
         .map_or(0.0, |d| d.as_secs() as f64)
 }
 
+/// When the last run ended, whether it could run, and when one last could.
+fn run_outcome(o: &mut Out, success: bool, last_success: Option<f64>) {
+    o.gauge(
+        "last_run_timestamp_seconds",
+        "When the last run ended.",
+        now_seconds(),
+    );
+    o.gauge(
+        "last_run_success",
+        "1 when the last run could run (exit 0 or 1), 0 when it could not (exit 2).",
+        if success { 1.0 } else { 0.0 },
+    );
+    if let Some(t) = last_success {
+        o.gauge(
+            "last_success_timestamp_seconds",
+            "When a run last could run.",
+            t,
+        );
+    }
+}
+
 /// Every metric of a run that ran (exit 0 or 1).
 pub fn render(report: &Report) -> String {
     let mut o = Out(String::new());
@@ -128,22 +149,7 @@ pub fn render(report: &Report) -> String {
         "1 when the last run re-hashed everything it selected, 0 when --max-duration stopped it.",
         if report.complete { 1.0 } else { 0.0 },
     );
-    let now = now_seconds();
-    o.gauge(
-        "last_run_timestamp_seconds",
-        "When the last run ended.",
-        now,
-    );
-    o.gauge(
-        "last_run_success",
-        "1 when the last run could run (exit 0 or 1), 0 when it could not (exit 2).",
-        1.0,
-    );
-    o.gauge(
-        "last_success_timestamp_seconds",
-        "When a run last could run.",
-        now,
-    );
+    run_outcome(&mut o, true, Some(now_seconds()));
     o.family("info", "The tool and command that wrote these metrics.");
     o.sample(
         "info",
@@ -160,29 +166,12 @@ pub fn render(report: &Report) -> String {
 /// over from the previous file so alerts on staleness keep working.
 pub fn render_failure(previous: Option<&str>, message: &str) -> String {
     let mut o = Out(String::new());
-    let now = now_seconds();
-    o.gauge(
-        "last_run_timestamp_seconds",
-        "When the last run ended.",
-        now,
-    );
-    o.gauge(
-        "last_run_success",
-        "1 when the last run could run (exit 0 or 1), 0 when it could not (exit 2).",
-        0.0,
-    );
     let last_success = previous.and_then(|text| {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{PREFIX}_last_success_timestamp_seconds ")))
             .and_then(|v| v.trim().parse::<f64>().ok())
     });
-    if let Some(t) = last_success {
-        o.gauge(
-            "last_success_timestamp_seconds",
-            "When a run last could run.",
-            t,
-        );
-    }
+    run_outcome(&mut o, false, last_success);
     o.family(
         "last_error",
         "The last run's error (the label), 1 while it stands.",

@@ -17,7 +17,7 @@ use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::registry_client::{self, Answer, ClientOptions, Credentials, RegistryClient};
 use crate::rehash;
-use crate::report::{self, Options, Report, Tool};
+use crate::report::{self, Options, Report};
 use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::verify;
@@ -138,23 +138,17 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let mut info = crate::check::source_info(&source);
     info.cache = "registry".into();
     info.registry_url = Some(args.registry_url.trim_end_matches('/').to_string());
-    let report = Report {
-        schema_version: report::SCHEMA_VERSION,
-        tool: Tool::this(),
-        command: "probe".into(),
-        started_at: report::rfc3339(started),
-        duration_ms: clock.elapsed().as_millis() as u64,
-        complete: true,
-        notes: Vec::new(),
-        shard: None,
-        source: info,
-        options: Options::new(true, report_settings.fail_on),
+    Report::new(
+        "probe",
+        started,
+        clock,
+        info,
+        Options::new(true, report_settings.fail_on),
         summary,
         findings,
         verdict,
-    };
-    let text = report::render(&report, report_settings.format);
-    report::write_output(&text, report_settings.output.as_deref())?;
+    )
+    .write(report_settings.format, report_settings.output.as_deref())?;
     Ok(code)
 }
 

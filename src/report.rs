@@ -105,6 +105,43 @@ pub struct Report {
     pub verdict: String,
 }
 
+impl Report {
+    /// A report of `command` that started at `started` (`clock` measures its
+    /// duration), with the run's findings, summary and verdict.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        command: &str,
+        started: SystemTime,
+        clock: std::time::Instant,
+        source: SourceInfo,
+        options: Options,
+        summary: Summary,
+        findings: Vec<Finding>,
+        verdict: String,
+    ) -> Report {
+        Report {
+            schema_version: SCHEMA_VERSION,
+            tool: Tool::this(),
+            command: command.into(),
+            started_at: rfc3339(started),
+            duration_ms: clock.elapsed().as_millis() as u64,
+            complete: true,
+            notes: Vec::new(),
+            shard: None,
+            source,
+            options,
+            summary,
+            findings,
+            verdict,
+        }
+    }
+
+    /// Renders the report and writes it to stdout or `output`.
+    pub fn write(&self, format: Format, output: Option<&Path>) -> Result<(), String> {
+        write_output(&render(self, format), output)
+    }
+}
+
 pub fn fail_on_name(f: FailOn) -> &'static str {
     match f {
         FailOn::Error => "error",
