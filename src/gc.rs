@@ -283,13 +283,10 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                 report::rfc3339(started),
             )?;
             if !plan.groups.is_empty() {
-                let journal = args.journal.clone().unwrap_or_else(|| {
-                    let stamp: String = report::rfc3339(started)
-                        .chars()
-                        .filter(|c| c.is_ascii_alphanumeric())
-                        .collect();
-                    std::path::PathBuf::from(format!("registry-audit-journal-{stamp}.jsonl"))
-                });
+                let journal = args
+                    .journal
+                    .clone()
+                    .unwrap_or_else(|| purge::default_journal(started));
                 let summary = purge::apply(
                     &mut conn,
                     &storage,

@@ -599,6 +599,15 @@ enum JournalLine {
     },
 }
 
+/// `registry-audit-journal-<time>.jsonl` in the current directory, when none is given.
+pub fn default_journal(started: std::time::SystemTime) -> std::path::PathBuf {
+    let stamp: String = crate::report::rfc3339(started)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    std::path::PathBuf::from(format!("registry-audit-journal-{stamp}.jsonl"))
+}
+
 struct Journal {
     file: File,
 }

@@ -128,7 +128,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         let journal = s
             .journal
             .clone()
-            .unwrap_or_else(|| default_journal(started));
+            .unwrap_or_else(|| purge::default_journal(started));
         let mut conn = source.redis()?.connect_cache()?;
         if table {
             println!("\nApplying; journal: {}", journal.display());
@@ -230,14 +230,6 @@ fn confirm(plan: &Plan) -> Result<bool, String> {
         answer.trim().to_ascii_lowercase().as_str(),
         "y" | "yes"
     ))
-}
-
-fn default_journal(started: SystemTime) -> PathBuf {
-    let stamp: String = report::rfc3339(started)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
-    PathBuf::from(format!("registry-audit-journal-{stamp}.jsonl"))
 }
 
 fn render_plan(plan: &Plan) -> String {
