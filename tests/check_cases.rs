@@ -426,3 +426,152 @@ fn output_file_is_written_and_sha512_blobs_are_verified() {
     assert_eq!(report["findings"], serde_json::json!([]));
     assert_eq!(report["summary"]["bytes_hashed"], content.len());
 }
+
+/// Runs openssl; panics with its stderr when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn redis_over_tls_with_the_registry_v3_tls_settings() {
+    let store = Store::new("tls");
+    let certs = Scratch::new("certs");
+    let d = &certs.0;
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    );
+    for name in ["server", "client"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("ext");
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+    }
+    // A TLS-only Redis that requires client certificates.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let _redis = Proc(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+            ])
+            .args(["--tls-auth-clients", "yes"])
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let config = store.dir.path("config.yml");
+    let write_config = |with_client: bool| {
+        let client = if with_client {
+            format!(
+                "    certificate: {0}/client.crt\n    key: {0}/client.key\n",
+                d.display()
+            )
+        } else {
+            String::new()
+        };
+        fs::write(
+            &config,
+            format!(
+                "storage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: redis\nredis:\n  addrs: [127.0.0.1:{port}]\n  tls:\n{client}    rootcas: [{}/ca.crt]\n",
+                store.root(),
+                d.display()
+            ),
+        )
+        .expect("config");
+    };
+    write_config(true);
+    let c = config.display().to_string();
+    let mut result = (0, String::new(), String::new());
+    wait_until("TLS redis", std::time::Duration::from_secs(20), || {
+        result = run_tool(&["check", "--config", &c, "--format", "json"]);
+        result.0 == 0
+    });
+    let report = json(&result.1);
+    assert_eq!(
+        report["source"]["redis"],
+        format!("rediss://127.0.0.1:{port}/0")
+    );
+    // Without the client certificate the server refuses: exit 2, one line.
+    write_config(false);
+    let (code, _, err) = run_tool(&["check", "--config", &c, "--format", "json"]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
