@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::audit::{AuditOptions, Summary};
 use crate::check;
-use crate::cli::{Format, GcArgs};
+use crate::cli::GcArgs;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::purge;
@@ -177,9 +177,6 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let report_settings = ReportSettings::from_args(&args.report);
-    if report_settings.format == Format::Prometheus && report_settings.output.is_none() {
-        return Err("--format prometheus needs --output FILE".into());
-    }
     let jobs = settings::jobs(args.jobs)?;
     // Redis when the flags or the config say so; otherwise the in-memory cache.
     let source = match Source::resolve(&args.source, None, Want::Redis) {
