@@ -231,7 +231,7 @@ impl CacheIndex {
     }
 
     /// Whether this shard owns a key of this shape.
-    fn owns(&self, shape: &KeyShape) -> bool {
+    pub fn owns(&self, shape: &KeyShape) -> bool {
         match shape {
             KeyShape::Global(d) | KeyShape::RepoHash(_, d) => self.shard.owns_digest(d),
             _ => self.shard.owns_unsharded(),

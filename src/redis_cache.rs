@@ -377,6 +377,8 @@ fn read_batch(
                 continue;
             }
             KeyShape::Global(d) if index.has_global(d) => continue,
+            // Another shard's descriptor: not even read.
+            KeyShape::Global(_) | KeyShape::RepoHash(..) if !index.owns(&shape) => continue,
             KeyShape::RepoSet(_) if !seen_sets.insert(key.clone()) => continue,
             KeyShape::RepoSet(_) => redis::cmd("TYPE").arg(&key).clone(),
             _ => redis::cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]).clone(),
