@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache_index;
 use crate::digest::Digest;
-use crate::finding::{self, Finding, Kind};
+use crate::finding::{self, Finding, Kind, Severity};
 use crate::redis_cache::{HASH_FIELDS, brief};
 use crate::report::SourceInfo;
 use crate::storage::{BlobStat, Storage};
@@ -48,11 +48,18 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub kind: Kind,
+    /// The severity of the finding behind the entry (an inert phantom is a warning).
+    #[serde(default = "default_severity")]
+    pub severity: Severity,
     pub repository: Option<String>,
     /// Escaped key (see `finding::escape`).
     pub key: String,
     #[serde(flatten)]
     pub op: Op,
+}
+
+fn default_severity() -> Severity {
+    Severity::Error
 }
 
 /// What storage held for the digest when the plan was made; the group is skipped when
@@ -255,6 +262,7 @@ fn snapshot(conn: &mut dyn ConnectionLike, f: &Finding) -> Result<Vec<Entry>, St
     let mut out = Vec::new();
     let entry = |key: String, op: Op| Entry {
         kind: f.kind,
+        severity: f.severity,
         repository: f.repository.clone(),
         key,
         op,
@@ -999,6 +1007,7 @@ mod tests {
         let entries = vec![
             Entry {
                 kind: Kind::PhantomRepositoryBlob,
+                severity: Severity::Error,
                 repository: Some("app".into()),
                 key: "repository::app::blobs".into(),
                 op: Op::Member {
@@ -1007,6 +1016,7 @@ mod tests {
             },
             Entry {
                 kind: Kind::PhantomRepositoryBlob,
+                severity: Severity::Error,
                 repository: Some("app".into()),
                 key: format!("repository::app::blobs::{d}"),
                 op: Op::Fields {

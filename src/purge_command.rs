@@ -197,13 +197,11 @@ fn exit_code(plan: &Plan, mode: Mode, result: Option<&ApplySummary>, fail_on: Fa
         FailOn::Error => sev == Severity::Error,
     };
     let kept = plan.kept.iter().any(|k| threshold(k.finding.severity));
-    let planned = plan.groups.iter().flat_map(|g| &g.entries).any(|e| {
-        threshold(if e.kind == crate::finding::Kind::MalformedCacheEntry {
-            Severity::Warning
-        } else {
-            Severity::Error
-        })
-    });
+    let planned = plan
+        .groups
+        .iter()
+        .flat_map(|g| &g.entries)
+        .any(|e| threshold(e.severity));
     let left = match (mode, result) {
         (Mode::Applied, Some(r)) => r.digests_skipped_changed > 0 && fail_on != FailOn::Never,
         (Mode::Nothing, _) => false,
