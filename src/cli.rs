@@ -26,7 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Compare the Redis cache with storage and report every wrong entry (read-only).
+    /// Compare the cache (Redis, or a dump) with storage, verify storage itself, and
+    /// report every wrong entry (read-only).
     ///
     /// Exit status: 0 nothing at or above --fail-on, 1 findings at or above it,
     /// 2 could not run.
