@@ -24,7 +24,7 @@ pub fn audit_source(
     opts: AuditOptions<'_>,
 ) -> Result<(Storage, audit::Audit), String> {
     let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
-    audit_storage(&storage, source, scan_count, opts).map(|a| (storage, a))
+    audit_storage(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
 }
 
 fn audit_storage(
@@ -32,13 +32,19 @@ fn audit_storage(
     source: &Source,
     scan_count: usize,
     opts: AuditOptions<'_>,
-) -> Result<audit::Audit, String> {
+) -> Result<(audit::Audit, Vec<String>), String> {
+    let mut notes = Vec::new();
     let mut index = CacheIndex::for_shard(opts.shard);
     let keys = progress::counter("cache keys read");
     match &source.cache {
         CacheSource::Redis(target) => {
             let mut conn = target.connect_cache()?;
-            redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
+            let reread = redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
+            if reread > 0 {
+                notes.push(format!(
+                    "the Redis Cluster resharded during the scan: {reread} slots were read again, so no key was missed"
+                ));
+            }
         }
         CacheSource::Dump(path) => cache_dump::read(path, &mut index)?,
         CacheSource::None => {}
@@ -49,7 +55,7 @@ fn audit_storage(
         digests = index.digest_count(),
         "cache read; checking storage"
     );
-    audit::run(storage, index, opts)
+    audit::run(storage, index, opts).map(|a| (a, notes))
 }
 
 pub fn source_info(source: &Source) -> SourceInfo {
@@ -94,7 +100,8 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         verify_storage: settings.verify_storage,
         shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
     };
-    let audit = audit_storage(&storage, &settings.source, settings.scan_count, opts)?;
+    let (audit, scan_notes) = audit_storage(&storage, &settings.source, settings.scan_count, opts)?;
+    notes.extend(scan_notes);
     if let Some(state) = &state {
         state.save()?;
     }

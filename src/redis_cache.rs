@@ -206,14 +206,15 @@ impl CacheConn {
     /// `f` with a reader on the node that holds it. In a cluster every master is
     /// scanned, and the slots that changed owner or were migrating while we scanned are
     /// read again (CLUSTER GETKEYSINSLOT on every master), so a resharding loses no key.
+    /// Returns how many slots were read again.
     pub fn for_each_batch(
         &mut self,
         batch: usize,
         mut f: impl FnMut(&mut Reader<'_>, Vec<Vec<u8>>) -> Result<(), String>,
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let mut seen = Seen::default();
         match self {
-            CacheConn::Single(conn) => scan_node(conn, None, batch, &mut seen, &mut f),
+            CacheConn::Single(conn) => scan_node(conn, None, batch, &mut seen, &mut f).map(|_| 0),
             CacheConn::Cluster(cluster) => {
                 let mut before = cluster.slot_map()?;
                 for (host, port) in before.masters() {
@@ -227,6 +228,7 @@ impl CacheConn {
                     )?;
                 }
                 // Until the slot map holds still and nothing is migrating.
+                let mut reread = 0u64;
                 for _ in 0..50 {
                     let after = cluster.slot_map()?;
                     let mut slots: Vec<usize> =
@@ -236,8 +238,9 @@ impl CacheConn {
                     slots.sort_unstable();
                     slots.dedup();
                     if slots.is_empty() {
-                        return Ok(());
+                        return Ok(reread);
                     }
+                    reread += slots.len() as u64;
                     tracing::info!(
                         slots = slots.len(),
                         "slots moved during the scan; reading them again"
@@ -338,13 +341,14 @@ fn keys_in_slot(conn: &mut Connection, slot: usize) -> Result<Vec<Vec<u8>>, Stri
 
 /// Streams the whole keyspace (every master of a cluster) and reads every
 /// registry-shaped key into `index` with one pipeline per batch. Repository sets are
-/// read with SSCAN, so a huge set never arrives in one reply.
+/// read with SSCAN, so a huge set never arrives in one reply. Returns how many cluster
+/// slots had to be read again because they moved during the scan.
 pub fn scan(
     conn: &mut CacheConn,
     index: &mut CacheIndex,
     batch: usize,
     progress: &indicatif::ProgressBar,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
     conn.for_each_batch(batch, |reader, keys| {
         progress.inc(keys.len() as u64);
