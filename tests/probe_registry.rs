@@ -21,8 +21,12 @@ struct Mem {
 }
 
 fn in_memory_scenario(tag: &str, htpasswd: bool) -> Mem {
+    in_memory_scenario_with(tag, if htpasswd { Auth::Htpasswd } else { Auth::None })
+}
+
+fn in_memory_scenario_with(tag: &str, auth: Auth<'_>) -> Mem {
     let dir = Scratch::new(tag);
-    let registry = Registry::start_with(&dir, Cache::InMemory, htpasswd);
+    let registry = Registry::start_auth(&dir, Cache::InMemory, auth);
     let base = bytes(1, 200_000);
     let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 50_000)]);
     let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 60_000)]);
@@ -240,4 +244,34 @@ fn probe_behind_basic_auth() {
     );
     assert_eq!(code, 2);
     assert!(!err.contains("wrong"), "{err}");
+}
+
+#[test]
+fn probe_behind_a_bearer_token_service() {
+    let tokens = TokenServer::start();
+    let m = in_memory_scenario_with("probetoken", Auth::Token(&tokens));
+    // Without a token the registry says 401 with a Bearer challenge.
+    assert_eq!(
+        http_status(
+            "HEAD",
+            &format!(
+                "{}/v2/team/app2/blobs/{}",
+                m.registry.url(),
+                m.app2.layers[1]
+            )
+        ),
+        Some(401)
+    );
+    let before = tokens.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let (code, out, err) = probe(&m, &[], None);
+    assert_eq!(code, 1, "{err}");
+    let got = live_phantoms(&json(&out));
+    assert!(
+        got.contains(&("team/app2".to_string(), m.app2.layers[1].clone())),
+        "{got:?}"
+    );
+    assert!(
+        tokens.requests.load(std::sync::atomic::Ordering::Relaxed) > before,
+        "probe asked the token service"
+    );
 }
