@@ -60,17 +60,32 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
 }
 
 /// Sets up logging on stderr, so stdout carries only the report.
+/// Logs of the libraries below (TLS, HTTP, Redis) show only with -vv: their errors are
+/// reported once, as this tool's one-line error.
 pub fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
     let level = match (quiet, verbose) {
-        (true, _) => tracing::Level::ERROR,
-        (false, 0) => tracing::Level::WARN,
-        (false, 1) => tracing::Level::INFO,
-        (false, _) => tracing::Level::DEBUG,
+        (true, _) => LevelFilter::ERROR,
+        (false, 0) => LevelFilter::WARN,
+        (false, 1) => LevelFilter::INFO,
+        (false, _) => LevelFilter::DEBUG,
+    };
+    let others = if verbose >= 2 {
+        LevelFilter::DEBUG
+    } else {
+        LevelFilter::OFF
     };
     progress::init(quiet);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(progress::LogWriter)
-        .with_target(false)
+    let filter = Targets::new()
+        .with_default(others)
+        .with_target(env!("CARGO_CRATE_NAME"), level);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(progress::LogWriter)
+                .with_target(false),
+        )
+        .with(filter)
         .try_init();
 }

@@ -63,6 +63,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
             credentials,
         },
     )?;
+    client.check_reachable()?;
     let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
 
     // Storage verification: its findings are warnings here, and give the candidates.

@@ -99,6 +99,23 @@ impl RegistryClient {
         })
     }
 
+    /// HEAD `/v2/`: that the registry answers at all (TLS and address right), before
+    /// anything is probed. 200 and 401 both mean a registry is there.
+    pub fn check_reachable(&self) -> Result<(), String> {
+        let url = format!("{}/v2/", self.base);
+        match self.head(&url, None) {
+            Ok((200 | 401, _)) => Ok(()),
+            Ok((status, _)) => Err(format!(
+                "{} answered {status} to HEAD /v2/: is --registry-url the registry's base URL?",
+                self.base
+            )),
+            Err(e) => Err(format!(
+                "cannot reach the registry at {} ({e}): check --registry-url, and --ca-cert or --insecure for TLS",
+                self.base
+            )),
+        }
+    }
+
     /// HEAD `/v2/<repo>/blobs/<digest>`, answering an auth challenge once.
     pub fn head_blob(&self, repo: &str, digest: &str) -> Answer {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);

@@ -275,3 +275,113 @@ fn probe_behind_a_bearer_token_service() {
         "probe asked the token service"
     );
 }
+
+#[test]
+fn probe_over_tls_with_a_private_ca_or_insecure() {
+    let certs = Scratch::new("regtls");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&certs.0)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    fs::write(certs.path("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+
+    let dir = Scratch::new("probetls");
+    let registry = Registry::start_tls(
+        &dir,
+        Cache::InMemory,
+        &certs.path("server.crt"),
+        &certs.path("server.key"),
+    );
+    let app = make_image(&dir.path("img"), "tls", &[bytes(11, 30_000)]);
+    let manifest = push(&registry, &app, "secure/app:v1");
+    let (ok, err) = pull(&registry, "secure/app:v1", &dir.path("pulled"));
+    assert!(ok, "{err}");
+    registry.delete_manifest("secure/app", &manifest);
+    registry.garbage_collect();
+
+    let (url, root) = (registry.url(), registry.root.display().to_string());
+    assert!(url.starts_with("https://"));
+    let probe = |extra: &[&str]| {
+        let mut args = vec![
+            "probe",
+            "--registry-url",
+            &url,
+            "--root",
+            &root,
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        run_tool_env(
+            &args,
+            &[("DOCKER_CONFIG", dir.path("none").to_str().expect("utf8"))],
+        )
+    };
+    // A private CA the system does not know: one clear line, exit 2.
+    let (code, _, err) = probe(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--ca-cert"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // With the CA, or when told to skip verification: the live phantom is found.
+    let ca = certs.path("ca.crt").display().to_string();
+    for extra in [vec!["--ca-cert", ca.as_str()], vec!["--insecure"]] {
+        let (code, out, err) = probe(&extra);
+        assert_eq!(code, 1, "{extra:?}: {err}");
+        assert!(
+            live_phantoms(&json(&out)).contains(&("secure/app".to_string(), app.layers[0].clone())),
+            "{out}"
+        );
+    }
+}

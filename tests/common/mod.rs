@@ -214,6 +214,8 @@ pub struct Registry {
     pub creds: Option<(String, String)>,
     /// The token service, when the registry uses bearer tokens.
     pub token_realm: Option<String>,
+    /// Served over TLS.
+    pub https: bool,
     log: PathBuf,
     proc: Option<Proc>,
 }
@@ -238,6 +240,20 @@ impl Registry {
 
     /// Starts the registry behind the given authentication.
     pub fn start_auth(dir: &Scratch, cache: Cache<'_>, auth_kind: Auth<'_>) -> Registry {
+        Registry::start_full(dir, cache, auth_kind, None)
+    }
+
+    /// Starts the registry over HTTPS with this certificate and key (PEM files).
+    pub fn start_tls(dir: &Scratch, cache: Cache<'_>, cert: &Path, key: &Path) -> Registry {
+        Registry::start_full(dir, cache, Auth::None, Some((cert, key)))
+    }
+
+    fn start_full(
+        dir: &Scratch,
+        cache: Cache<'_>,
+        auth_kind: Auth<'_>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Registry {
         let htpasswd = matches!(auth_kind, Auth::Htpasswd);
         need("docker-registry");
         let root = dir.path("storage");
@@ -279,6 +295,7 @@ impl Registry {
             root: root.clone(),
             config: dir.path("config.yml"),
             creds: htpasswd.then(|| (HTPASSWD_USER.to_string(), HTPASSWD_PASSWORD.to_string())),
+            https: tls.is_some(),
             token_realm: match auth_kind {
                 Auth::Token(t) => Some(t.realm()),
                 _ => None,
@@ -286,12 +303,20 @@ impl Registry {
             log: dir.path("registry.log"),
             proc: None,
         };
+        let tls_section = match tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         for _ in 0..5 {
             reg.port = free_port();
             fs::write(
                 &reg.config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{}\n{redis_section}{auth}",
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{}\n{tls_section}{redis_section}{auth}",
                     root.display(),
                     reg.port
                 ),
@@ -325,7 +350,7 @@ impl Registry {
             }
             // 401 is ready too: the registry asks for credentials.
             if matches!(
-                http_status("GET", &format!("http://127.0.0.1:{}/v2/", self.port)),
+                http_status("GET", &format!("{}/v2/", self.url())),
                 Some(200 | 401)
             ) {
                 self.proc = Some(Proc(child));
@@ -354,7 +379,8 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn docker_ref(&self, repo_tag: &str) -> String {
@@ -439,6 +465,11 @@ pub fn http_status(method: &str, url: &str) -> Option<u16> {
 
 pub fn http_status_auth(method: &str, url: &str, creds: Option<&(String, String)>) -> Option<u16> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(true)
+                .build(),
+        )
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
