@@ -23,7 +23,7 @@ pub fn audit_source(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<(Storage, audit::Audit), String> {
-    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let storage = Storage::open(&source.storage)?;
     audit_storage(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
 }
 
@@ -65,7 +65,7 @@ pub fn source_info(source: &Source) -> SourceInfo {
         CacheSource::None => ("none", None, None),
     };
     SourceInfo {
-        storage_root: source.root.display().to_string(),
+        storage_root: source.storage.describe(),
         cache: cache.into(),
         redis,
         cache_dump,
@@ -78,10 +78,10 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let started_at = SystemTime::now();
     let clock = Instant::now();
     let _lock = settings.lock.as_deref().map(Lock::acquire).transpose()?;
-    let storage = Storage::open(&settings.source.root).map_err(|e| e.to_string())?;
+    let storage = Storage::open(&settings.source.storage)?;
     let mut notes = Vec::new();
     let state = settings.state.as_deref().map(|path| {
-        let (state, warning) = State::load(path, &storage.root().display().to_string());
+        let (state, warning) = State::load(path, &storage.describe());
         if let Some(w) = warning {
             tracing::warn!("{w}");
             notes.push(w);

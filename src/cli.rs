@@ -72,8 +72,19 @@ pub struct SourceArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The storage root (storage.filesystem.rootdirectory); overrides the config.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "storage")]
     pub root: Option<PathBuf>,
+    /// Object storage instead of a root directory: s3://bucket/prefix (the s3 driver's
+    /// bucket and rootdirectory); credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY (or the config's accesskey and secretkey).
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// An S3-compatible endpoint for --storage (the s3 driver's regionendpoint).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region for --storage.
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
     /// Redis URL: redis://[user:pass@]host:port/db, rediss://... (TLS) or
     /// redis+unix:///path.sock; overrides the config.
     #[arg(long, value_name = "URL")]

@@ -21,6 +21,8 @@ pub struct RegistryConfig {
     /// `storage.cache.blobdescriptor`, if set.
     pub cache: Option<String>,
     pub redis: Option<RedisConfig>,
+    /// `storage.s3`, when the registry uses the s3 driver.
+    pub s3: Option<crate::object_storage::S3Spec>,
 }
 
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -186,6 +188,26 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     let cache = opt_string(doc, &["storage", "cache", "blobdescriptor"]);
+    let s3 = match get(doc, &["storage", "s3"]) {
+        Some(v) if v.is_mapping() => {
+            let bucket = opt_string(v, &["bucket"]).ok_or("storage.s3 has no bucket")?;
+            let endpoint = opt_string(v, &["regionendpoint"]);
+            let force = get(v, &["forcepathstyle"]).and_then(Value::as_bool);
+            Some(crate::object_storage::S3Spec {
+                bucket,
+                prefix: opt_string(v, &["rootdirectory"])
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+                region: opt_string(v, &["region"]),
+                path_style: force.unwrap_or(endpoint.is_some()),
+                endpoint,
+                access_key: opt_string(v, &["accesskey"]),
+                secret_key: opt_string(v, &["secretkey"]),
+            })
+        }
+        _ => None,
+    };
     let redis = match get(doc, &["redis"]) {
         Some(r) if r.is_mapping() => Some(redis_section(r)?),
         _ => None,
@@ -195,6 +217,7 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         root,
         cache,
         redis,
+        s3,
     })
 }
 

@@ -165,7 +165,7 @@ fn pullable_tags(storage: &Storage, findings: &[Finding]) -> (BTreeSet<Tag>, Has
         for tag in storage.tags(&repo) {
             let link = storage.tag_link(&repo, &tag);
             let key = (repo.clone(), tag);
-            if std::fs::symlink_metadata(&link).is_ok() && !broken.contains_key(&key) {
+            if storage.exists(&link) && !broken.contains_key(&key) {
                 ok.insert(key);
             }
         }
@@ -186,7 +186,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             _ => return Err(redis_err),
         },
     };
-    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let storage = Storage::open(&source.storage)?;
     let quick = AuditOptions {
         hashing: Policy::simple(jobs, true),
         verify_storage: false,

@@ -15,6 +15,7 @@ pub mod gc;
 pub mod lock;
 pub mod merge;
 pub mod metrics;
+pub mod object_storage;
 pub mod probe;
 pub mod progress;
 pub mod purge;

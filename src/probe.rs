@@ -45,6 +45,9 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         &SourceArgs {
             config: args.config.clone(),
             root: args.root.clone(),
+            storage: None,
+            s3_endpoint: None,
+            s3_region: None,
             redis: None,
             scan_count: 1000,
             redis_cluster: false,
@@ -64,7 +67,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         },
     )?;
     client.check_reachable()?;
-    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let storage = Storage::open(&source.storage)?;
 
     // Storage verification: its findings are warnings here, and give the candidates.
     let (mut storage_findings, storage_counts) = verify::verify(&storage);

@@ -843,7 +843,7 @@ fn recheck(storage: &Storage, group: &Group) -> Option<Vec<Entry>> {
     let Some(d) = group.digest else {
         return Some(group.entries.clone());
     };
-    let now = match storage.stat_blob(&d) {
+    let now = match storage.stat_blob_fresh(&d) {
         BlobStat::Absent => BlobState::Absent,
         BlobStat::Present { size, .. } => BlobState::Present { size },
         BlobStat::Unreadable { .. } => return None,

@@ -98,7 +98,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             (source, plan)
         }
     };
-    let storage = Storage::open(&source.root).map_err(|e| e.to_string())?;
+    let storage = Storage::open(&source.storage)?;
     let table = s.format == Format::Table;
     if table {
         print!("{}", render_plan(&plan));

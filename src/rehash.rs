@@ -340,7 +340,7 @@ fn check_one(
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => BlobCheck::Absent,
         Err(e) => BlobCheck::Unreadable {
-            reason: format!("{}: {e}", storage.blob_data_path(d).display()),
+            reason: format!("{}: {e}", storage.relative(&storage.blob_loc(d))),
         },
     }
 }
@@ -404,7 +404,7 @@ mod tests {
     use std::fs;
 
     fn put(st: &Storage, d: &Digest, bytes: &[u8]) {
-        let p = st.blob_data_path(d);
+        let p = st.fs_path(&st.blob_loc(d)).expect("a filesystem storage");
         fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         fs::write(p, bytes).expect("write");
     }
@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn verifies_present_corrupt_absent_in_order() {
         let s = Scratch::new("rehash");
-        let st = Storage::open(&s.0).expect("open");
+        let st = Storage::open_fs(&s.0).expect("open");
         let good = digest_of(Algorithm::Sha256, b"good");
         let big: Vec<u8> = (0..3 * READ_BUFFER + 17).map(|i| (i % 251) as u8).collect();
         let large = digest_of(Algorithm::Sha512, &big);

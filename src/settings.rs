@@ -10,13 +10,15 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionI
 
 use crate::cli::{CheckArgs, FailOn, Format, ReportArgs, SourceArgs};
 use crate::config::{self, RedisConfig};
+use crate::object_storage::S3Spec;
 use crate::redis_cache::RedisTarget;
 use crate::report::SourceInfo;
+use crate::storage::StorageSpec;
 
 /// Where the storage and the cache are.
 #[derive(Debug, Clone)]
 pub struct Source {
-    pub root: PathBuf,
+    pub storage: crate::storage::StorageSpec,
     pub cache: CacheSource,
     /// The config file the values came from, if any.
     pub config: Option<PathBuf>,
@@ -193,20 +195,43 @@ impl Source {
             Some(path) => Some(config::load(path, std::env::vars())?),
             None => None,
         };
-        let root = match (&args.root, &file, recorded) {
-            (Some(r), _, _) => r.clone(),
-            (None, Some(c), _) => {
-                if let Some(driver) = c.driver.as_deref().filter(|d| *d != "filesystem") {
+        let storage = match (&args.root, &args.storage, &file, recorded) {
+            (Some(r), _, _, _) => StorageSpec::Fs(r.clone()),
+            (None, Some(url), _, _) => {
+                let mut s3 = S3Spec::from_url(url)?;
+                s3.endpoint = args.s3_endpoint.clone();
+                s3.region = args.s3_region.clone();
+                s3.path_style = s3.endpoint.is_some();
+                StorageSpec::S3(s3)
+            }
+            (None, None, Some(c), _) => match c.driver.as_deref() {
+                None | Some("filesystem") => StorageSpec::Fs(c.root.clone()),
+                Some("s3") => StorageSpec::S3(
+                    c.s3.clone()
+                        .ok_or("the config's storage.s3 section is empty")?,
+                ),
+                Some(driver) => {
                     return Err(format!(
-                        "the registry stores blobs with the '{driver}' driver; registry-audit reads filesystem storage only for now"
+                        "the registry stores blobs with the '{driver}' driver; registry-audit reads the filesystem and s3 drivers for now"
                     ));
                 }
-                c.root.clone()
-            }
-            (None, None, Some(r)) => PathBuf::from(&r.storage_root),
-            (None, None, None) => {
+            },
+            (None, None, None, Some(r)) => match r.storage_root.strip_prefix("s3://") {
+                Some(_) => {
+                    let (url, endpoint) = match r.storage_root.split_once(" at ") {
+                        Some((u, e)) => (u, Some(e.to_string())),
+                        None => (r.storage_root.as_str(), None),
+                    };
+                    let mut s3 = S3Spec::from_url(url)?;
+                    s3.path_style = endpoint.is_some();
+                    s3.endpoint = endpoint;
+                    StorageSpec::S3(s3)
+                }
+                None => StorageSpec::Fs(PathBuf::from(&r.storage_root)),
+            },
+            (None, None, None, None) => {
                 return Err(
-                    "say where storage is: --root DIR or --config the registry's config.yml".into(),
+                    "say where storage is: --root DIR, --storage s3://bucket/prefix, or --config the registry's config.yml".into(),
                 );
             }
         };
@@ -220,7 +245,7 @@ impl Source {
             Want::Nothing => CacheSource::None,
         };
         Ok(Source {
-            root,
+            storage,
             cache,
             config: config_path,
         })

@@ -1,8 +1,10 @@
-//! Read-only access to the registry's filesystem storage: where a blob's data and a
-//! repository's links live, whether they exist, and opening a blob for hashing. Every
-//! path is built from an already validated `Digest` and repository name, and a blob
-//! reached through a symlink is opened only when the link resolves inside the root.
-//! This module never writes, renames or deletes anything.
+//! Read-only access to the registry's storage - its filesystem driver here, object
+//! storage through `object_storage` - behind one `Storage` type: where a blob's data and
+//! a repository's links live, whether they exist, and opening a blob for hashing. Places
+//! in storage are named by their path below `docker/registry/v2/` (a "loc"), built from
+//! an already validated `Digest` and repository name; on a filesystem a blob reached
+//! through a symlink is opened only when the link resolves inside the root. This module
+//! never writes, renames or deletes anything.
 
 use std::collections::HashSet;
 use std::fs::{self, File, Metadata};
@@ -12,9 +14,9 @@ use std::sync::RwLock;
 
 use crate::digest::Digest;
 
-/// The registry's storage root (`rootdirectory`), opened for reading.
+/// The registry's storage root (`rootdirectory`) on a filesystem, opened for reading.
 #[derive(Debug)]
-pub struct Storage {
+pub struct FsStorage {
     /// The canonical root directory.
     root: PathBuf,
     /// `<root>/docker/registry/v2`.
@@ -48,11 +50,11 @@ pub enum StorageError {
     NotARegistry(PathBuf),
 }
 
-impl Storage {
+impl FsStorage {
     /// Opens the storage root. A root without `docker/registry/v2` is refused rather than
     /// treated as empty: auditing against the wrong directory would call every cached blob
     /// a phantom.
-    pub fn open(root: &Path) -> Result<Storage, StorageError> {
+    pub fn open(root: &Path) -> Result<FsStorage, StorageError> {
         let canonical = match fs::canonicalize(root) {
             Ok(p) => p,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -68,7 +70,7 @@ impl Storage {
         if !v2.is_dir() {
             return Err(StorageError::NotARegistry(root.to_path_buf()));
         }
-        Ok(Storage {
+        Ok(FsStorage {
             root: canonical,
             v2,
             plain_dirs: RwLock::new(HashSet::new()),
@@ -140,6 +142,11 @@ impl Storage {
         [layer, revision].iter().any(
             |p| !matches!(fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound),
         )
+    }
+
+    /// The loc (path below `docker/registry/v2/`) of a path of this storage.
+    fn loc_of(&self, p: &Path) -> String {
+        p.strip_prefix(&self.v2).unwrap_or(p).display().to_string()
     }
 
     /// The path of `p` relative to the storage root, for reports.
@@ -295,6 +302,175 @@ impl Storage {
     }
 }
 
+/// Where the registry keeps its blobs.
+#[derive(Debug, Clone)]
+pub enum StorageSpec {
+    /// The filesystem driver's `rootdirectory`.
+    Fs(PathBuf),
+    /// The s3 driver: a bucket (and root prefix) in S3 or an S3-compatible store.
+    S3(crate::object_storage::S3Spec),
+}
+
+impl StorageSpec {
+    /// For reports: the root directory, or `s3://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match self {
+            StorageSpec::Fs(p) => p.display().to_string(),
+            StorageSpec::S3(s) => s.describe(),
+        }
+    }
+}
+
+/// A registry's storage, opened for reading, whatever the driver.
+pub enum Storage {
+    Fs(FsStorage),
+    Object(Box<crate::object_storage::ObjectStorage>),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Storage {
+    pub fn open(spec: &StorageSpec) -> Result<Storage, String> {
+        match spec {
+            StorageSpec::Fs(root) => Storage::open_fs(root).map_err(|e| e.to_string()),
+            StorageSpec::S3(s3) => {
+                crate::object_storage::ObjectStorage::open(s3).map(|o| Storage::Object(Box::new(o)))
+            }
+        }
+    }
+
+    pub fn open_fs(root: &Path) -> Result<Storage, StorageError> {
+        FsStorage::open(root).map(Storage::Fs)
+    }
+
+    /// The root directory, or `s3://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match self {
+            Storage::Fs(fs) => fs.root().display().to_string(),
+            Storage::Object(o) => o.describe(),
+        }
+    }
+
+    /// `blobs/<alg>/<first two hex>/<hex>/data`
+    pub fn blob_loc(&self, d: &Digest) -> String {
+        blob_loc(d)
+    }
+
+    pub fn stat_blob(&self, d: &Digest) -> BlobStat {
+        match self {
+            Storage::Fs(fs) => fs.stat_blob(d),
+            Storage::Object(o) => o.stat_blob(d),
+        }
+    }
+
+    /// Asks storage again, now (object storage answers `stat_blob` from its listing).
+    pub fn stat_blob_fresh(&self, d: &Digest) -> BlobStat {
+        match self {
+            Storage::Fs(fs) => fs.stat_blob(d),
+            Storage::Object(o) => o.stat_blob_fresh(d),
+        }
+    }
+
+    pub fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn io::Read + Send>> {
+        match self {
+            Storage::Fs(fs) => fs
+                .open_blob(d)
+                .map(|f| Box::new(f) as Box<dyn io::Read + Send>),
+            Storage::Object(o) => o.open_blob(d),
+        }
+    }
+
+    pub fn is_linked(&self, repo: &str, d: &Digest) -> bool {
+        match self {
+            Storage::Fs(fs) => fs.is_linked(repo, d),
+            Storage::Object(o) => o.is_linked(repo, d),
+        }
+    }
+
+    /// A loc as a path relative to the storage root, for reports.
+    pub fn relative(&self, loc: &str) -> String {
+        format!("docker/registry/v2/{loc}")
+    }
+
+    pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
+        match self {
+            Storage::Fs(fs) => fs.repositories(),
+            Storage::Object(o) => o.repositories(),
+        }
+    }
+
+    pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
+        match self {
+            Storage::Fs(fs) => fs.blob_sizes(),
+            Storage::Object(o) => o.blob_sizes(),
+        }
+    }
+
+    /// The link files `<sub>/<alg>/<hex>/link` of a repository, as (loc, alg, hex).
+    pub fn links(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
+        match self {
+            Storage::Fs(fs) => fs
+                .links(repo, sub)
+                .into_iter()
+                .map(|(p, a, h)| (fs.loc_of(&p), a, h))
+                .collect(),
+            Storage::Object(o) => o.links(repo, sub),
+        }
+    }
+
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        match self {
+            Storage::Fs(fs) => fs.tags(repo),
+            Storage::Object(o) => o.tags(repo),
+        }
+    }
+
+    /// `repositories/<repo>/_manifests/tags/<tag>/current/link`
+    pub fn tag_link(&self, repo: &str, tag: &str) -> String {
+        format!("repositories/{repo}/_manifests/tags/{tag}/current/link")
+    }
+
+    pub fn exists(&self, loc: &str) -> bool {
+        match self {
+            Storage::Fs(fs) => fs::symlink_metadata(fs.v2.join(loc)).is_ok(),
+            Storage::Object(o) => o.exists(loc),
+        }
+    }
+
+    pub fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
+        match self {
+            Storage::Fs(fs) => fs.read_small(&fs.v2.join(loc), max),
+            Storage::Object(o) => o.read_small(loc, max),
+        }
+    }
+
+    /// The file behind a loc, on a filesystem (for tests that build storage).
+    pub fn fs_path(&self, loc: &str) -> Option<PathBuf> {
+        match self {
+            Storage::Fs(fs) => Some(fs.v2.join(loc)),
+            Storage::Object(_) => None,
+        }
+    }
+
+    /// Requests and bytes of object storage; `None` on a filesystem.
+    pub fn object_counts(&self) -> Option<crate::object_storage::ObjectCounts> {
+        match self {
+            Storage::Fs(_) => None,
+            Storage::Object(o) => Some(o.counts()),
+        }
+    }
+}
+
+/// `blobs/<alg>/<first two hex>/<hex>/data`
+pub fn blob_loc(d: &Digest) -> String {
+    let hex = d.hex();
+    format!("blobs/{}/{}/{hex}/data", d.algorithm().name(), &hex[..2])
+}
+
 fn sorted_dir_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|rd| {
@@ -342,20 +518,20 @@ pub(crate) mod tests {
     fn refuses_a_root_that_is_not_a_registry() {
         let s = Scratch::new("notreg");
         assert!(matches!(
-            Storage::open(&s.0.join("nope")),
+            FsStorage::open(&s.0.join("nope")),
             Err(StorageError::MissingRoot(_))
         ));
         assert!(matches!(
-            Storage::open(&s.0.join("docker")),
+            FsStorage::open(&s.0.join("docker")),
             Err(StorageError::NotARegistry(_))
         ));
-        assert!(Storage::open(&s.0).is_ok());
+        assert!(FsStorage::open(&s.0).is_ok());
     }
 
     #[test]
     fn stats_present_absent_and_odd_blobs() {
         let s = Scratch::new("stat");
-        let st = Storage::open(&s.0).expect("open");
+        let st = FsStorage::open(&s.0).expect("open");
         let (a, b, c) = (digest('a'), digest('b'), digest('c'));
         let pa = st.blob_data_path(&a);
         fs::create_dir_all(pa.parent().expect("parent")).expect("mkdir");
@@ -374,7 +550,7 @@ pub(crate) mod tests {
         let s = Scratch::new("link");
         let outside = Scratch::new("outside");
         fs::write(outside.0.join("secret"), b"secret").expect("write");
-        let st = Storage::open(&s.0).expect("open");
+        let st = FsStorage::open(&s.0).expect("open");
         let d = digest('d');
         let p = st.blob_data_path(&d);
         fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
@@ -407,7 +583,7 @@ pub(crate) mod tests {
     #[test]
     fn links_are_found_as_layer_or_revision() {
         let s = Scratch::new("links");
-        let st = Storage::open(&s.0).expect("open");
+        let st = FsStorage::open(&s.0).expect("open");
         let (a, b, c) = (digest('a'), digest('b'), digest('c'));
         let repo = st.repository_path("team/app");
         let l = repo.join("_layers/sha256").join(a.hex());

@@ -231,7 +231,7 @@ mod tests {
         let g = generate(&dir, None, &spec).expect("generate");
         assert_eq!(g.blobs + g.phantoms, 40);
         assert_eq!(g.phantoms, 4);
-        let storage = crate::storage::Storage::open(&dir).expect("a registry root");
+        let storage = crate::storage::Storage::open_fs(&dir).expect("a registry root");
         let (repos, bad) = storage.repositories();
         assert!(bad.is_empty());
         assert_eq!(repos.len(), 5);

@@ -5,7 +5,6 @@
 //! missing digest. It reads storage only and knows nothing about the cache.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
@@ -145,7 +144,7 @@ impl Verifier<'_> {
         for tag in self.storage.tags(repo) {
             self.counts.tags_checked += 1;
             let path = self.storage.tag_link(repo, &tag);
-            if std::fs::symlink_metadata(&path).is_err() {
+            if !self.storage.exists(&path) {
                 continue; // a tag directory without current/link: not a tag the registry lists
             }
             let Some(manifest) = self.read_link(repo, &path, None) else {
@@ -194,7 +193,7 @@ impl Verifier<'_> {
     fn read_link(
         &mut self,
         repo: &str,
-        path: &Path,
+        path: &str,
         expected: Option<Option<Digest>>,
     ) -> Option<Digest> {
         let bad = |v: &mut Self, why: String| {
@@ -261,8 +260,8 @@ impl Verifier<'_> {
     /// The blobs a manifest needs, from its JSON; none when it cannot be parsed (the
     /// blob's own check reports a corrupt blob).
     fn references(&mut self, manifest: &Digest) -> Vec<Reference> {
-        let path = self.storage.blob_data_path(manifest);
-        let Ok(bytes) = self.storage.read_small(&path, MAX_MANIFEST) else {
+        let loc = self.storage.blob_loc(manifest);
+        let Ok(bytes) = self.storage.read_small(&loc, MAX_MANIFEST) else {
             return Vec::new();
         };
         parse_references(&bytes)
