@@ -52,6 +52,8 @@ pub struct Summary {
     pub probe: Option<crate::probe::ProbeCounts>,
     /// What `gc` ran, freed and purged; `None` for other commands.
     pub gc: Option<crate::gc::GcCounts>,
+    /// Requests and bytes of object storage; `None` on a filesystem.
+    pub object_storage: Option<crate::object_storage::ObjectCounts>,
 }
 
 impl Summary {
@@ -64,6 +66,13 @@ impl Summary {
         self.blobs_absent += o.blobs_absent;
         self.bytes_hashed += o.bytes_hashed;
         self.hashing.add(&o.hashing);
+        self.object_storage = match (self.object_storage.take(), o.object_storage) {
+            (Some(mut a), Some(b)) => {
+                a.add(&b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
         self.storage = match (self.storage.take(), o.storage) {
             (Some(mut a), Some(b)) => {
                 a.add(&b);
@@ -152,6 +161,7 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
         bytes_hashed: hash_counts.bytes_hashed,
         hashing: hash_counts,
         storage: storage_counts,
+        object_storage: storage.object_counts(),
         ..Summary::default()
     };
     summary.tally(&findings);

@@ -248,11 +248,26 @@ impl Registry {
         Registry::start_full(dir, cache, Auth::None, Some((cert, key)))
     }
 
+    /// Starts the registry with its s3 driver, on a bucket of a local S3 server.
+    pub fn start_s3(dir: &Scratch, cache: Cache<'_>, s3: &Moto, bucket: &str) -> Registry {
+        Registry::start_storage(dir, cache, Auth::None, None, Some((s3, bucket)))
+    }
+
     fn start_full(
         dir: &Scratch,
         cache: Cache<'_>,
         auth_kind: Auth<'_>,
         tls: Option<(&Path, &Path)>,
+    ) -> Registry {
+        Registry::start_storage(dir, cache, auth_kind, tls, None)
+    }
+
+    fn start_storage(
+        dir: &Scratch,
+        cache: Cache<'_>,
+        auth_kind: Auth<'_>,
+        tls: Option<(&Path, &Path)>,
+        s3: Option<(&Moto, &str)>,
     ) -> Registry {
         let htpasswd = matches!(auth_kind, Auth::Htpasswd);
         need("docker-registry");
@@ -311,13 +326,19 @@ impl Registry {
             ),
             None => String::new(),
         };
+        let driver = match s3 {
+            Some((moto, bucket)) => format!(
+                "  s3:\n    accesskey: test\n    secretkey: test\n    region: us-east-1\n    regionendpoint: {}\n    bucket: {bucket}\n    secure: false\n    v4auth: true\n    rootdirectory: /{S3_PREFIX}\n  redirect:\n    disable: true\n",
+                moto.endpoint()
+            ),
+            None => format!("  filesystem:\n    rootdirectory: {}\n", root.display()),
+        };
         for _ in 0..5 {
             reg.port = free_port();
             fs::write(
                 &reg.config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{}\n{tls_section}{redis_section}{auth}",
-                    root.display(),
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n{driver}  delete:\n    enabled: true\n{storage_cache}http:\n  addr: 127.0.0.1:{}\n{tls_section}{redis_section}{auth}",
                     reg.port
                 ),
             )
@@ -338,6 +359,8 @@ impl Registry {
         let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&self.config)
+            // The AWS SDK of the s3 driver fails on a CA bundle it cannot use.
+            .env_remove("AWS_CA_BUNDLE")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -438,6 +461,7 @@ impl Registry {
     /// Runs the registry's own garbage collection.
     pub fn garbage_collect(&self) -> Output {
         let out = Command::new("docker-registry")
+            .env_remove("AWS_CA_BUNDLE")
             .arg("garbage-collect")
             .arg(&self.config)
             .output()
@@ -1186,4 +1210,143 @@ pub fn http_status_header(method: &str, url: &str, authorization: &str) -> Optio
         _ => agent.get(url).header("Authorization", authorization).call(),
     };
     resp.ok().map(|r| r.status().as_u16())
+}
+
+/// The key prefix (the s3 driver's rootdirectory) the tests use in buckets.
+pub const S3_PREFIX: &str = "reg";
+
+/// A local S3-compatible server: moto_server from PyPI's moto[server] (scripts/test
+/// installs it in a virtual environment and names it in MOTO_SERVER).
+pub struct Moto {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let program = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".to_string());
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&program)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run {program} ({e}): run scripts/test, which installs moto[server]"
+                    )
+                });
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if http_status("GET", &format!("http://127.0.0.1:{port}/")).is_some() {
+                    return Moto {
+                        port,
+                        _proc: Proc(child),
+                    };
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "moto_server did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("could not start moto_server");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let r = Moto::agent()
+            .put(&format!("{}/{bucket}", self.endpoint()))
+            .send_empty()
+            .expect("create bucket");
+        assert_eq!(r.status().as_u16(), 200, "create bucket");
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let r = Moto::agent()
+            .put(&format!("{}/{bucket}/{key}", self.endpoint()))
+            .send(body)
+            .expect("put");
+        assert_eq!(r.status().as_u16(), 200, "put {key}");
+    }
+
+    /// A signed PUT (object_store, test credentials): it may overwrite what the
+    /// registry wrote.
+    pub fn put_signed(&self, bucket: &str, key: &str, body: &[u8]) {
+        use object_store::ObjectStoreExt;
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_region("us-east-1")
+            .with_bucket_name(bucket)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .expect("s3 client");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(store.put(&object_store::path::Path::from(key), body.to_vec().into()))
+            .expect("signed put");
+    }
+
+    pub fn exists(&self, bucket: &str, key: &str) -> bool {
+        // Unsigned, moto answers 403 for an object that exists (private) and 404 for
+        // one that does not.
+        Moto::agent()
+            .get(&format!("{}/{bucket}/{key}", self.endpoint()))
+            .call()
+            .map(|r| matches!(r.status().as_u16(), 200 | 403))
+            .unwrap_or(false)
+    }
+
+    /// Uploads a storage tree (the registry's root directory) under `prefix`.
+    pub fn upload_tree(&self, bucket: &str, root: &Path, prefix: &str) {
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(root)
+                        .expect("under root")
+                        .display()
+                        .to_string();
+                    self.put(
+                        bucket,
+                        &format!("{prefix}/{rel}"),
+                        &fs::read(&p).expect("read"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The object key of a blob in a registry on S3.
+pub fn s3_blob_key(digest: &str) -> String {
+    let (alg, hex) = digest.split_once(':').expect("digest");
+    format!(
+        "{S3_PREFIX}/docker/registry/v2/blobs/{alg}/{}/{hex}/data",
+        &hex[..2]
+    )
 }
