@@ -188,3 +188,45 @@ fn a_bucket_that_does_not_exist_is_exit_2() {
     assert!(err.contains("no-such-bucket"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn throttling_and_a_dropped_connection_are_retried() {
+    let s = shared_layers_scenario("s3faults");
+    delete_app2_and_gc(&s);
+    let moto = Moto::start();
+    moto.create_bucket("copy");
+    moto.upload_tree("copy", &s.registry.root, S3_PREFIX);
+    let (code, direct, err) = on_s3(&moto, "copy", &s.redis, &[]);
+    assert_eq!(code, 1, "{err}");
+
+    // Three 503 SlowDown answers, then a connection closed without an answer.
+    let proxy = FaultyProxy::start(moto.port, 3);
+    let storage = format!("s3://copy/{S3_PREFIX}");
+    let (endpoint, url) = (proxy.endpoint(), s.redis.url());
+    let (code, out, err) = run_tool_env(
+        &[
+            "check",
+            "--storage",
+            &storage,
+            "--s3-endpoint",
+            &endpoint,
+            "--redis",
+            &url,
+            "--format",
+            "json",
+        ],
+        &AWS_ENV,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        proxy.faults.load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "every fault was served"
+    );
+    let through = json(&out);
+    assert_eq!(through["findings"], direct["findings"]);
+    assert_eq!(
+        through["summary"]["bytes_hashed"],
+        direct["summary"]["bytes_hashed"]
+    );
+}

@@ -1350,3 +1350,77 @@ pub fn s3_blob_key(digest: &str) -> String {
         &hex[..2]
     )
 }
+
+/// A proxy in front of a local S3 that misbehaves like a busy object store: the first
+/// `throttle` requests get 503 SlowDown, the next one has its connection dropped
+/// without an answer; every later request is passed through (one per connection).
+pub struct FaultyProxy {
+    pub port: u16,
+    pub faults: std::sync::Arc<AtomicUsize>,
+}
+
+impl FaultyProxy {
+    pub fn start(upstream_port: u16, throttle: usize) -> FaultyProxy {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let faults = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = faults.clone();
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            for client in listener.incoming().flatten() {
+                n += 1;
+                let nth = n;
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut client = client;
+                    // The request head (GET, HEAD and LIST carry no body).
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    if nth <= throttle {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        return;
+                    }
+                    if nth == throttle + 1 {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        return; // dropped: closed without an answer
+                    }
+                    let text = String::from_utf8_lossy(&head)
+                        .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+                    let text = text.replacen("Connection: keep-alive\r\n", "", 1);
+                    let Ok(mut upstream) =
+                        std::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                    else {
+                        return;
+                    };
+                    if upstream.write_all(text.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 65536];
+                    while let Ok(k) = upstream.read(&mut buf) {
+                        if k == 0 || client.write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        FaultyProxy { port, faults }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
