@@ -1367,10 +1367,8 @@ impl FaultyProxy {
         let faults = std::sync::Arc::new(AtomicUsize::new(0));
         let seen = faults.clone();
         std::thread::spawn(move || {
-            let mut n = 0usize;
-            for client in listener.incoming().flatten() {
-                n += 1;
-                let nth = n;
+            for (n, client) in listener.incoming().flatten().enumerate() {
+                let nth = n + 1;
                 let seen = seen.clone();
                 std::thread::spawn(move || {
                     let mut client = client;
