@@ -182,12 +182,26 @@ impl ObjectStorage {
         let store = self.store.clone();
         let requests = self.requests.clone();
         let fail = |e: object_store::Error, what: &str| {
-            format!(
-                "cannot list {} in {}: {}",
-                what,
-                self.spec.describe(),
-                first_line(&e.to_string())
-            )
+            let text = e.to_string();
+            let (bucket, place) = (&self.spec.bucket, self.spec.describe());
+            if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
+                format!(
+                    "bucket {bucket} does not exist ({place}): check storage.s3.bucket or --storage"
+                )
+            } else if text.contains("403")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("SignatureDoesNotMatch")
+            {
+                format!(
+                    "{place} refused the credentials (403 Forbidden): check the s3 driver's accesskey and secretkey, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                )
+            } else {
+                let line = first_line(&text);
+                format!(
+                    "cannot list {what} in {place}: {}",
+                    line.chars().take(200).collect::<String>()
+                )
+            }
         };
         // Which algorithms have blobs, then their 256 prefixes, listed concurrently.
         let blobs_dir = self.key("blobs");

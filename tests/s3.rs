@@ -185,8 +185,23 @@ fn a_bucket_that_does_not_exist_is_exit_2() {
     let redis = Redis::start();
     let (code, _, err) = on_s3(&moto, "no-such-bucket", &redis, &[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no-such-bucket"), "{err}");
+    assert!(
+        err.contains("bucket no-such-bucket does not exist"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn credentials_the_store_refuses_are_exit_2() {
+    let moto = Moto::start_authenticating();
+    moto.create_bucket("locked");
+    let redis = Redis::start();
+    let (code, _, err) = on_s3(&moto, "locked", &redis, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!err.contains("test"), "no key is printed: {err}");
 }
 
 #[test]

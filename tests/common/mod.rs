@@ -1224,11 +1224,22 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_with_env(&[])
+    }
+
+    /// With authentication on: only the first request goes unchecked (the bucket's
+    /// creation); later ones need credentials moto knows.
+    pub fn start_authenticating() -> Moto {
+        Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Moto {
         let program = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".to_string());
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(&program)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -1242,7 +1253,9 @@ impl Moto {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
                 }
-                if http_status("GET", &format!("http://127.0.0.1:{port}/")).is_some() {
+                // Ready when it accepts connections (an HTTP request would count as one
+                // of the unauthenticated actions of `start_authenticating`).
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Moto {
                         port,
                         _proc: Proc(child),
