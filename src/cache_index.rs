@@ -254,10 +254,6 @@ impl CacheIndex {
         self.digests.len()
     }
 
-    pub fn has_global(&self, d: &Digest) -> bool {
-        self.digests.get(d).is_some_and(|e| e.global.is_some())
-    }
-
     pub fn into_malformed(self) -> Vec<Finding> {
         self.malformed
     }

@@ -24,10 +24,12 @@ pub fn audit_source(
     opts: AuditOptions<'_>,
 ) -> Result<(Storage, audit::Audit), String> {
     let storage = Storage::open(&source.storage)?;
-    audit_storage(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
+    audit_with(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
 }
 
-fn audit_storage(
+/// Reads the whole cache and audits it against an opened storage; the notes say what
+/// the operator should know about the scan itself.
+pub fn audit_with(
     storage: &Storage,
     source: &Source,
     scan_count: usize,
@@ -100,7 +102,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         verify_storage: settings.verify_storage,
         shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
     };
-    let (audit, scan_notes) = audit_storage(&storage, &settings.source, settings.scan_count, opts)?;
+    let (audit, scan_notes) = audit_with(&storage, &settings.source, settings.scan_count, opts)?;
     notes.extend(scan_notes);
     if let Some(state) = &state {
         state.save()?;

@@ -199,7 +199,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let sizes: HashMap<Digest, u64> = storage.blob_sizes().into_iter().collect();
     let cache_before = match &source.cache {
         CacheSource::Redis(_) => {
-            Some(check::audit_source(&source, args.source.scan_count, quick)?.1)
+            Some(check::audit_with(&storage, &source, args.source.scan_count, quick)?.0)
         }
         _ => None,
     };
@@ -221,6 +221,8 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             "the GC command failed (exit status {status}): {last}; the cache was not touched"
         ));
     }
+    // Storage as the GC left it (object storage answers from a listing made at open).
+    let storage = Storage::open(&source.storage)?;
     let deleted: BTreeSet<Digest> = log
         .blobs
         .iter()
@@ -262,7 +264,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             ));
         }
         CacheSource::Redis(target) => {
-            let (_, audit) = check::audit_source(&source, args.source.scan_count, quick)?;
+            let (audit, _) = check::audit_with(&storage, &source, args.source.scan_count, quick)?;
             let ours: Vec<Finding> = audit
                 .findings
                 .into_iter()
@@ -296,7 +298,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                 counts.journal = Some(summary.journal);
             }
             // Every phantom of a deleted blob left now is an error.
-            let (_, after) = check::audit_source(&source, args.source.scan_count, quick)?;
+            let (after, _) = check::audit_with(&storage, &source, args.source.scan_count, quick)?;
             for mut f in after.findings {
                 if f.digest.is_some_and(|d| deleted.contains(&d))
                     && matches!(

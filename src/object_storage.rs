@@ -363,12 +363,12 @@ impl ObjectStorage {
     }
 
     pub fn exists(&self, loc: &str) -> bool {
-        if loc.starts_with("repositories/") {
-            self.repo_keys.contains(loc)
-        } else {
-            self.blobs
-                .keys()
-                .any(|d| crate::storage::blob_loc(d) == loc)
+        // blobs/<alg>/<xx>/<hex>/data, looked up in the listing by digest
+        let parts: Vec<&str> = loc.split('/').collect();
+        match parts.as_slice() {
+            ["blobs", alg, _, hex, "data"] => Digest::parse(format!("{alg}:{hex}").as_bytes())
+                .is_some_and(|d| self.blobs.contains_key(&d)),
+            _ => self.repo_keys.contains(loc),
         }
     }
 

@@ -76,11 +76,12 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         plan_out: args.plan_out.clone(),
         journal: args.journal.clone(),
     };
-    let (source, plan) = match &args.apply {
+    let (source, storage, plan) = match &args.apply {
         Some(path) => {
             let plan = Plan::load(path)?;
             let source = Source::resolve(&args.source, Some(&plan.source), settings::Want::Redis)?;
-            (source, plan)
+            let storage = Storage::open(&source.storage)?;
+            (source, storage, plan)
         }
         None => {
             let source = Source::from_args(&args.source)?;
@@ -95,10 +96,9 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
                 check::source_info(&source),
                 report::rfc3339(started),
             )?;
-            (source, plan)
+            (source, storage, plan)
         }
     };
-    let storage = Storage::open(&source.storage)?;
     let table = s.format == Format::Table;
     if table {
         print!("{}", render_plan(&plan));

@@ -349,10 +349,9 @@ pub fn scan(
     batch: usize,
     progress: &indicatif::ProgressBar,
 ) -> Result<u64, String> {
-    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
     conn.for_each_batch(batch, |reader, keys| {
         progress.inc(keys.len() as u64);
-        let sets = read_batch(reader, index, keys, &mut seen_sets)?;
+        let sets = read_batch(reader, index, keys)?;
         for (key, repo) in sets {
             read_set(reader, index, &key, &repo, batch)?;
         }
@@ -365,30 +364,29 @@ fn read_batch(
     reader: &mut Reader<'_>,
     index: &mut CacheIndex,
     keys: Vec<Vec<u8>>,
-    seen_sets: &mut HashSet<Vec<u8>>,
 ) -> Result<Vec<(Vec<u8>, String)>, String> {
-    // One command per key: HMGET for the hash shapes (its reply says whether the key
-    // is a hash), TYPE for sets; malformed keys need no read.
+    // One command per key (each key arrives once: `for_each_batch` removes repeats):
+    // HMGET for the hash shapes (its reply says whether the key is a hash), TYPE for
+    // sets; malformed keys need no read.
+    let read = |key: &[u8], shape: &KeyShape| match shape {
+        KeyShape::RepoSet(_) => redis::cmd("TYPE").arg(key).clone(),
+        _ => redis::cmd("HMGET").arg(key).arg(&HASH_FIELDS[..]).clone(),
+    };
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut pending = Vec::new();
-    let mut cmds = Vec::new();
     for key in keys {
         let shape = classify(&key);
-        let cmd = match &shape {
+        match &shape {
             KeyShape::Foreign | KeyShape::Malformed { .. } => {
                 index.ingest(&key, shape, "", &HashFields::default());
                 continue;
             }
-            KeyShape::Global(d) if index.has_global(d) => continue,
             // Another shard's descriptor: not even read.
             KeyShape::Global(_) | KeyShape::RepoHash(..) if !index.owns(&shape) => continue,
-            KeyShape::RepoSet(_) if !seen_sets.insert(key.clone()) => continue,
-            KeyShape::RepoSet(_) => redis::cmd("TYPE").arg(&key).clone(),
-            _ => redis::cmd("HMGET").arg(&key).arg(&HASH_FIELDS[..]).clone(),
-        };
-        pipe.add_command(cmd.clone());
-        cmds.push(cmd);
+            _ => {}
+        }
+        pipe.add_command(read(&key, &shape));
         pending.push((key, shape));
     }
     if pending.is_empty() {
@@ -397,9 +395,9 @@ fn read_batch(
     let mut replies: Vec<Value> = pipe
         .query(reader.node)
         .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-    for (reply, cmd) in replies.iter_mut().zip(&cmds) {
+    for (reply, (key, shape)) in replies.iter_mut().zip(&pending) {
         if redis_cluster::is_redirect(reply) {
-            *reply = reader.reroute(cmd)?;
+            *reply = reader.reroute(&read(key, shape))?;
         }
     }
     // A hash reply with none of the fields, or an error (not a hash), needs its TYPE.

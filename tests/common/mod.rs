@@ -604,11 +604,27 @@ pub fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
     });
     let manifest_bytes = serde_json::to_vec(&manifest).expect("manifest json");
     let manifest_digest = put_blob(dir, &manifest_bytes);
+    write_layout_index(
+        dir,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest_digest,
+        manifest_bytes.len(),
+    );
+    Image {
+        dir: dir.to_path_buf(),
+        tag: "latest".into(),
+        layers: layer_digests,
+        config: config_digest,
+        manifest: manifest_digest,
+    }
+}
+
+/// The OCI layout's `index.json`, its `latest` tag naming the given manifest or index.
+fn write_layout_index(dir: &Path, media_type: &str, digest: &str, size: usize) {
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_bytes.len(),
+            "mediaType": media_type, "digest": digest, "size": size,
             "annotations": {"org.opencontainers.image.ref.name": "latest"}
         }]
     });
@@ -617,13 +633,6 @@ pub fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
         serde_json::to_vec(&index).expect("index"),
     )
     .expect("index.json");
-    Image {
-        dir: dir.to_path_buf(),
-        tag: "latest".into(),
-        layers: layer_digests,
-        config: config_digest,
-        manifest: manifest_digest,
-    }
 }
 
 /// An OCI image index of one image per label (each with its own layer and config),
@@ -664,19 +673,12 @@ pub fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
     let index_bytes = serde_json::to_vec(&index).expect("index");
     let index_digest = put_blob(dir, &index_bytes);
     fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
-    let top = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": index_digest, "size": index_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "latest"}
-        }]
-    });
-    fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&top).expect("json"),
-    )
-    .expect("index.json");
+    write_layout_index(
+        dir,
+        "application/vnd.oci.image.index.v1+json",
+        &index_digest,
+        index_bytes.len(),
+    );
     let image = Image {
         dir: dir.to_path_buf(),
         tag: "latest".into(),
