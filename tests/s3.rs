@@ -245,3 +245,51 @@ fn throttling_and_a_dropped_connection_are_retried() {
         direct["summary"]["bytes_hashed"]
     );
 }
+
+#[test]
+fn gc_on_s3_leaves_no_phantom() {
+    let dir = Scratch::new("gcs3");
+    let moto = Moto::start();
+    moto.create_bucket("registry");
+    let redis = Redis::start();
+    let registry = Registry::start_s3(&dir, Cache::Redis(&redis), &moto, "registry");
+    let app = make_image(
+        &dir.path("img"),
+        "gc-s3",
+        &[bytes(21, 50_000), bytes(22, 20_000)],
+    );
+    let manifest = push(&registry, &app, "solo/app:v1");
+    let (ok, err) = pull(&registry, "solo/app:v1", &dir.path("pulled"));
+    assert!(ok, "{err}");
+    registry.delete_manifest("solo/app", &manifest);
+    let config = registry.config.display().to_string();
+    let journal = dir.path("j.jsonl").display().to_string();
+    let (code, out, err) = run_tool(&[
+        "gc",
+        "--config",
+        &config,
+        "--journal",
+        &journal,
+        "--format",
+        "json",
+        "--",
+        "env",
+        "-u",
+        "AWS_CA_BUNDLE",
+        "docker-registry",
+        "garbage-collect",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let r = json(&out);
+    assert_eq!(r["summary"]["gc"]["blobs_deleted"], 4, "{r:#}");
+    assert!(
+        r["summary"]["gc"]["cache_entries_purged"]
+            .as_u64()
+            .expect("n")
+            > 0
+    );
+    assert_eq!(registry.head_blob("solo/app", &app.layers[0]), Some(404));
+    let (code, out, _) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    assert_eq!(code, 0, "no phantom left: {out}");
+}
