@@ -45,7 +45,7 @@ pub enum StorageError {
     #[error("storage root {0} is not a readable directory: {1}")]
     BadRoot(PathBuf, io::Error),
     #[error(
-        "no registry storage under {0} (expected docker/registry/v2 inside it): is this the registry's rootdirectory?"
+        "no registry storage under {0} (expected docker/registry/v2 inside it): is this the registry's rootdirectory? (a registry that has never stored a blob has none yet: nothing to audit)"
     )]
     NotARegistry(PathBuf),
 }
