@@ -74,14 +74,16 @@ pub struct SourceArgs {
     /// The storage root (storage.filesystem.rootdirectory); overrides the config.
     #[arg(long, value_name = "DIR", conflicts_with = "storage")]
     pub root: Option<PathBuf>,
-    /// Object storage instead of a root directory: s3://bucket/prefix (the s3 driver's
-    /// bucket and rootdirectory); credentials from AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY (or the config's accesskey and secretkey).
+    /// Object storage instead of a root directory: s3://bucket/prefix,
+    /// gs://bucket/prefix or azure://account/container/prefix (the driver's bucket or
+    /// container and rootdirectory); credentials from the service's usual environment
+    /// (AWS_ACCESS_KEY_ID..., GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY...).
     #[arg(long, value_name = "URL")]
     pub storage: Option<String>,
-    /// An S3-compatible endpoint for --storage (the s3 driver's regionendpoint).
-    #[arg(long, value_name = "URL")]
-    pub s3_endpoint: Option<String>,
+    /// Another server for --storage: an S3-compatible endpoint (the s3 driver's
+    /// regionendpoint) or an Azure blob service URL (the azure driver's serviceurl).
+    #[arg(long, value_name = "URL", alias = "s3-endpoint")]
+    pub storage_endpoint: Option<String>,
     /// The bucket's region for --storage.
     #[arg(long, value_name = "REGION")]
     pub s3_region: Option<String>,

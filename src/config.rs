@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use yaml_serde::{Mapping, Value};
 
+use crate::object_storage::{AzureClient, ObjectSpec, Service};
+
 /// The filesystem driver's default root in the registry.
 pub const DEFAULT_ROOT: &str = "/var/lib/registry";
 
@@ -21,8 +23,8 @@ pub struct RegistryConfig {
     /// `storage.cache.blobdescriptor`, if set.
     pub cache: Option<String>,
     pub redis: Option<RedisConfig>,
-    /// `storage.s3`, when the registry uses the s3 driver.
-    pub s3: Option<crate::object_storage::S3Spec>,
+    /// `storage.s3`, `storage.gcs` or `storage.azure`, when the registry uses that driver.
+    pub objects: Option<ObjectSpec>,
 }
 
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -188,24 +190,11 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     let cache = opt_string(doc, &["storage", "cache", "blobdescriptor"]);
-    let s3 = match get(doc, &["storage", "s3"]) {
-        Some(v) if v.is_mapping() => {
-            let bucket = opt_string(v, &["bucket"]).ok_or("storage.s3 has no bucket")?;
-            let endpoint = opt_string(v, &["regionendpoint"]);
-            let force = get(v, &["forcepathstyle"]).and_then(Value::as_bool);
-            Some(crate::object_storage::S3Spec {
-                bucket,
-                prefix: opt_string(v, &["rootdirectory"])
-                    .unwrap_or_default()
-                    .trim_matches('/')
-                    .to_string(),
-                region: opt_string(v, &["region"]),
-                path_style: force.unwrap_or(endpoint.is_some()),
-                endpoint,
-                access_key: opt_string(v, &["accesskey"]),
-                secret_key: opt_string(v, &["secretkey"]),
-            })
-        }
+    let objects = match driver.as_deref() {
+        Some(name @ ("s3" | "gcs" | "azure")) => match get(doc, &["storage", name]) {
+            Some(v) if v.is_mapping() => Some(object_section(name, v)?),
+            _ => return Err(format!("storage.{name} has no settings")),
+        },
         _ => None,
     };
     let redis = match get(doc, &["redis"]) {
@@ -217,7 +206,91 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         root,
         cache,
         redis,
-        s3,
+        objects,
+    })
+}
+
+/// The s3, gcs or azure driver's settings, as the registry reads them.
+fn object_section(driver: &str, v: &Value) -> Result<ObjectSpec, String> {
+    let prefix = opt_string(v, &["rootdirectory"])
+        .unwrap_or_default()
+        .trim_matches('/')
+        .to_string();
+    let required =
+        |key: &str| opt_string(v, &[key]).ok_or_else(|| format!("storage.{driver} has no {key}"));
+    Ok(match driver {
+        "s3" => {
+            let endpoint = opt_string(v, &["regionendpoint"]);
+            let force = get(v, &["forcepathstyle"]).and_then(Value::as_bool);
+            ObjectSpec {
+                service: Service::S3,
+                bucket: required("bucket")?,
+                prefix,
+                region: opt_string(v, &["region"]),
+                path_style: force.unwrap_or(endpoint.is_some()),
+                endpoint,
+                access_key: opt_string(v, &["accesskey"]),
+                secret_key: opt_string(v, &["secretkey"]),
+                ..ObjectSpec::default()
+            }
+        }
+        "gcs" => ObjectSpec {
+            service: Service::Gcs,
+            bucket: required("bucket")?,
+            prefix,
+            keyfile: opt_string(v, &["keyfile"]).map(PathBuf::from),
+            // Inline service-account credentials: the key file's JSON, as a mapping.
+            key_json: match get(v, &["credentials"]) {
+                Some(c) if c.is_mapping() => Some(
+                    serde_json::to_string(c)
+                        .map_err(|e| format!("storage.gcs.credentials: {e}"))?,
+                ),
+                _ => None,
+            },
+            ..ObjectSpec::default()
+        },
+        _ => {
+            // azure: v2.8 has accountname, accountkey, container, realm; v3 adds
+            // serviceurl, rootdirectory, connectionstring and credentials.
+            let mut spec = ObjectSpec {
+                service: Service::Azure,
+                bucket: required("container")?,
+                prefix,
+                account: opt_string(v, &["accountname"]),
+                secret_key: opt_string(v, &["accountkey"]),
+                endpoint: opt_string(v, &["serviceurl"]),
+                ..ObjectSpec::default()
+            };
+            if let Some(conn) = opt_string(v, &["connectionstring"]) {
+                for (k, val) in conn.split(';').filter_map(|kv| kv.split_once('=')) {
+                    let val = Some(val.trim().to_string());
+                    match k.trim() {
+                        "AccountName" => spec.account = spec.account.take().or(val),
+                        "AccountKey" => spec.secret_key = spec.secret_key.take().or(val),
+                        "BlobEndpoint" => spec.endpoint = spec.endpoint.take().or(val),
+                        _ => {}
+                    }
+                }
+            }
+            let account = spec
+                .account
+                .clone()
+                .ok_or("storage.azure has no accountname")?;
+            if spec.endpoint.is_none()
+                && let Some(realm) = opt_string(v, &["realm"])
+                && realm != "core.windows.net"
+            {
+                spec.endpoint = Some(format!("https://{account}.blob.{realm}"));
+            }
+            if opt_string(v, &["credentials", "type"]).as_deref() == Some("client_secret") {
+                spec.client = Some(AzureClient {
+                    id: opt_string(v, &["credentials", "clientid"]).unwrap_or_default(),
+                    tenant: opt_string(v, &["credentials", "tenantid"]).unwrap_or_default(),
+                    secret: opt_string(v, &["credentials", "secret"]).unwrap_or_default(),
+                });
+            }
+            spec
+        }
     })
 }
 
@@ -362,6 +435,61 @@ mod tests {
         .expect("parse");
         assert_eq!(c.driver.as_deref(), Some("s3"));
         assert_eq!(c.cache.as_deref(), Some("redis"));
+        let o = c.objects.expect("s3 settings");
+        assert_eq!((o.service, o.bucket.as_str()), (Service::S3, "b"));
+    }
+
+    #[test]
+    fn reads_the_gcs_and_azure_drivers() {
+        let c = parse(
+            "storage:\n  gcs:\n    bucket: regs\n    keyfile: /etc/gcs.json\n    rootdirectory: /prod/\n",
+            env(&[]),
+        )
+        .expect("gcs");
+        let o = c.objects.expect("gcs settings");
+        assert_eq!(o.describe(), "gs://regs/prod");
+        assert_eq!(o.keyfile, Some(PathBuf::from("/etc/gcs.json")));
+        let c = parse(
+            "storage:\n  gcs:\n    bucket: regs\n    credentials:\n      type: service_account\n      private_key: PEM\n",
+            env(&[]),
+        )
+        .expect("gcs inline");
+        let json: serde_json::Value =
+            serde_json::from_str(c.objects.and_then(|o| o.key_json).as_deref().unwrap_or(""))
+                .expect("json");
+        assert_eq!(json["private_key"], "PEM");
+        // v2.8: realm gives the endpoint; the account key comes from the environment.
+        let c = parse(
+            "storage:\n  azure:\n    accountname: acct\n    container: regs\n    realm: core.chinacloudapi.cn\n",
+            env(&[("REGISTRY_STORAGE_AZURE_ACCOUNTKEY", "a2V5")]),
+        )
+        .expect("azure");
+        let o = c.objects.expect("azure settings");
+        assert_eq!(
+            o.describe(),
+            "azure://acct/regs at https://acct.blob.core.chinacloudapi.cn"
+        );
+        assert_eq!(o.secret_key.as_deref(), Some("a2V5"));
+        // v3: a connection string and a root directory.
+        let c = parse(
+            "storage:\n  azure:\n    container: regs\n    rootdirectory: /r\n    connectionstring: \"DefaultEndpointsProtocol=http;AccountName=dev;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:10000/dev;\"\n",
+            env(&[]),
+        )
+        .expect("azure v3");
+        let o = c.objects.expect("azure settings");
+        assert_eq!(
+            o.describe(),
+            "azure://dev/regs/r at http://127.0.0.1:10000/dev"
+        );
+        assert!(!format!("{o:?}").contains("a2V5"));
+        for bad in [
+            "storage:\n  gcs:\n    keyfile: /k\n",
+            "storage:\n  azure:\n    container: c\n",
+            "storage:\n  azure:\n    accountname: a\n",
+            "storage:\n  s3:\n    region: x\n",
+        ] {
+            assert!(parse(bad, env(&[])).is_err(), "{bad}");
+        }
     }
 
     #[test]

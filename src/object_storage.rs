@@ -1,53 +1,135 @@
-//! A registry's storage in S3 or an S3-compatible store (the registry's s3 driver),
-//! read through the `object_store` crate. Opening lists the bucket once - the blobs in
-//! parallel over the two-hex-digit prefixes of `blobs/<alg>/`, so existence and size
-//! come from the listing with no request per blob - then blobs are streamed with GETs
-//! for re-hashing, and small objects (links, manifests) fetched whole. Throttling
+//! A registry's storage in object storage - the registry's s3, gcs and azure drivers -
+//! read through the `object_store` crate. Opening lists the bucket (or container) once:
+//! the blobs in parallel over the two-hex-digit prefixes of `blobs/<alg>/`, so existence
+//! and size come from the listing with no request per blob; then blobs are streamed with
+//! GETs for re-hashing, and small objects (links, manifests) fetched whole. Throttling
 //! (503 SlowDown) and dropped connections are retried with backoff by `object_store`;
 //! every request and byte is counted, because object storage bills both. It only ever
 //! lists, heads and gets: nothing is written.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::storage::BlobStat;
 
-/// How to reach the bucket; the secret key never leaves this struct except to S3.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct S3Spec {
-    pub bucket: String,
-    /// The registry's `rootdirectory` in the bucket, without leading or trailing `/`.
-    pub prefix: String,
-    pub region: Option<String>,
-    /// `regionendpoint`: an S3-compatible server.
-    pub endpoint: Option<String>,
-    pub access_key: Option<String>,
-    pub secret_key: Option<String>,
-    /// Path-style requests (`forcepathstyle`, the default with an endpoint).
-    pub path_style: bool,
+/// Which service holds the blobs: the registry's storage driver of the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Service {
+    #[default]
+    S3,
+    Gcs,
+    Azure,
 }
 
-impl std::fmt::Debug for S3Spec {
+impl Service {
+    /// The driver's name in config.yml.
+    pub fn driver(self) -> &'static str {
+        match self {
+            Service::S3 => "s3",
+            Service::Gcs => "gcs",
+            Service::Azure => "azure",
+        }
+    }
+
+    fn scheme(self) -> &'static str {
+        match self {
+            Service::S3 => "s3",
+            Service::Gcs => "gs",
+            Service::Azure => "azure",
+        }
+    }
+
+    /// What to check when the service refuses the credentials.
+    fn credentials_hint(self) -> &'static str {
+        match self {
+            Service::S3 => {
+                "check the s3 driver's accesskey and secretkey, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            }
+            Service::Gcs => {
+                "check the gcs driver's keyfile or credentials, or GOOGLE_APPLICATION_CREDENTIALS"
+            }
+            Service::Azure => {
+                "check the azure driver's accountname and accountkey, or AZURE_STORAGE_ACCOUNT_KEY"
+            }
+        }
+    }
+
+    fn bucket_word(self) -> &'static str {
+        match self {
+            Service::Azure => "container",
+            _ => "bucket",
+        }
+    }
+}
+
+/// How to reach the bucket (an Azure container); secrets never leave this struct except
+/// to the service.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ObjectSpec {
+    pub service: Service,
+    /// The bucket, or for Azure the container.
+    pub bucket: String,
+    /// The driver's `rootdirectory` in the bucket, without leading or trailing `/`.
+    pub prefix: String,
+    /// A server other than the service's own: the s3 driver's `regionendpoint`, the azure
+    /// driver's `serviceurl` (or the one its `realm` gives).
+    pub endpoint: Option<String>,
+    /// S3: the bucket's region.
+    pub region: Option<String>,
+    /// S3: path-style requests (`forcepathstyle`, the default with an endpoint).
+    pub path_style: bool,
+    /// Azure: the storage account (`accountname`).
+    pub account: Option<String>,
+    /// S3: `accesskey`.
+    pub access_key: Option<String>,
+    /// S3: `secretkey`; Azure: `accountkey`.
+    pub secret_key: Option<String>,
+    /// GCS: the service-account key file (`keyfile`).
+    pub keyfile: Option<PathBuf>,
+    /// GCS: the service-account key given inline (`credentials`), as JSON.
+    pub key_json: Option<String>,
+    /// Azure: an application's client secret (`credentials.type: client_secret`).
+    pub client: Option<AzureClient>,
+}
+
+/// An Azure application's credentials; the secret goes only to Azure's token service.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AzureClient {
+    pub id: String,
+    pub tenant: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ObjectSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
     }
 }
 
-impl S3Spec {
-    /// `s3://bucket/prefix` (and the endpoint), for reports.
+impl ObjectSpec {
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `azure://account/container/prefix`
+    /// (and the endpoint), for reports.
     pub fn describe(&self) -> String {
-        let mut s = format!("s3://{}", self.bucket);
+        let mut s = format!("{}://", self.service.scheme());
+        if self.service == Service::Azure {
+            s.push_str(self.account.as_deref().unwrap_or("-"));
+            s.push('/');
+        }
+        s.push_str(&self.bucket);
         if !self.prefix.is_empty() {
             s.push('/');
             s.push_str(&self.prefix);
@@ -58,19 +140,121 @@ impl S3Spec {
         s
     }
 
-    /// Parses `s3://bucket[/prefix]`.
-    pub fn from_url(url: &str) -> Result<S3Spec, String> {
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| format!("--storage {url}: use s3://bucket/prefix"))?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    /// Parses `s3://bucket[/prefix]`, `gs://bucket[/prefix]` or
+    /// `azure://account/container[/prefix]`, and the ` at <endpoint>` that `describe` adds.
+    pub fn from_url(text: &str) -> Result<ObjectSpec, String> {
+        let (url, endpoint) = match text.split_once(" at ") {
+            Some((u, e)) => (u, Some(e.trim().to_string())),
+            None => (text, None),
+        };
+        let usage = || {
+            format!(
+                "--storage {url}: use s3://bucket/prefix, gs://bucket/prefix or azure://account/container/prefix"
+            )
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(usage)?;
+        let service = match scheme {
+            "s3" => Service::S3,
+            "gs" | "gcs" => Service::Gcs,
+            "azure" | "az" => Service::Azure,
+            _ => return Err(usage()),
+        };
+        let mut parts = rest.splitn(if service == Service::Azure { 3 } else { 2 }, '/');
+        let account = match service {
+            Service::Azure => Some(
+                parts
+                    .next()
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| format!("--storage {url}: no storage account"))?
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        let bucket = parts.next().unwrap_or_default();
         if bucket.is_empty() {
-            return Err(format!("--storage {url}: no bucket"));
+            return Err(format!("--storage {url}: no {}", service.bucket_word()));
         }
-        Ok(S3Spec {
+        Ok(ObjectSpec {
+            service,
             bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            ..S3Spec::default()
+            prefix: parts
+                .next()
+                .unwrap_or_default()
+                .trim_matches('/')
+                .to_string(),
+            path_style: service == Service::S3 && endpoint.is_some(),
+            endpoint,
+            account,
+            ..ObjectSpec::default()
+        })
+    }
+
+    fn retry() -> RetryConfig {
+        RetryConfig {
+            max_retries: 8,
+            retry_timeout: Duration::from_secs(120),
+            ..RetryConfig::default()
+        }
+    }
+
+    /// The client for this spec: the given settings over the service's usual
+    /// environment credentials.
+    fn build(&self) -> object_store::Result<Arc<dyn ObjectStore>> {
+        let http = self
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        Ok(match self.service {
+            Service::S3 => {
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(&self.bucket)
+                    .with_retry(Self::retry());
+                if let Some(r) = &self.region {
+                    b = b.with_region(r);
+                }
+                if let Some(e) = &self.endpoint {
+                    b = b
+                        .with_endpoint(e)
+                        .with_allow_http(http)
+                        .with_virtual_hosted_style_request(!self.path_style);
+                }
+                if let (Some(a), Some(s)) = (&self.access_key, &self.secret_key) {
+                    b = b.with_access_key_id(a).with_secret_access_key(s);
+                }
+                Arc::new(b.build()?)
+            }
+            Service::Gcs => {
+                // The default server is https; only a key file's own `gcs_base_url`
+                // (a test server) can name an http one.
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&self.bucket)
+                    .with_client_options(ClientOptions::new().with_allow_http(true))
+                    .with_retry(Self::retry());
+                if let Some(k) = &self.keyfile {
+                    b = b.with_service_account_path(k.display().to_string());
+                } else if let Some(j) = &self.key_json {
+                    b = b.with_service_account_key(j);
+                }
+                Arc::new(b.build()?)
+            }
+            Service::Azure => {
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&self.bucket)
+                    .with_retry(Self::retry());
+                if let Some(a) = &self.account {
+                    b = b.with_account(a);
+                }
+                if let Some(k) = &self.secret_key {
+                    b = b.with_access_key(k);
+                }
+                if let Some(c) = &self.client {
+                    b = b.with_client_secret_authorization(&c.id, &c.secret, &c.tenant);
+                }
+                if let Some(e) = &self.endpoint {
+                    b = b.with_endpoint(e.clone()).with_allow_http(http);
+                }
+                Arc::new(b.build()?)
+            }
         })
     }
 }
@@ -90,8 +274,8 @@ impl ObjectCounts {
 }
 
 pub struct ObjectStorage {
-    spec: S3Spec,
-    store: Arc<AmazonS3>,
+    spec: ObjectSpec,
+    store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
     /// Blobs from the listing: size and last modification (ns).
     blobs: HashMap<Digest, (u64, i128)>,
@@ -105,33 +289,14 @@ pub struct ObjectStorage {
 const LIST_CONCURRENCY: usize = 16;
 
 impl ObjectStorage {
-    pub fn open(spec: &S3Spec) -> Result<ObjectStorage, String> {
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&spec.bucket)
-            .with_retry(RetryConfig {
-                max_retries: 8,
-                retry_timeout: Duration::from_secs(120),
-                ..RetryConfig::default()
-            });
-        if let Some(r) = &spec.region {
-            builder = builder.with_region(r);
-        }
-        if let Some(e) = &spec.endpoint {
-            builder = builder
-                .with_endpoint(e)
-                .with_allow_http(e.starts_with("http://"))
-                .with_virtual_hosted_style_request(!spec.path_style);
-        }
-        if let (Some(a), Some(s)) = (&spec.access_key, &spec.secret_key) {
-            builder = builder.with_access_key_id(a).with_secret_access_key(s);
-        }
-        let store = Arc::new(builder.build().map_err(|e| {
+    pub fn open(spec: &ObjectSpec) -> Result<ObjectStorage, String> {
+        let store = spec.build().map_err(|e| {
             format!(
                 "cannot use {}: {}",
                 spec.describe(),
                 first_line(&e.to_string())
             )
-        })?);
+        })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -183,17 +348,30 @@ impl ObjectStorage {
         let requests = self.requests.clone();
         let fail = |e: object_store::Error, what: &str| {
             let text = e.to_string();
-            let (bucket, place) = (&self.spec.bucket, self.spec.describe());
-            if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
-                format!(
-                    "bucket {bucket} does not exist ({place}): check storage.s3.bucket or --storage"
-                )
-            } else if text.contains("403")
-                || text.contains("InvalidAccessKeyId")
-                || text.contains("SignatureDoesNotMatch")
+            let spec = &self.spec;
+            let (place, word) = (spec.describe(), spec.service.bucket_word());
+            if text.contains("NoSuchBucket")
+                || text.contains("ContainerNotFound")
+                || matches!(e, object_store::Error::NotFound { .. })
             {
                 format!(
-                    "{place} refused the credentials (403 Forbidden): check the s3 driver's accesskey and secretkey, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    "{word} {} does not exist ({place}): check storage.{}.{} or --storage",
+                    spec.bucket,
+                    spec.service.driver(),
+                    match spec.service {
+                        Service::Azure => "container",
+                        _ => "bucket",
+                    }
+                )
+            } else if text.contains("403")
+                || text.contains("401")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("SignatureDoesNotMatch")
+                || text.contains("AuthenticationFailed")
+            {
+                format!(
+                    "{place} refused the credentials: {}",
+                    spec.service.credentials_hint()
                 )
             } else {
                 let line = first_line(&text);
@@ -439,18 +617,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_s3_urls_and_hides_the_secret() {
-        let s = S3Spec::from_url("s3://bucket/reg/root/").expect("url");
+    fn parses_storage_urls_and_hides_the_secret() {
+        let s = ObjectSpec::from_url("s3://bucket/reg/root/").expect("url");
         assert_eq!(
-            (s.bucket.as_str(), s.prefix.as_str()),
-            ("bucket", "reg/root")
+            (s.service, s.bucket.as_str(), s.prefix.as_str()),
+            (Service::S3, "bucket", "reg/root")
         );
-        let s = S3Spec {
+        let s = ObjectSpec {
             secret_key: Some("hunter2".into()),
+            key_json: Some("{\"private_key\": \"hunter3\"}".into()),
             ..s
         };
-        assert!(!format!("{s:?}").contains("hunter2"));
-        assert!(S3Spec::from_url("http://x").is_err());
-        assert!(S3Spec::from_url("s3:///x").is_err());
+        assert!(!format!("{s:?}").contains("hunter"));
+        let g = ObjectSpec::from_url("gs://b").expect("gs");
+        assert_eq!(
+            (g.service, g.bucket.as_str(), g.prefix.as_str()),
+            (Service::Gcs, "b", "")
+        );
+        let a = ObjectSpec::from_url("azure://acct/regs/one/two at http://127.0.0.1:1/acct")
+            .expect("azure");
+        assert_eq!(
+            (a.account.as_deref(), a.bucket.as_str(), a.prefix.as_str()),
+            (Some("acct"), "regs", "one/two")
+        );
+        assert_eq!(a.endpoint.as_deref(), Some("http://127.0.0.1:1/acct"));
+        // What describe prints, from_url reads back.
+        for spec in [s, g, a] {
+            let again = ObjectSpec::from_url(&spec.describe()).expect("round trip");
+            assert_eq!(
+                (
+                    again.service,
+                    again.bucket,
+                    again.prefix,
+                    again.account,
+                    again.endpoint
+                ),
+                (
+                    spec.service,
+                    spec.bucket,
+                    spec.prefix,
+                    spec.account,
+                    spec.endpoint
+                )
+            );
+        }
+        for bad in ["http://x", "s3:///x", "azure://acct", "azure:///c", "gs://"] {
+            assert!(ObjectSpec::from_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -46,7 +46,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
             config: args.config.clone(),
             root: args.root.clone(),
             storage: None,
-            s3_endpoint: None,
+            storage_endpoint: None,
             s3_region: None,
             redis: None,
             scan_count: 1000,

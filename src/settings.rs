@@ -10,7 +10,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionI
 
 use crate::cli::{CheckArgs, FailOn, Format, ReportArgs, SourceArgs};
 use crate::config::{self, RedisConfig};
-use crate::object_storage::S3Spec;
+use crate::object_storage::{ObjectSpec, Service};
 use crate::redis_cache::RedisTarget;
 use crate::report::SourceInfo;
 use crate::storage::StorageSpec;
@@ -198,40 +198,42 @@ impl Source {
         let storage = match (&args.root, &args.storage, &file, recorded) {
             (Some(r), _, _, _) => StorageSpec::Fs(r.clone()),
             (None, Some(url), _, _) => {
-                let mut s3 = S3Spec::from_url(url)?;
-                s3.endpoint = args.s3_endpoint.clone();
-                s3.region = args.s3_region.clone();
-                s3.path_style = s3.endpoint.is_some();
-                StorageSpec::S3(s3)
+                let mut spec = ObjectSpec::from_url(url)?;
+                if let Some(e) = &args.storage_endpoint {
+                    if spec.service == Service::Gcs {
+                        return Err("--storage-endpoint does not apply to gs://: a GCS key file names its own server (gcs_base_url)".into());
+                    }
+                    spec.endpoint = Some(e.clone());
+                    spec.path_style = true;
+                }
+                if let Some(r) = &args.s3_region {
+                    spec.region = Some(r.clone());
+                }
+                StorageSpec::Object(Box::new(spec))
             }
             (None, None, Some(c), _) => match c.driver.as_deref() {
                 None | Some("filesystem") => StorageSpec::Fs(c.root.clone()),
-                Some("s3") => StorageSpec::S3(
-                    c.s3.clone()
-                        .ok_or("the config's storage.s3 section is empty")?,
-                ),
+                Some("s3" | "gcs" | "azure") => StorageSpec::Object(Box::new(
+                    c.objects
+                        .clone()
+                        .ok_or("the config's storage section has no driver settings")?,
+                )),
                 Some(driver) => {
                     return Err(format!(
-                        "the registry stores blobs with the '{driver}' driver; registry-audit reads the filesystem and s3 drivers for now"
+                        "the registry stores blobs with the '{driver}' driver; registry-audit reads the filesystem, s3, gcs and azure drivers"
                     ));
                 }
             },
-            (None, None, None, Some(r)) => match r.storage_root.strip_prefix("s3://") {
-                Some(_) => {
-                    let (url, endpoint) = match r.storage_root.split_once(" at ") {
-                        Some((u, e)) => (u, Some(e.to_string())),
-                        None => (r.storage_root.as_str(), None),
-                    };
-                    let mut s3 = S3Spec::from_url(url)?;
-                    s3.path_style = endpoint.is_some();
-                    s3.endpoint = endpoint;
-                    StorageSpec::S3(s3)
+            (None, None, None, Some(r)) => {
+                if r.storage_root.contains("://") {
+                    StorageSpec::Object(Box::new(ObjectSpec::from_url(&r.storage_root)?))
+                } else {
+                    StorageSpec::Fs(PathBuf::from(&r.storage_root))
                 }
-                None => StorageSpec::Fs(PathBuf::from(&r.storage_root)),
-            },
+            }
             (None, None, None, None) => {
                 return Err(
-                    "say where storage is: --root DIR, --storage s3://bucket/prefix, or --config the registry's config.yml".into(),
+                    "say where storage is: --root DIR, --storage URL (s3://, gs://, azure://), or --config the registry's config.yml".into(),
                 );
             }
         };

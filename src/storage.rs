@@ -307,8 +307,8 @@ impl FsStorage {
 pub enum StorageSpec {
     /// The filesystem driver's `rootdirectory`.
     Fs(PathBuf),
-    /// The s3 driver: a bucket (and root prefix) in S3 or an S3-compatible store.
-    S3(crate::object_storage::S3Spec),
+    /// The s3, gcs or azure driver: a bucket or container (and root prefix).
+    Object(Box<crate::object_storage::ObjectSpec>),
 }
 
 impl StorageSpec {
@@ -316,7 +316,7 @@ impl StorageSpec {
     pub fn describe(&self) -> String {
         match self {
             StorageSpec::Fs(p) => p.display().to_string(),
-            StorageSpec::S3(s) => s.describe(),
+            StorageSpec::Object(s) => s.describe(),
         }
     }
 }
@@ -337,9 +337,8 @@ impl Storage {
     pub fn open(spec: &StorageSpec) -> Result<Storage, String> {
         match spec {
             StorageSpec::Fs(root) => Storage::open_fs(root).map_err(|e| e.to_string()),
-            StorageSpec::S3(s3) => {
-                crate::object_storage::ObjectStorage::open(s3).map(|o| Storage::Object(Box::new(o)))
-            }
+            StorageSpec::Object(spec) => crate::object_storage::ObjectStorage::open(spec)
+                .map(|o| Storage::Object(Box::new(o))),
         }
     }
 

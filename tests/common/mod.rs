@@ -1293,8 +1293,14 @@ impl Moto {
     }
 
     pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        self.put_with_acl(bucket, key, body, "private");
+    }
+
+    /// With a canned ACL: `public-read` objects can be read without credentials.
+    pub fn put_with_acl(&self, bucket: &str, key: &str, body: &[u8], acl: &str) {
         let r = Moto::agent()
             .put(&format!("{}/{bucket}/{key}", self.endpoint()))
+            .header("x-amz-acl", acl)
             .send(body)
             .expect("put");
         assert_eq!(r.status().as_u16(), 200, "put {key}");
@@ -1334,25 +1340,12 @@ impl Moto {
 
     /// Uploads a storage tree (the registry's root directory) under `prefix`.
     pub fn upload_tree(&self, bucket: &str, root: &Path, prefix: &str) {
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).expect("read_dir").flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let rel = p
-                        .strip_prefix(root)
-                        .expect("under root")
-                        .display()
-                        .to_string();
-                    self.put(
-                        bucket,
-                        &format!("{prefix}/{rel}"),
-                        &fs::read(&p).expect("read"),
-                    );
-                }
-            }
+        self.upload_tree_with_acl(bucket, root, prefix, "private");
+    }
+
+    pub fn upload_tree_with_acl(&self, bucket: &str, root: &Path, prefix: &str, acl: &str) {
+        for (key, body) in tree_objects(root, prefix) {
+            self.put_with_acl(bucket, &key, &body, acl);
         }
     }
 }
@@ -1376,6 +1369,17 @@ pub struct FaultyProxy {
 
 impl FaultyProxy {
     pub fn start(upstream_port: u16, throttle: usize) -> FaultyProxy {
+        FaultyProxy::spawn(upstream_port, throttle, true, false)
+    }
+
+    /// No fault: every request passed on with the percent-escapes of its path decoded.
+    /// GCS's XML API takes an object name as one escaped segment (`a%2Fb`), as
+    /// object_store's GCS client sends it; moto, standing in for it, wants `a/b`.
+    pub fn decoding(upstream_port: u16) -> FaultyProxy {
+        FaultyProxy::spawn(upstream_port, 0, false, true)
+    }
+
+    fn spawn(upstream_port: u16, throttle: usize, drop_one: bool, decode: bool) -> FaultyProxy {
         use std::io::{Read, Write};
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -1406,12 +1410,15 @@ impl FaultyProxy {
                         );
                         return;
                     }
-                    if nth == throttle + 1 {
+                    if drop_one && nth == throttle + 1 {
                         seen.fetch_add(1, Ordering::Relaxed);
                         return; // dropped: closed without an answer
                     }
-                    let text = String::from_utf8_lossy(&head)
-                        .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+                    let mut text = String::from_utf8_lossy(&head).into_owned();
+                    if decode {
+                        text = decode_request_path(&text);
+                    }
+                    let text = text.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
                     let text = text.replacen("Connection: keep-alive\r\n", "", 1);
                     let Ok(mut upstream) =
                         std::net::TcpStream::connect(("127.0.0.1", upstream_port))
@@ -1436,6 +1443,45 @@ impl FaultyProxy {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+}
+
+/// The request head with the path of its request line (not the query) percent-decoded.
+fn decode_request_path(head: &str) -> String {
+    let (line, rest) = head.split_once("\r\n").unwrap_or((head, ""));
+    let mut words: Vec<String> = line.split(' ').map(str::to_string).collect();
+    if let Some(target) = words.get_mut(1) {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (target.clone(), None),
+        };
+        let mut out = Vec::new();
+        let b = path.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], b.get(i + 1..i + 3)) {
+                (b'%', Some(hex))
+                    if std::str::from_utf8(hex)
+                        .is_ok_and(|h| u8::from_str_radix(h, 16).is_ok()) =>
+                {
+                    out.push(
+                        u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("0"), 16)
+                            .unwrap_or(0),
+                    );
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        *target = String::from_utf8_lossy(&out).into_owned();
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(&q);
+        }
+    }
+    format!("{}\r\n{rest}", words.join(" "))
 }
 
 /// Runs openssl in `dir`; panics with its stderr when it fails.
@@ -1533,4 +1579,173 @@ impl Pki {
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path(file)
     }
+}
+
+/// Azurite, Microsoft's Azure Storage emulator (npm's `azurite`; scripts/test installs it
+/// under target/ and names its `azurite-blob` in AZURITE), blob service only, in memory.
+pub struct Azurite {
+    pub port: u16,
+    _proc: Proc,
+}
+
+/// The emulator's well-known account and key.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    pub fn start() -> Azurite {
+        use std::io::BufRead;
+        let program = std::env::var("AZURITE").unwrap_or_else(|_| "azurite-blob".to_string());
+        let mut child = Command::new(&program)
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                "0",
+                "--inMemoryPersistence",
+                "--silent",
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {program} ({e}): run scripts/test, which installs azurite")
+            });
+        let stdout = child.stdout.take().expect("stdout");
+        let proc = Proc(child);
+        // It picks its own port and says which: "... successfully listens on http://127.0.0.1:N".
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .and_then(Result::ok)
+                .expect("azurite exited before listening");
+            if let Some(at) = line.find("listens on http://127.0.0.1:") {
+                let port = line[at + "listens on http://127.0.0.1:".len()..].trim();
+                break port.parse().expect("azurite's port");
+            }
+        };
+        // Keep draining what it prints so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Azurite { port, _proc: proc }
+    }
+
+    /// The blob service of the emulator's account, path-style.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+
+    /// Creates a container: a request signed with the account's shared key.
+    pub fn create_container(&self, name: &str) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let date = http_date(std::time::SystemTime::now());
+        let version = "2021-08-06";
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{name}\nrestype:container"
+        );
+        let key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &b64.decode(AZURITE_KEY).expect("key"),
+        );
+        let signature = b64.encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let r = Moto::agent()
+            .put(&format!("{}/{name}?restype=container", self.endpoint()))
+            .header("x-ms-date", &date)
+            .header("x-ms-version", version)
+            .header(
+                "Authorization",
+                &format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+            )
+            .send_empty()
+            .expect("create container");
+        assert_eq!(r.status().as_u16(), 201, "create container {name}");
+    }
+
+    fn store(&self, container: &str) -> object_store::azure::MicrosoftAzure {
+        object_store::azure::MicrosoftAzureBuilder::new()
+            .with_account(AZURITE_ACCOUNT)
+            .with_access_key(AZURITE_KEY)
+            .with_container_name(container)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .build()
+            .expect("azure client")
+    }
+
+    pub fn put(&self, container: &str, key: &str, body: &[u8]) {
+        put_objects(&self.store(container), &[(key.to_string(), body.to_vec())]);
+    }
+
+    /// Uploads a storage tree (the registry's root directory) under `prefix`.
+    pub fn upload_tree(&self, container: &str, root: &Path, prefix: &str) {
+        put_objects(&self.store(container), &tree_objects(root, prefix));
+    }
+}
+
+/// Every file below `root` as (object key under `prefix`, content).
+pub fn tree_objects(root: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root").display();
+                out.push((format!("{prefix}/{rel}"), fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out
+}
+
+fn put_objects(store: &dyn object_store::ObjectStore, objects: &[(String, Vec<u8>)]) {
+    use object_store::ObjectStoreExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (key, body) in objects {
+        rt.block_on(store.put(
+            &object_store::path::Path::from(key.as_str()),
+            body.clone().into(),
+        ))
+        .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+}
+
+/// An HTTP date (RFC 1123, GMT) for `t`.
+pub fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
