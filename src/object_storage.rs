@@ -348,6 +348,7 @@ impl ObjectStorage {
         let requests = self.requests.clone();
         let fail = |e: object_store::Error, what: &str| {
             let text = e.to_string();
+            tracing::debug!("listing {what} failed: {text}");
             let spec = &self.spec;
             let (place, word) = (spec.describe(), spec.service.bucket_word());
             if text.contains("NoSuchBucket")
@@ -362,6 +363,11 @@ impl ObjectStorage {
                         Service::Azure => "container",
                         _ => "bucket",
                     }
+                )
+            } else if text.contains("token request") {
+                format!(
+                    "{place}: no access token could be had: {}",
+                    spec.service.credentials_hint()
                 )
             } else if text.contains("403")
                 || text.contains("401")

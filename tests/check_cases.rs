@@ -312,14 +312,14 @@ fn exit_2_with_one_line_for_everything_that_cannot_run() {
     fs::write(&broken, "storage: [unclosed\n").expect("write");
     let inmemory = cfg_dir.path("inmemory.yml");
     fs::write(&inmemory, format!("storage:\n  filesystem:\n    rootdirectory: {root}\n  cache:\n    blobdescriptor: inmemory\n")).expect("write");
-    let s3 = cfg_dir.path("s3.yml");
-    fs::write(&s3, "storage:\n  gcs:\n    bucket: b\n  cache:\n    blobdescriptor: redis\nredis:\n  addr: 127.0.0.1:1\n").expect("write");
+    let swift = cfg_dir.path("swift.yml");
+    fs::write(&swift, "storage:\n  swift:\n    container: b\n  cache:\n    blobdescriptor: redis\nredis:\n  addr: 127.0.0.1:1\n").expect("write");
     let missing = cfg_dir.path("missing.yml").display().to_string();
     let not_registry = cfg_dir.0.display().to_string();
     let (b, i, s) = (
         broken.display().to_string(),
         inmemory.display().to_string(),
-        s3.display().to_string(),
+        swift.display().to_string(),
     );
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -343,7 +343,7 @@ fn exit_2_with_one_line_for_everything_that_cannot_run() {
         ),
         (vec!["check", "--config", &b], "not valid YAML"),
         (vec!["check", "--config", &i], "inmemory"),
-        (vec!["check", "--config", &s], "'gcs' driver"),
+        (vec!["check", "--config", &s], "'swift' driver"),
         (
             vec!["check", "--root", "/nonexistent/registry", "--redis", &good],
             "does not exist",
