@@ -119,3 +119,140 @@ fn the_same_state_on_the_filesystem_and_in_gcs_gives_the_same_findings() {
         fs_report["summary"]["bytes_hashed"]
     );
 }
+
+/// The object key of a blob under the tests' root directory.
+fn blob_key(digest: &str) -> String {
+    s3_blob_key(digest)
+}
+
+#[test]
+fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() {
+    let s = shared_layers_scenario("azure-purge");
+    delete_app2_and_gc(&s);
+    let azurite = Azurite::start();
+    azurite.create_container("registry");
+    azurite.upload_tree("registry", &s.registry.root, S3_PREFIX);
+    let config = azure_config(&s.dir, &azurite, "registry", &s.redis);
+
+    // A corrupted object is a digest-mismatch.
+    let victim = &s.app1.layers[1];
+    let mut bad = image_blob(&s.app1, victim);
+    bad[0] ^= 1;
+    azurite.put("registry", &blob_key(victim), &bad);
+    let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    assert_eq!(code, 1, "{err}");
+    let report = json(&out);
+    assert!(
+        report["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .any(|f| f["kind"] == "digest-mismatch" && f["digest"] == victim.as_str()),
+        "{report:#}"
+    );
+
+    // purge asks Azure again before each digest: the layer put back after the plan was
+    // made keeps its entries, the other phantoms go.
+    let plan = s.dir.path("plan.json").display().to_string();
+    let (code, _, err) = run_tool(&["purge", "--config", &config, "--plan-out", &plan]);
+    assert_eq!(code, 1, "{err}");
+    let back = &s.app2.layers[1];
+    azurite.put("registry", &blob_key(back), &image_blob(&s.app2, back));
+    let journal = s.dir.path("j.jsonl").display().to_string();
+    let (code, out, err) = run_tool(&[
+        "purge",
+        "--apply",
+        &plan,
+        "--config",
+        &config,
+        "--yes",
+        "--journal",
+        &journal,
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 1, "the corrupt layer is still there: {err}");
+    let result = &json(&out)["result"];
+    assert_eq!(result["digests_skipped_came_back"], 1, "{result:#}");
+    assert!(
+        result["digests_removed"].as_u64().expect("n") >= 1,
+        "{result:#}"
+    );
+    let (_, out, _) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    let phantoms: Vec<serde_json::Value> = json_findings(&out)
+        .into_iter()
+        .filter(|f| f["kind"].as_str().is_some_and(|k| k.starts_with("phantom")))
+        .collect();
+    assert!(phantoms.is_empty(), "{phantoms:#?}");
+}
+
+fn json_findings(out: &str) -> Vec<serde_json::Value> {
+    json(out)["findings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn azure_by_url_with_the_key_from_the_environment() {
+    let s = shared_layers_scenario("azure-url");
+    delete_app2_and_gc(&s);
+    let azurite = Azurite::start();
+    azurite.create_container("registry");
+    azurite.upload_tree("registry", &s.registry.root, S3_PREFIX);
+    let root = s.registry.root.display().to_string();
+    let url = s.redis.url();
+    let (_, fs_out, _) = run_tool(&[
+        "check", "--root", &root, "--redis", &url, "--format", "json",
+    ]);
+    let storage = format!("azure://{AZURITE_ACCOUNT}/registry/{S3_PREFIX}");
+    let endpoint = azurite.endpoint();
+    let (code, out, err) = run_tool_env(
+        &[
+            "check",
+            "--storage",
+            &storage,
+            "--storage-endpoint",
+            &endpoint,
+            "--redis",
+            &url,
+            "--format",
+            "json",
+        ],
+        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(json(&out)["findings"], json(&fs_out)["findings"]);
+}
+
+#[test]
+fn a_missing_container_and_a_wrong_key_are_exit_2_with_one_line() {
+    let azurite = Azurite::start();
+    azurite.create_container("registry");
+    let redis = Redis::start();
+    let dir = Scratch::new("azure-bad");
+
+    let config = azure_config(&dir, &azurite, "no-such-container", &redis);
+    let (code, out, err) = run_tool(&["check", "--config", &config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("container no-such-container does not exist"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    // A well-formed key that is not the account's.
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==";
+    let config = azure_config(&dir, &azurite, "registry", &redis);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace(AZURITE_KEY, wrong)).expect("config");
+    let (code, _, err) = run_tool(&["check", "--config", &config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        !err.contains(wrong) && !err.contains("d3Jvbm"),
+        "no key is printed: {err}"
+    );
+}
