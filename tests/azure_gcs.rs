@@ -43,8 +43,6 @@ fn the_same_state_on_the_filesystem_and_in_azure_gives_the_same_findings() {
     let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
     assert_eq!(code, code_fs, "{err}");
     let az_report = json(&out);
-    eprintln!("{:#}", az_report["source"]);
-    eprintln!("{:#}", az_report["summary"]);
     assert_eq!(az_report["findings"], fs_report["findings"]);
     assert_eq!(
         az_report["summary"]["storage"],
@@ -120,11 +118,6 @@ fn the_same_state_on_the_filesystem_and_in_gcs_gives_the_same_findings() {
     );
 }
 
-/// The object key of a blob under the tests' root directory.
-fn blob_key(digest: &str) -> String {
-    s3_blob_key(digest)
-}
-
 #[test]
 fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() {
     let s = shared_layers_scenario("azure-purge");
@@ -138,7 +131,7 @@ fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() 
     let victim = &s.app1.layers[1];
     let mut bad = image_blob(&s.app1, victim);
     bad[0] ^= 1;
-    azurite.put("registry", &blob_key(victim), &bad);
+    azurite.put("registry", &s3_blob_key(victim), &bad);
     let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
     assert_eq!(code, 1, "{err}");
     let report = json(&out);
@@ -157,7 +150,7 @@ fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() 
     let (code, _, err) = run_tool(&["purge", "--config", &config, "--plan-out", &plan]);
     assert_eq!(code, 1, "{err}");
     let back = &s.app2.layers[1];
-    azurite.put("registry", &blob_key(back), &image_blob(&s.app2, back));
+    azurite.put("registry", &s3_blob_key(back), &image_blob(&s.app2, back));
     let journal = s.dir.path("j.jsonl").display().to_string();
     let (code, out, err) = run_tool(&[
         "purge",

@@ -1350,7 +1350,7 @@ impl Moto {
     }
 }
 
-/// The object key of a blob in a registry on S3.
+/// The object key of a blob in a registry in object storage under S3_PREFIX.
 pub fn s3_blob_key(digest: &str) -> String {
     let (alg, hex) = digest.split_once(':').expect("digest");
     format!(
