@@ -116,6 +116,38 @@ fn the_same_state_on_the_filesystem_and_in_gcs_gives_the_same_findings() {
         report["summary"]["bytes_hashed"],
         fs_report["summary"]["bytes_hashed"]
     );
+
+    // The same by URL, with the key file from the environment; then a missing bucket.
+    let (code, out, err) = run_tool_env(
+        &[
+            "check",
+            "--storage",
+            "gs://gcs-registry/reg",
+            "--redis",
+            &url,
+            "--format",
+            "json",
+        ],
+        &[("GOOGLE_SERVICE_ACCOUNT", keyfile.as_str())],
+    );
+    assert_eq!(code, code_fs, "{err}");
+    assert_eq!(json(&out)["findings"], fs_report["findings"]);
+    let (code, _, err) = run_tool_env(
+        &[
+            "check",
+            "--storage",
+            "gs://no-such-bucket/reg",
+            "--redis",
+            &url,
+        ],
+        &[("GOOGLE_SERVICE_ACCOUNT", keyfile.as_str())],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bucket no-such-bucket does not exist"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 #[test]
