@@ -23,21 +23,22 @@ fn azure_config(dir: &Scratch, azurite: &Azurite, container: &str, redis: &Redis
     path.display().to_string()
 }
 
-#[test]
-fn the_same_state_on_the_filesystem_and_in_azure_gives_the_same_findings() {
-    let s = shared_layers_scenario("fs-vs-azure");
+/// The shared-layers scenario after a manifest delete and GC, copied into a container
+/// `registry` of a fresh Azurite under S3_PREFIX.
+fn scenario_in_azure(tag: &str) -> (Scenario, Azurite) {
+    let s = shared_layers_scenario(tag);
     delete_app2_and_gc(&s);
     let azurite = Azurite::start();
     azurite.create_container("registry");
     azurite.upload_tree("registry", &s.registry.root, S3_PREFIX);
+    (s, azurite)
+}
 
-    let root = s.registry.root.display().to_string();
-    let url = s.redis.url();
-    let (code_fs, fs_out, err) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
+#[test]
+fn the_same_state_on_the_filesystem_and_in_azure_gives_the_same_findings() {
+    let (s, azurite) = scenario_in_azure("fs-vs-azure");
+    let (code_fs, fs_report, err) = check_fs(&s, &[]);
     assert_eq!(code_fs, 1, "{err}");
-    let fs_report = json(&fs_out);
     let dir = Scratch::new("azcfg");
     let config = azure_config(&dir, &azurite, "registry", &s.redis);
     let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
@@ -84,13 +85,9 @@ fn the_same_state_on_the_filesystem_and_in_gcs_gives_the_same_findings() {
     moto.upload_tree_with_acl("gcs-registry", &s.registry.root, S3_PREFIX, "public-read");
     let gcs = FaultyProxy::decoding(moto.port);
 
-    let root = s.registry.root.display().to_string();
     let url = s.redis.url();
-    let (code_fs, fs_out, err) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
+    let (code_fs, fs_report, err) = check_fs(&s, &[]);
     assert_eq!(code_fs, 1, "{err}");
-    let fs_report = json(&fs_out);
     let dir = Scratch::new("gcscfg");
     let keyfile = gcs_keyfile(&dir, &gcs.endpoint());
     let config = dir.path("gcs.yml");
@@ -152,11 +149,7 @@ fn the_same_state_on_the_filesystem_and_in_gcs_gives_the_same_findings() {
 
 #[test]
 fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() {
-    let s = shared_layers_scenario("azure-purge");
-    delete_app2_and_gc(&s);
-    let azurite = Azurite::start();
-    azurite.create_container("registry");
-    azurite.upload_tree("registry", &s.registry.root, S3_PREFIX);
+    let (s, azurite) = scenario_in_azure("azure-purge");
     let config = azure_config(&s.dir, &azurite, "registry", &s.redis);
 
     // A corrupted object is a digest-mismatch.
@@ -168,11 +161,7 @@ fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() 
     assert_eq!(code, 1, "{err}");
     let report = json(&out);
     assert!(
-        report["findings"]
-            .as_array()
-            .expect("findings")
-            .iter()
-            .any(|f| f["kind"] == "digest-mismatch" && f["digest"] == victim.as_str()),
+        has_finding(&report, "digest-mismatch", victim),
         "{report:#}"
     );
 
@@ -184,20 +173,9 @@ fn in_azure_a_corrupted_object_is_a_digest_mismatch_and_purge_re_checks_azure() 
     let back = &s.app2.layers[1];
     azurite.put("registry", &s3_blob_key(back), &image_blob(&s.app2, back));
     let journal = s.dir.path("j.jsonl").display().to_string();
-    let (code, out, err) = run_tool(&[
-        "purge",
-        "--apply",
-        &plan,
-        "--config",
-        &config,
-        "--yes",
-        "--journal",
-        &journal,
-        "--format",
-        "json",
-    ]);
+    let (code, report, err) = purge_apply(&config, &plan, &journal);
     assert_eq!(code, 1, "the corrupt layer is still there: {err}");
-    let result = &json(&out)["result"];
+    let result = &report["result"];
     assert_eq!(result["digests_skipped_came_back"], 1, "{result:#}");
     assert!(
         result["digests_removed"].as_u64().expect("n") >= 1,
@@ -220,16 +198,9 @@ fn json_findings(out: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn azure_by_url_with_the_key_from_the_environment() {
-    let s = shared_layers_scenario("azure-url");
-    delete_app2_and_gc(&s);
-    let azurite = Azurite::start();
-    azurite.create_container("registry");
-    azurite.upload_tree("registry", &s.registry.root, S3_PREFIX);
-    let root = s.registry.root.display().to_string();
+    let (s, azurite) = scenario_in_azure("azure-url");
+    let (_, fs_report, _) = check_fs(&s, &[]);
     let url = s.redis.url();
-    let (_, fs_out, _) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
     let storage = format!("azure://{AZURITE_ACCOUNT}/registry/{S3_PREFIX}");
     let endpoint = azurite.endpoint();
     let (code, out, err) = run_tool_env(
@@ -247,7 +218,7 @@ fn azure_by_url_with_the_key_from_the_environment() {
         &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
     );
     assert_eq!(code, 1, "{err}");
-    assert_eq!(json(&out)["findings"], json(&fs_out)["findings"]);
+    assert_eq!(json(&out)["findings"], fs_report["findings"]);
 }
 
 #[test]

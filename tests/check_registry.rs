@@ -9,21 +9,10 @@ use std::path::Path;
 
 use common::*;
 
-fn check_json(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let root = s.registry.root.display().to_string();
-    let url = s.redis.url();
-    let mut args = vec![
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = run_tool(&args);
-    (code, json(&out), err)
-}
-
 #[test]
 fn healthy_registry_reports_nothing_and_exits_0() {
     let s = shared_layers_scenario("healthy");
-    let (code, report, err) = check_json(&s, &[]);
+    let (code, report, err) = check_fs(&s, &[]);
     assert_eq!(code, 0, "stderr: {err}\n{report:#}");
     assert_eq!(report["findings"], serde_json::json!([]));
     assert_eq!(report["schema_version"], 1);
@@ -61,7 +50,7 @@ fn phantoms_after_manifest_delete_and_gc_are_reported_exactly() {
         Some(s.app2.layers[1].clone())
     )));
 
-    let (code, report, err) = check_json(&s, &[]);
+    let (code, report, err) = check_fs(&s, &[]);
     assert_eq!(code, 1, "stderr: {err}\n{report:#}");
     let got: BTreeSet<_> = finding_triples(&report).into_iter().collect();
     assert_eq!(got, expected_after_gc(&s), "{report:#}");
@@ -104,17 +93,17 @@ fn phantoms_after_manifest_delete_and_gc_are_reported_exactly() {
     );
 
     // Two runs on the same state print the same findings.
-    let (_, again, _) = check_json(&s, &["--jobs", "1"]);
+    let (_, again, _) = check_fs(&s, &["--jobs", "1"]);
     assert_eq!(again["findings"], report["findings"]);
 
     // --quick finds the same phantoms without hashing.
-    let (code, quick, _) = check_json(&s, &["--quick"]);
+    let (code, quick, _) = check_fs(&s, &["--quick"]);
     assert_eq!(code, 1);
     assert_eq!(quick["findings"], report["findings"]);
     assert_eq!(quick["summary"]["bytes_hashed"], 0);
 
     // --fail-on never keeps exit 0 while still reporting.
-    let (code, _, _) = check_json(&s, &["--fail-on", "never"]);
+    let (code, _, _) = check_fs(&s, &["--fail-on", "never"]);
     assert_eq!(code, 0);
 }
 

@@ -53,13 +53,8 @@ fn the_same_state_on_the_filesystem_and_on_s3_gives_the_same_findings() {
     moto.create_bucket("copy");
     moto.upload_tree("copy", &s.registry.root, S3_PREFIX);
 
-    let root = s.registry.root.display().to_string();
-    let url = s.redis.url();
-    let (code_fs, fs_out, err) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
+    let (code_fs, fs_report, err) = check_fs(&s, &[]);
     assert_eq!(code_fs, 1, "{err}");
-    let fs_report = json(&fs_out);
     let (code_s3, s3_report, err) = on_s3(&moto, "copy", &s.redis, &[]);
     assert_eq!(code_s3, code_fs, "{err}");
     assert_eq!(s3_report["findings"], fs_report["findings"]);
@@ -147,11 +142,7 @@ fn the_registry_on_s3_phantoms_corruption_and_purge() {
     let (_, out, _) = run_tool(&["check", "--config", &config, "--format", "json"]);
     let report = json(&out);
     assert!(
-        report["findings"]
-            .as_array()
-            .expect("f")
-            .iter()
-            .any(|f| f["kind"] == "digest-mismatch" && f["digest"] == victim.as_str()),
+        has_finding(&report, "digest-mismatch", victim),
         "{report:#}"
     );
 
@@ -161,20 +152,9 @@ fn the_registry_on_s3_phantoms_corruption_and_purge() {
     assert_eq!(code, 1, "{err}");
     upload_blob(&registry, "team/app2", &image_blob(&app2, gone));
     let journal = dir.path("j.jsonl").display().to_string();
-    let (code, out, err) = run_tool(&[
-        "purge",
-        "--apply",
-        &plan,
-        "--config",
-        &config,
-        "--yes",
-        "--journal",
-        &journal,
-        "--format",
-        "json",
-    ]);
+    let (code, report, err) = purge_apply(&config, &plan, &journal);
     assert_eq!(code, 1, "the corrupt blob is still there: {err}");
-    let result = &json(&out)["result"];
+    let result = &report["result"];
     assert_eq!(result["digests_skipped_came_back"], 1, "{result:#}");
     assert!(result["digests_removed"].as_u64().expect("n") >= 1);
 }

@@ -841,6 +841,47 @@ pub fn delete_app2_and_gc(s: &Scenario) {
     );
 }
 
+/// `check --root --redis --format json` of the scenario's registry, with `extra` flags.
+pub fn check_fs(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let root = s.registry.root.display().to_string();
+    let url = s.redis.url();
+    let mut args = vec![
+        "check", "--root", &root, "--redis", &url, "--format", "json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_tool(&args);
+    (code, json(&out), err)
+}
+
+/// `purge --apply PLAN --config CONFIG --yes --journal JOURNAL --format json`.
+pub fn purge_apply(config: &str, plan: &str, journal: &str) -> (i32, serde_json::Value, String) {
+    let (code, out, err) = run_tool(&[
+        "purge",
+        "--apply",
+        plan,
+        "--config",
+        config,
+        "--yes",
+        "--journal",
+        journal,
+        "--format",
+        "json",
+    ]);
+    let report = if out.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        json(&out)
+    };
+    (code, report, err)
+}
+
+/// Whether `report` has a finding of `kind` for `digest`.
+pub fn has_finding(report: &serde_json::Value, kind: &str, digest: &str) -> bool {
+    report["findings"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f["kind"] == kind && f["digest"] == digest))
+}
+
 /// The phantom entries, computed independently of the tool: straight from Redis and the
 /// filesystem, by the registry's key shapes.
 pub fn expected_phantoms(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
@@ -1726,16 +1767,7 @@ pub fn http_date(t: std::time::SystemTime) -> String {
         .expect("after 1970")
         .as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = registry_audit::report::civil_date(days as i64);
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
