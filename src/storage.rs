@@ -312,7 +312,7 @@ pub enum StorageSpec {
 }
 
 impl StorageSpec {
-    /// For reports: the root directory, or `s3://bucket/prefix`.
+    /// For reports: the root directory, or the store's URL (`s3://bucket/prefix`, ...).
     pub fn describe(&self) -> String {
         match self {
             StorageSpec::Fs(p) => p.display().to_string(),
@@ -346,7 +346,7 @@ impl Storage {
         FsStorage::open(root).map(Storage::Fs)
     }
 
-    /// The root directory, or `s3://bucket/prefix`.
+    /// The root directory, or the store's URL (`s3://bucket/prefix`, ...).
     pub fn describe(&self) -> String {
         match self {
             Storage::Fs(fs) => fs.root().display().to_string(),
