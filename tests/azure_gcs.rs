@@ -3,7 +3,9 @@
 //! drivers, so the state is made by the real registry on the filesystem (push, pull,
 //! manifest delete, GC) and copied object for object, as the drivers lay it out; the
 //! tool then reads it through the registry's own `storage.azure` / `storage.gcs`
-//! settings and must report exactly what it reports on the filesystem.
+//! settings (or `--storage` URLs) and must report exactly what it reports on the
+//! filesystem; in Azure also a corrupted object, purge's re-check, throttling and a
+//! dropped connection, a missing container and a wrong key.
 
 mod common;
 
@@ -197,28 +199,39 @@ fn json_findings(out: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn azure_by_url_with_the_key_from_the_environment() {
+fn azure_by_url_with_the_key_from_the_environment_through_throttling() {
     let (s, azurite) = scenario_in_azure("azure-url");
     let (_, fs_report, _) = check_fs(&s, &[]);
     let url = s.redis.url();
     let storage = format!("azure://{AZURITE_ACCOUNT}/registry/{S3_PREFIX}");
-    let endpoint = azurite.endpoint();
-    let (code, out, err) = run_tool_env(
-        &[
-            "check",
-            "--storage",
-            &storage,
-            "--storage-endpoint",
-            &endpoint,
-            "--redis",
-            &url,
-            "--format",
-            "json",
-        ],
-        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+    let by_url = |endpoint: &str| {
+        let (code, out, err) = run_tool_env(
+            &[
+                "check",
+                "--storage",
+                &storage,
+                "--storage-endpoint",
+                endpoint,
+                "--redis",
+                &url,
+                "--format",
+                "json",
+            ],
+            &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+        );
+        assert_eq!(code, 1, "{err}");
+        json(&out)
+    };
+    assert_eq!(
+        by_url(&azurite.endpoint())["findings"],
+        fs_report["findings"]
     );
-    assert_eq!(code, 1, "{err}");
-    assert_eq!(json(&out)["findings"], fs_report["findings"]);
+
+    // Three 503 answers, then a connection closed without an answer: retried.
+    let proxy = FaultyProxy::start(azurite.port, 3);
+    let through = by_url(&format!("{}/{AZURITE_ACCOUNT}", proxy.endpoint()));
+    assert_eq!(proxy.faults.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(through["findings"], fs_report["findings"]);
 }
 
 #[test]
