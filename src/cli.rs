@@ -134,7 +134,7 @@ pub struct CheckArgs {
     pub source: SourceArgs,
     #[command(flatten)]
     pub report: ReportArgs,
-    /// Hashing threads [default: all cores].
+    /// Hashing threads [default: all cores; on object storage at least 16, as GETs wait on the network].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
     /// Check existence and size only; do not re-hash blobs.
@@ -184,7 +184,7 @@ pub struct PurgeArgs {
     /// Exit 1 when a finding of this severity or worse is left after the purge.
     #[arg(long, value_enum, default_value = "error")]
     pub fail_on: FailOn,
-    /// Hashing threads for the audit [default: all cores].
+    /// Hashing threads for the audit [default: all cores; on object storage at least 16, as GETs wait on the network].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
     /// Audit existence and size only (no re-hash) before planning.
@@ -301,7 +301,7 @@ pub struct GcArgs {
     /// [default: registry-audit-journal-<time>.jsonl in the current directory].
     #[arg(long, value_name = "FILE")]
     pub journal: Option<PathBuf>,
-    /// Hashing threads for the audits [default: all cores].
+    /// Hashing threads for the audits [default: all cores; on object storage at least 16, as GETs wait on the network].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
     #[command(flatten)]

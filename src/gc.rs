@@ -177,7 +177,6 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let report_settings = ReportSettings::from_args(&args.report);
-    let jobs = settings::jobs(args.jobs)?;
     // Redis when the flags or the config say so; otherwise the in-memory cache.
     let source = match Source::resolve(&args.source, None, Want::Redis) {
         Ok(s) => s,
@@ -186,6 +185,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             _ => return Err(redis_err),
         },
     };
+    let jobs = settings::jobs(args.jobs, &source.storage)?;
     let storage = Storage::open(&source.storage)?;
     let quick = AuditOptions {
         hashing: Policy::simple(jobs, true),

@@ -10,8 +10,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -283,10 +283,14 @@ pub struct ObjectStorage {
     repo_keys: BTreeSet<String>,
     requests: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    /// Small objects fetched ahead by `prefetch`, each handed out once by `read_small`.
+    prefetched: Mutex<HashMap<String, Bytes>>,
 }
 
 /// Concurrent LIST requests while opening.
 const LIST_CONCURRENCY: usize = 16;
+/// Concurrent GETs of small objects (links) in `prefetch`.
+const READ_CONCURRENCY: usize = 32;
 
 impl ObjectStorage {
     pub fn open(spec: &ObjectSpec) -> Result<ObjectStorage, String> {
@@ -310,6 +314,7 @@ impl ObjectStorage {
             repo_keys: BTreeSet::new(),
             requests: Arc::new(AtomicU64::new(0)),
             bytes: Arc::new(AtomicU64::new(0)),
+            prefetched: Mutex::new(HashMap::new()),
         };
         o.list_all()?;
         Ok(o)
@@ -556,9 +561,55 @@ impl ObjectStorage {
         }
     }
 
+    /// GETs the listed ones of `locs` (at most `max` bytes each), READ_CONCURRENCY at a
+    /// time, and keeps them for `read_small`; what fails is left for `read_small` to fetch
+    /// again and report. Reading links one by one would cost a round trip each.
+    pub fn prefetch(&self, locs: &[String], max: u64) {
+        let wanted: Vec<(String, ObjectPath)> = locs
+            .iter()
+            .filter(|l| self.repo_keys.contains(l.as_str()))
+            .map(|l| (l.clone(), self.key(l)))
+            .collect();
+        self.requests
+            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        let fetched: Vec<(String, object_store::Result<Option<Bytes>>)> = self.runtime.block_on(
+            futures::stream::iter(wanted.into_iter().map(|(loc, key)| {
+                let store = self.store.clone();
+                async move {
+                    let got = async {
+                        let r = store.get(&key).await?;
+                        if r.meta.size > max {
+                            return Ok(None);
+                        }
+                        r.bytes().await.map(Some)
+                    }
+                    .await;
+                    (loc, got)
+                }
+            }))
+            .buffer_unordered(READ_CONCURRENCY)
+            .collect(),
+        );
+        let mut kept = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        for (loc, got) in fetched {
+            if let Ok(Some(b)) = got {
+                self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                kept.insert(loc, b);
+            }
+        }
+    }
+
     pub fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
         if loc.starts_with("repositories/") && !self.repo_keys.contains(loc) {
             return Err(io::Error::new(io::ErrorKind::NotFound, "no such object"));
+        }
+        let ahead = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(loc);
+        if let Some(b) = ahead {
+            return Ok(b.to_vec());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let key = self.key(loc);

@@ -60,11 +60,6 @@ struct PurgeSettings {
 pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let opts = AuditOptions {
-        hashing: crate::rehash::Policy::simple(settings::jobs(args.jobs)?, args.quick),
-        verify_storage: false,
-        shard: crate::shard::Shard::ALL,
-    };
     let s = PurgeSettings {
         format: match settings::default_format(args.format, None) {
             Format::Prometheus => return Err("purge writes table or json, not prometheus".into()),
@@ -86,6 +81,14 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         None => {
             let source = Source::from_args(&args.source)?;
             let scan_count = settings::scan_count(&args.source)?;
+            let opts = AuditOptions {
+                hashing: crate::rehash::Policy::simple(
+                    settings::jobs(args.jobs, &source.storage)?,
+                    args.quick,
+                ),
+                verify_storage: false,
+                shard: crate::shard::Shard::ALL,
+            };
             let (storage, audit) = check::audit_source(&source, scan_count, opts)?;
             let mut conn = source.redis()?.connect_cache()?;
             let plan = purge::build_plan(

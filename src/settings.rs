@@ -80,7 +80,6 @@ pub struct CheckSettings {
 
 impl CheckSettings {
     pub fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
-        let jobs = jobs(args.jobs)?;
         let want = match (&args.cache_dump, args.storage_only) {
             (Some(_), true) => {
                 return Err("--cache-dump and --storage-only exclude each other".into());
@@ -97,6 +96,7 @@ impl CheckSettings {
                 .as_ref()
                 .map(|s| PathBuf::from(format!("{}.lock", s.display())))
         });
+        let source = Source::resolve(&args.source, None, want)?;
         Ok(CheckSettings {
             verify_storage: !args.skip_storage,
             state: args.state.clone(),
@@ -129,9 +129,9 @@ impl CheckSettings {
                     None => crate::shard::Shard::parse(spec)?,
                 }),
             },
-            source: Source::resolve(&args.source, None, want)?,
             report: ReportSettings::from_args(&args.report),
-            jobs,
+            jobs: jobs(args.jobs, &source.storage)?,
+            source,
             quick: args.quick,
             scan_count: scan_count(&args.source)?,
         })
@@ -139,13 +139,19 @@ impl CheckSettings {
 }
 
 /// `--jobs`, defaulting to every core.
-pub fn jobs(flag: Option<usize>) -> Result<usize, String> {
-    match flag {
-        Some(0) => Err("--jobs must be at least 1".into()),
-        Some(n) => Ok(n),
-        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+pub fn jobs(flag: Option<usize>, storage: &StorageSpec) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match (flag, storage) {
+        (Some(0), _) => Err("--jobs must be at least 1".into()),
+        (Some(n), _) => Ok(n),
+        (None, StorageSpec::Fs(_)) => Ok(cores),
+        // Each GET mostly waits on the network: more streams than cores keep it busy.
+        (None, StorageSpec::Object(_)) => Ok(cores.max(OBJECT_STORAGE_JOBS)),
     }
 }
+
+/// Blobs streamed at once from object storage when --jobs is not given.
+pub const OBJECT_STORAGE_JOBS: usize = 16;
 
 /// `--format`, defaulting to a table on a terminal and JSON otherwise.
 pub fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {

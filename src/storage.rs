@@ -440,6 +440,14 @@ impl Storage {
         }
     }
 
+    /// Tells storage which small objects (links) are about to be read with `read_small`:
+    /// object storage fetches them concurrently now, a filesystem does nothing.
+    pub fn prefetch(&self, locs: &[String], max: u64) {
+        if let Storage::Object(o) = self {
+            o.prefetch(locs, max);
+        }
+    }
+
     pub fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
         match self {
             Storage::Fs(fs) => fs.read_small(&fs.v2.join(loc), max),

@@ -15,6 +15,8 @@ use crate::storage::{BlobStat, Storage};
 const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 /// Link files hold one digest; anything larger is not a link.
 const MAX_LINK: u64 = 1024;
+/// Links asked of storage at a time (object storage fetches them concurrently).
+const PREFETCH: usize = 1024;
 /// How deep indexes may nest.
 const MAX_DEPTH: usize = 8;
 
@@ -114,10 +116,19 @@ impl Verifier<'_> {
                 "manifest revision",
             ),
         ] {
-            for (path, alg, hex) in self.storage.links(repo, sub) {
+            let links = self.storage.links(repo, sub);
+            for (n, (path, alg, hex)) in links.iter().enumerate() {
+                if n % PREFETCH == 0 {
+                    let next: Vec<String> = links[n..]
+                        .iter()
+                        .take(PREFETCH)
+                        .map(|l| l.0.clone())
+                        .collect();
+                    self.storage.prefetch(&next, MAX_LINK);
+                }
                 self.counts.links_checked += 1;
                 let expected = Digest::parse(format!("{alg}:{hex}").as_bytes());
-                let Some(d) = self.read_link(repo, &path, Some(expected)) else {
+                let Some(d) = self.read_link(repo, path, Some(expected)) else {
                     continue;
                 };
                 if !self.has_blob(&d) {
@@ -135,15 +146,24 @@ impl Verifier<'_> {
                         severity,
                         Some(d),
                         Some(repo.to_string()),
-                        self.storage.relative(&path),
+                        self.storage.relative(path),
                         detail,
                     ));
                 }
             }
         }
-        for tag in self.storage.tags(repo) {
+        let tags = self.storage.tags(repo);
+        for (n, tag) in tags.iter().enumerate() {
+            if n % PREFETCH == 0 {
+                let next: Vec<String> = tags[n..]
+                    .iter()
+                    .take(PREFETCH)
+                    .map(|t| self.storage.tag_link(repo, t))
+                    .collect();
+                self.storage.prefetch(&next, MAX_LINK);
+            }
             self.counts.tags_checked += 1;
-            let path = self.storage.tag_link(repo, &tag);
+            let path = self.storage.tag_link(repo, tag);
             if !self.storage.exists(&path) {
                 continue; // a tag directory without current/link: not a tag the registry lists
             }
