@@ -210,7 +210,7 @@ impl Source {
                         return Err("--storage-endpoint does not apply to gs://: a GCS key file names its own server (gcs_base_url)".into());
                     }
                     spec.endpoint = Some(e.clone());
-                    spec.path_style = true;
+                    spec.path_style = spec.service == Service::S3;
                 }
                 if let Some(r) = &args.s3_region {
                     spec.region = Some(r.clone());
@@ -412,5 +412,43 @@ mod tests {
         .expect("target");
         assert_eq!(t.display(), "redis://:***@10.0.0.5:6379/2");
         assert_eq!(t.info.redis_settings().password(), Some("hunter2"));
+    }
+
+    fn storage_args(url: &str, endpoint: Option<&str>) -> SourceArgs {
+        SourceArgs {
+            config: None,
+            root: None,
+            storage: Some(url.into()),
+            storage_endpoint: endpoint.map(str::to_string),
+            s3_region: None,
+            redis: None,
+            scan_count: 1000,
+            redis_cluster: false,
+        }
+    }
+
+    #[test]
+    fn storage_urls_and_their_endpoints() {
+        let s = Source::resolve(
+            &storage_args("azure://acct/regs/p", Some("http://127.0.0.1:1/acct")),
+            None,
+            Want::Nothing,
+        )
+        .expect("azure");
+        assert_eq!(
+            s.storage.describe(),
+            "azure://acct/regs/p at http://127.0.0.1:1/acct"
+        );
+        // Object storage streams at least 16 blobs at once; a filesystem one per core.
+        assert!(jobs(None, &s.storage).expect("jobs") >= OBJECT_STORAGE_JOBS);
+        assert_eq!(jobs(Some(3), &s.storage), Ok(3));
+        assert!(jobs(Some(0), &s.storage).is_err());
+        let err = Source::resolve(
+            &storage_args("gs://b", Some("http://x")),
+            None,
+            Want::Nothing,
+        )
+        .expect_err("gs with an endpoint");
+        assert!(err.contains("gcs_base_url"), "{err}");
     }
 }
