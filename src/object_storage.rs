@@ -135,7 +135,8 @@ impl ObjectSpec {
             s.push_str(&self.prefix);
         }
         if let Some(e) = &self.endpoint {
-            s.push_str(&format!(" at {e}"));
+            s.push_str(" at ");
+            s.push_str(&without_secrets(e));
         }
         s
     }
@@ -665,6 +666,24 @@ fn to_io(e: object_store::Error) -> io::Error {
     }
 }
 
+/// An endpoint URL without what may carry a secret: a query (an Azure SAS token) and
+/// user information.
+fn without_secrets(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            if path.is_empty() && !rest.contains('/') {
+                format!("{scheme}://{host}")
+            } else {
+                format!("{scheme}://{host}/{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("error").to_string()
 }
@@ -718,6 +737,14 @@ mod tests {
                 )
             );
         }
+        let sas = ObjectSpec {
+            endpoint: Some("https://u:pw@acct.blob.core.windows.net/?sv=1&sig=SECRET".into()),
+            ..ObjectSpec::from_url("azure://acct/c").expect("azure")
+        };
+        assert_eq!(
+            sas.describe(),
+            "azure://acct/c at https://acct.blob.core.windows.net/"
+        );
         for bad in ["http://x", "s3:///x", "azure://acct", "azure:///c", "gs://"] {
             assert!(ObjectSpec::from_url(bad).is_err(), "{bad}");
         }
