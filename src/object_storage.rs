@@ -562,13 +562,14 @@ impl ObjectStorage {
         }
     }
 
-    /// GETs the listed ones of `locs` (at most `max` bytes each), READ_CONCURRENCY at a
-    /// time, and keeps them for `read_small`; what fails is left for `read_small` to fetch
-    /// again and report. Reading links one by one would cost a round trip each.
+    /// GETs the listed ones of `locs` (links, manifests; at most `max` bytes each),
+    /// READ_CONCURRENCY at a time, and keeps them for `read_small` until the next call;
+    /// what fails is left for `read_small` to fetch again and report. Reading them one
+    /// by one would cost a round trip each.
     pub fn prefetch(&self, locs: &[String], max: u64) {
         let wanted: Vec<(String, ObjectPath)> = locs
             .iter()
-            .filter(|l| self.repo_keys.contains(l.as_str()))
+            .filter(|l| self.exists(l))
             .map(|l| (l.clone(), self.key(l)))
             .collect();
         self.requests
@@ -592,6 +593,8 @@ impl ObjectStorage {
             .collect(),
         );
         let mut kept = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        // What an earlier call kept and nobody read is dropped: memory stays one batch.
+        kept.clear();
         for (loc, got) in fetched {
             if let Ok(Some(b)) = got {
                 self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);

@@ -440,8 +440,9 @@ impl Storage {
         }
     }
 
-    /// Tells storage which small objects (links) are about to be read with `read_small`:
-    /// object storage fetches them concurrently now, a filesystem does nothing.
+    /// Tells storage which small objects (links, manifests) are about to be read with
+    /// `read_small`, before the next call: object storage fetches them concurrently now,
+    /// a filesystem does nothing.
     pub fn prefetch(&self, locs: &[String], max: u64) {
         if let Storage::Object(o) = self {
             o.prefetch(locs, max);

@@ -4,7 +4,7 @@
 //! a tag that can no longer be pulled is reported with the tag, the manifest and the
 //! missing digest. It reads storage only and knows nothing about the cache.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
@@ -153,58 +153,73 @@ impl Verifier<'_> {
             }
         }
         let tags = self.storage.tags(repo);
-        for (n, tag) in tags.iter().enumerate() {
-            if n % PREFETCH == 0 {
-                let next: Vec<String> = tags[n..]
-                    .iter()
-                    .take(PREFETCH)
-                    .map(|t| self.storage.tag_link(repo, t))
-                    .collect();
-                self.storage.prefetch(&next, MAX_LINK);
+        for chunk in tags.chunks(PREFETCH) {
+            let paths: Vec<String> = chunk
+                .iter()
+                .map(|t| self.storage.tag_link(repo, t))
+                .collect();
+            self.storage.prefetch(&paths, MAX_LINK);
+            // The chunk's tags resolved first, so the manifests they name are fetched
+            // together.
+            let mut resolved = Vec::with_capacity(chunk.len());
+            for (tag, path) in chunk.iter().zip(paths) {
+                self.counts.tags_checked += 1;
+                if !self.storage.exists(&path) {
+                    continue; // a tag directory without current/link: not a tag the registry lists
+                }
+                if let Some(manifest) = self.read_link(repo, &path, None) {
+                    resolved.push((tag, path, manifest));
+                }
             }
-            self.counts.tags_checked += 1;
-            let path = self.storage.tag_link(repo, tag);
-            if !self.storage.exists(&path) {
-                continue; // a tag directory without current/link: not a tag the registry lists
+            let unread: BTreeSet<Digest> = resolved
+                .iter()
+                .map(|r| r.2)
+                .filter(|m| !self.missing_by_manifest.contains_key(m))
+                .collect();
+            let locs: Vec<String> = unread.iter().map(|m| self.storage.blob_loc(m)).collect();
+            self.storage.prefetch(&locs, MAX_MANIFEST);
+            for (tag, path, manifest) in resolved {
+                self.tag(repo, tag, &path, manifest);
             }
-            let Some(manifest) = self.read_link(repo, &path, None) else {
-                continue;
-            };
-            if !self.has_blob(&manifest) {
-                let mut f = Finding::storage(
-                    Kind::DanglingTag,
-                    Severity::Error,
-                    Some(manifest),
-                    Some(repo.to_string()),
-                    self.storage.relative(&path),
-                    format!(
-                        "tag {tag} points to manifest {manifest}, whose blob is gone: the tag cannot be pulled"
-                    ),
-                );
-                f.tag = Some(tag.clone());
-                self.findings.push(f);
-                continue;
-            }
-            if self.followed_here.insert(manifest) {
-                self.counts.tagged_manifests_checked += 1;
-            }
-            let mut visiting = HashSet::new();
-            let missing = self.missing_under(manifest, 0, &mut visiting);
-            for (via, blob) in missing {
-                let mut f = Finding::storage(
-                    Kind::MissingReferencedBlob,
-                    Severity::Error,
-                    Some(blob),
-                    Some(repo.to_string()),
-                    self.storage.relative(&path),
-                    format!(
-                        "tag {tag}: manifest {via} references {blob}, whose blob is gone: the image cannot be pulled"
-                    ),
-                );
-                f.tag = Some(tag.clone());
-                f.manifest = Some(via);
-                self.findings.push(f);
-            }
+        }
+    }
+
+    /// Checks one tag that resolved to `manifest`: its blob, and every blob under it.
+    fn tag(&mut self, repo: &str, tag: &str, path: &str, manifest: Digest) {
+        if !self.has_blob(&manifest) {
+            let mut f = Finding::storage(
+                Kind::DanglingTag,
+                Severity::Error,
+                Some(manifest),
+                Some(repo.to_string()),
+                self.storage.relative(path),
+                format!(
+                    "tag {tag} points to manifest {manifest}, whose blob is gone: the tag cannot be pulled"
+                ),
+            );
+            f.tag = Some(tag.to_string());
+            self.findings.push(f);
+            return;
+        }
+        if self.followed_here.insert(manifest) {
+            self.counts.tagged_manifests_checked += 1;
+        }
+        let mut visiting = HashSet::new();
+        let missing = self.missing_under(manifest, 0, &mut visiting);
+        for (via, blob) in missing {
+            let mut f = Finding::storage(
+                Kind::MissingReferencedBlob,
+                Severity::Error,
+                Some(blob),
+                Some(repo.to_string()),
+                self.storage.relative(path),
+                format!(
+                    "tag {tag}: manifest {via} references {blob}, whose blob is gone: the image cannot be pulled"
+                ),
+            );
+            f.tag = Some(tag.to_string());
+            f.manifest = Some(via);
+            self.findings.push(f);
         }
     }
 

@@ -1,6 +1,7 @@
 //! Storage verification after GC-style damage, and cache dumps, end to end with the real
 //! registry: `check --storage-only` reports exactly the broken tags, manifests and
-//! links; `export-cache` then `check --cache-dump` reports what `check --redis` does.
+//! links, and the same from a copy in Azure; `export-cache` then `check --cache-dump`
+//! reports what `check --redis` does.
 
 mod common;
 
@@ -133,6 +134,30 @@ fn storage_verification_finds_exactly_what_gc_can_break() {
     );
     // Storage was only read: the files the test removed are still removed, nothing new.
     assert!(!reg.has_blob(layer));
+
+    // The same storage in object storage (Azure, through Azurite): the same findings,
+    // with links and manifests fetched ahead in batches.
+    let azurite = Azurite::start();
+    azurite.create_container("verify");
+    azurite.upload_tree("verify", &reg.root, S3_PREFIX);
+    let storage = format!("azure://{AZURITE_ACCOUNT}/verify/{S3_PREFIX}");
+    let (code, out, err) = run_tool_env(
+        &[
+            "check",
+            "--storage-only",
+            "--storage",
+            &storage,
+            "--storage-endpoint",
+            &azurite.endpoint(),
+            "--format",
+            "json",
+        ],
+        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)],
+    );
+    assert_eq!(code, 1, "{err}");
+    let in_azure = json(&out);
+    assert_eq!(in_azure["findings"], report["findings"]);
+    assert_eq!(in_azure["summary"]["storage"], report["summary"]["storage"]);
 }
 
 fn base_digest(image: &Image) -> String {
