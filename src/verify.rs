@@ -52,7 +52,7 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
         missing_by_manifest: HashMap::new(),
         findings: Vec::new(),
         counts: VerifyCounts::default(),
-        followed_here: HashSet::new(),
+        followed: HashSet::new(),
     };
     let (repos, bad) = storage.repositories();
     let bad: Vec<String> = if shard.owns_unsharded() {
@@ -70,11 +70,82 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
             format!("'{name}' is not a valid repository name; the registry cannot serve it"),
         ));
     }
-    for repo in repos.iter().filter(|r| shard.owns_repository(r)) {
+    // Repositories go in batches of about PREFETCH reads, so object storage fetches the
+    // links (and then the manifests) of many small repositories together.
+    let owned: Vec<&String> = repos.iter().filter(|r| shard.owns_repository(r)).collect();
+    let mut batch: Vec<Read> = Vec::new();
+    for repo in owned {
         v.counts.repositories += 1;
-        v.repository(repo);
+        batch.extend(reads(storage, repo));
+        if batch.len() >= PREFETCH {
+            v.batch(std::mem::take(&mut batch));
+        }
     }
+    v.batch(batch);
     (v.findings, v.counts)
+}
+
+/// One link to read: a layer link, a manifest revision link or a tag's current link.
+struct Read {
+    repo: String,
+    path: String,
+    what: LinkKind,
+}
+
+enum LinkKind {
+    /// A link in `_layers` or `_manifests/revisions`, named after the digest it should
+    /// hold (None when the name is not a valid digest).
+    Named {
+        expected: Option<Digest>,
+        kind: Kind,
+        severity: Severity,
+        what: &'static str,
+    },
+    Tag(String),
+}
+
+/// Every link of `repo` to read, in order: layers, revisions, then tags that have one.
+fn reads(storage: &Storage, repo: &str) -> Vec<Read> {
+    let mut out = Vec::new();
+    for (sub, kind, severity, what) in [
+        (
+            "_layers",
+            Kind::DanglingLayerLink,
+            Severity::Warning,
+            "layer link",
+        ),
+        (
+            "_manifests/revisions",
+            Kind::DanglingManifestRevision,
+            Severity::Error,
+            "manifest revision",
+        ),
+    ] {
+        for (path, alg, hex) in storage.links(repo, sub) {
+            out.push(Read {
+                repo: repo.to_string(),
+                path,
+                what: LinkKind::Named {
+                    expected: Digest::parse(format!("{alg}:{hex}").as_bytes()),
+                    kind,
+                    severity,
+                    what,
+                },
+            });
+        }
+    }
+    for tag in storage.tags(repo) {
+        let path = storage.tag_link(repo, &tag);
+        // A tag directory without current/link is not a tag the registry lists.
+        if storage.exists(&path) {
+            out.push(Read {
+                repo: repo.to_string(),
+                path,
+                what: LinkKind::Tag(tag),
+            });
+        }
+    }
+    out
 }
 
 struct Verifier<'a> {
@@ -85,8 +156,8 @@ struct Verifier<'a> {
     missing_by_manifest: HashMap<Digest, Vec<(Digest, Digest)>>,
     findings: Vec<Finding>,
     counts: VerifyCounts,
-    /// Manifests followed in the current repository (for the count).
-    followed_here: HashSet<Digest>,
+    /// (repository, manifest) followed from a tag (for the count).
+    followed: HashSet<(String, Digest)>,
 }
 
 impl Verifier<'_> {
@@ -100,86 +171,65 @@ impl Verifier<'_> {
         p
     }
 
-    fn repository(&mut self, repo: &str) {
-        self.followed_here.clear();
-        for (sub, kind, severity, what) in [
-            (
-                "_layers",
-                Kind::DanglingLayerLink,
-                Severity::Warning,
-                "layer link",
-            ),
-            (
-                "_manifests/revisions",
-                Kind::DanglingManifestRevision,
-                Severity::Error,
-                "manifest revision",
-            ),
-        ] {
-            let links = self.storage.links(repo, sub);
-            for (n, (path, alg, hex)) in links.iter().enumerate() {
-                if n % PREFETCH == 0 {
-                    let next: Vec<String> = links[n..]
-                        .iter()
-                        .take(PREFETCH)
-                        .map(|l| l.0.clone())
-                        .collect();
-                    self.storage.prefetch(&next, MAX_LINK);
-                }
-                self.counts.links_checked += 1;
-                let expected = Digest::parse(format!("{alg}:{hex}").as_bytes());
-                let Some(d) = self.read_link(repo, path, Some(expected)) else {
-                    continue;
-                };
-                if !self.has_blob(&d) {
-                    let detail = if kind == Kind::DanglingLayerLink {
-                        format!(
-                            "{what} to a blob that is gone (garbage collection of distribution 2.8 leaves these; harmless unless a manifest still needs the blob)"
-                        )
-                    } else {
-                        format!(
-                            "{what} to a manifest whose blob is gone: pulls by this digest fail"
-                        )
-                    };
-                    self.findings.push(Finding::storage(
+    /// Checks a batch of links: read PREFETCH at a time, then the manifests of the tags
+    /// among them, PREFETCH at a time.
+    fn batch(&mut self, reads: Vec<Read>) {
+        // A repository's reads are never split between batches.
+        self.followed.clear();
+        let mut tags = Vec::new();
+        for window in reads.chunks(PREFETCH) {
+            let paths: Vec<String> = window.iter().map(|r| r.path.clone()).collect();
+            self.storage.prefetch(&paths, MAX_LINK);
+            for r in window {
+                match &r.what {
+                    LinkKind::Named {
+                        expected,
                         kind,
                         severity,
-                        Some(d),
-                        Some(repo.to_string()),
-                        self.storage.relative(path),
-                        detail,
-                    ));
+                        what,
+                    } => {
+                        self.counts.links_checked += 1;
+                        let Some(d) = self.read_link(&r.repo, &r.path, Some(*expected)) else {
+                            continue;
+                        };
+                        if !self.has_blob(&d) {
+                            let detail = if *kind == Kind::DanglingLayerLink {
+                                format!(
+                                    "{what} to a blob that is gone (garbage collection of distribution 2.8 leaves these; harmless unless a manifest still needs the blob)"
+                                )
+                            } else {
+                                format!(
+                                    "{what} to a manifest whose blob is gone: pulls by this digest fail"
+                                )
+                            };
+                            self.findings.push(Finding::storage(
+                                *kind,
+                                *severity,
+                                Some(d),
+                                Some(r.repo.clone()),
+                                self.storage.relative(&r.path),
+                                detail,
+                            ));
+                        }
+                    }
+                    LinkKind::Tag(tag) => {
+                        if let Some(manifest) = self.read_link(&r.repo, &r.path, None) {
+                            tags.push((r, tag, manifest));
+                        }
+                    }
                 }
             }
         }
-        let tags = self.storage.tags(repo);
-        for chunk in tags.chunks(PREFETCH) {
-            let paths: Vec<String> = chunk
+        for window in tags.chunks(PREFETCH) {
+            let unread: BTreeSet<Digest> = window
                 .iter()
-                .map(|t| self.storage.tag_link(repo, t))
-                .collect();
-            self.storage.prefetch(&paths, MAX_LINK);
-            // The chunk's tags resolved first, so the manifests they name are fetched
-            // together.
-            let mut resolved = Vec::with_capacity(chunk.len());
-            for (tag, path) in chunk.iter().zip(paths) {
-                self.counts.tags_checked += 1;
-                if !self.storage.exists(&path) {
-                    continue; // a tag directory without current/link: not a tag the registry lists
-                }
-                if let Some(manifest) = self.read_link(repo, &path, None) {
-                    resolved.push((tag, path, manifest));
-                }
-            }
-            let unread: BTreeSet<Digest> = resolved
-                .iter()
-                .map(|r| r.2)
+                .map(|t| t.2)
                 .filter(|m| !self.missing_by_manifest.contains_key(m))
                 .collect();
             let locs: Vec<String> = unread.iter().map(|m| self.storage.blob_loc(m)).collect();
             self.storage.prefetch(&locs, MAX_MANIFEST);
-            for (tag, path, manifest) in resolved {
-                self.tag(repo, tag, &path, manifest);
+            for (r, tag, manifest) in window {
+                self.tag(&r.repo, tag, &r.path, *manifest);
             }
         }
     }
@@ -201,7 +251,7 @@ impl Verifier<'_> {
             self.findings.push(f);
             return;
         }
-        if self.followed_here.insert(manifest) {
+        if self.followed.insert((repo.to_string(), manifest)) {
             self.counts.tagged_manifests_checked += 1;
         }
         let mut visiting = HashSet::new();
