@@ -16,11 +16,7 @@ fn check(store: &Store, redis: &Redis, extra: &[&str]) -> (i32, serde_json::Valu
     ];
     args.extend_from_slice(extra);
     let (code, out, err) = run_tool(&args);
-    let report = if out.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        json(&out)
-    };
+    let report = json_or_null(&out);
     (code, report, err)
 }
 

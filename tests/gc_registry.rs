@@ -26,11 +26,7 @@ fn gc(s: &Scenario, extra: &[&str], command: &[&str]) -> (i32, serde_json::Value
     args.push("--");
     args.extend_from_slice(command);
     let (code, out, err) = run_tool(&args);
-    let v = if out.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        json(&out)
-    };
+    let v = json_or_null(&out);
     (code, v, err)
 }
 

@@ -40,11 +40,7 @@ fn check(store: &Store, redis: &Redis, extra: &[&str]) -> (i32, serde_json::Valu
     ];
     args.extend_from_slice(extra);
     let (code, out, err) = run_tool(&args);
-    let v = if out.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        json(&out)
-    };
+    let v = json_or_null(&out);
     (code, v, err)
 }
 

@@ -131,10 +131,8 @@ fn purge_removes_exactly_the_phantoms_and_fixes_the_re_push() {
     }
 
     // check now finds nothing.
-    let (code, out, _) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
-    assert_eq!(code, 0, "{out}");
+    let (code, report, _) = check_fs(&s, &[]);
+    assert_eq!(code, 0, "{report:#}");
 
     // restore gives back the pre-purge state exactly.
     let (code, out, err) = run_tool(&[
@@ -277,10 +275,8 @@ fn a_saved_plan_keeps_the_entries_of_blobs_that_came_back() {
             );
         }
     }
-    let (code, out, _) = run_tool(&[
-        "check", "--root", &root, "--redis", &url, "--format", "json",
-    ]);
-    assert_eq!(code, 0, "{out}");
+    let (code, report, _) = check_fs(&s, &[]);
+    assert_eq!(code, 0, "{report:#}");
 
     // The summary in the table names what was kept and why.
     let (code, out, err) = run_tool(&[

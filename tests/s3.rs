@@ -22,14 +22,24 @@ fn on_s3(
     redis: &Redis,
     extra: &[&str],
 ) -> (i32, serde_json::Value, String) {
+    on_s3_at(&moto.endpoint(), bucket, redis, extra)
+}
+
+/// `check --storage s3://bucket/PREFIX` against the S3 server at `endpoint`.
+fn on_s3_at(
+    endpoint: &str,
+    bucket: &str,
+    redis: &Redis,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
     let storage = format!("s3://{bucket}/{S3_PREFIX}");
-    let (endpoint, url) = (moto.endpoint(), redis.url());
+    let url = redis.url();
     let mut args = vec![
         "check",
         "--storage",
         &storage,
         "--s3-endpoint",
-        &endpoint,
+        endpoint,
         "--redis",
         &url,
         "--format",
@@ -37,11 +47,7 @@ fn on_s3(
     ];
     args.extend_from_slice(extra);
     let (code, out, err) = run_tool_env(&args, &AWS_ENV);
-    let v = if out.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        json(&out)
-    };
+    let v = json_or_null(&out);
     (code, v, err)
 }
 
@@ -196,29 +202,13 @@ fn throttling_and_a_dropped_connection_are_retried() {
 
     // Three 503 SlowDown answers, then a connection closed without an answer.
     let proxy = FaultyProxy::start(moto.port, 3);
-    let storage = format!("s3://copy/{S3_PREFIX}");
-    let (endpoint, url) = (proxy.endpoint(), s.redis.url());
-    let (code, out, err) = run_tool_env(
-        &[
-            "check",
-            "--storage",
-            &storage,
-            "--s3-endpoint",
-            &endpoint,
-            "--redis",
-            &url,
-            "--format",
-            "json",
-        ],
-        &AWS_ENV,
-    );
+    let (code, through, err) = on_s3_at(&proxy.endpoint(), "copy", &s.redis, &[]);
     assert_eq!(code, 1, "{err}");
     assert_eq!(
         proxy.faults.load(std::sync::atomic::Ordering::Relaxed),
         4,
         "every fault was served"
     );
-    let through = json(&out);
     assert_eq!(through["findings"], direct["findings"]);
     assert_eq!(
         through["summary"]["bytes_hashed"],

@@ -771,6 +771,15 @@ pub fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
+/// The report a run printed, or Null when it printed nothing (a run that could not run).
+pub fn json_or_null(stdout: &str) -> serde_json::Value {
+    if stdout.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        json(stdout)
+    }
+}
+
 /// (kind, repository, digest) of every finding, sorted.
 pub fn finding_triples(
     report: &serde_json::Value,
@@ -867,11 +876,7 @@ pub fn purge_apply(config: &str, plan: &str, journal: &str) -> (i32, serde_json:
         "--format",
         "json",
     ]);
-    let report = if out.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        json(&out)
-    };
+    let report = json_or_null(&out);
     (code, report, err)
 }
 
