@@ -385,6 +385,13 @@ impl ObjectStorage {
                     "{place} refused the credentials: {}",
                     spec.service.credentials_hint()
                 )
+            } else if text.contains("HTTP error") {
+                // object_store ends with the cause, after the request and its retries.
+                let cause = text.rsplit_once(" - ").map_or("no answer", |(_, c)| c);
+                format!(
+                    "cannot reach {place}: {}, after retrying: check the endpoint and the network",
+                    first_line(cause.trim_start_matches("HTTP error: "))
+                )
             } else {
                 let line = first_line(&text);
                 format!(

@@ -5,7 +5,7 @@
 //! tool then reads it through the registry's own `storage.azure` / `storage.gcs`
 //! settings (or `--storage` URLs) and must report exactly what it reports on the
 //! filesystem; in Azure also a corrupted object, purge's re-check, throttling and a
-//! dropped connection, a missing container and a wrong key.
+//! dropped connection, a missing container, a wrong key and an endpoint nobody answers.
 
 mod common;
 
@@ -264,4 +264,19 @@ fn a_missing_container_and_a_wrong_key_are_exit_2_with_one_line() {
         !err.contains(wrong) && !err.contains("d3Jvbm"),
         "no key is printed: {err}"
     );
+
+    // Nothing listening at the endpoint: retried, then one line.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    std::fs::write(
+        &config,
+        text.replace(&format!(":{}/", azurite.port), &format!(":{dead}/")),
+    )
+    .expect("config");
+    let (code, _, err) = run_tool(&["check", "--config", &config]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
