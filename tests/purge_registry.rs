@@ -8,8 +8,27 @@ use std::collections::BTreeSet;
 
 use common::*;
 
-fn root_url(s: &Scenario) -> (String, String) {
-    (s.registry.root.display().to_string(), s.redis.url())
+/// `purge --root ROOT --redis URL` of the scenario, with `extra` flags.
+fn purge(s: &Scenario, extra: &[&str]) -> (i32, String, String) {
+    let (root, url) = (s.registry.root.display().to_string(), s.redis.url());
+    let mut args = vec!["purge", "--root", &root, "--redis", &url];
+    args.extend_from_slice(extra);
+    run_tool(&args)
+}
+
+/// `restore --journal JOURNAL --redis URL --format json`: exit code, result, stderr.
+fn restore(s: &Scenario, journal: &str) -> (i32, serde_json::Value, String) {
+    let url = s.redis.url();
+    let (code, out, err) = run_tool(&[
+        "restore",
+        "--journal",
+        journal,
+        "--redis",
+        &url,
+        "--format",
+        "json",
+    ]);
+    (code, json_or_null(&out)["result"].clone(), err)
 }
 
 fn add_foreign_keys(s: &Scenario) {
@@ -49,21 +68,9 @@ fn purge_removes_exactly_the_phantoms_and_fixes_the_re_push() {
     add_foreign_keys(&s);
     let expected = expected_phantoms(&s);
     let before = s.redis.dump();
-    let (root, url) = root_url(&s);
     let journal = s.dir.path("purge.jsonl").display().to_string();
 
-    let (code, out, err) = run_tool(&[
-        "purge",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--yes",
-        "--journal",
-        &journal,
-        "--format",
-        "json",
-    ]);
+    let (code, out, err) = purge(&s, &["--yes", "--journal", &journal, "--format", "json"]);
     assert_eq!(code, 0, "{err}\n{out}");
     let report = json(&out);
     assert_eq!(report["mode"], "applied");
@@ -135,17 +142,9 @@ fn purge_removes_exactly_the_phantoms_and_fixes_the_re_push() {
     assert_eq!(code, 0, "{report:#}");
 
     // restore gives back the pre-purge state exactly.
-    let (code, out, err) = run_tool(&[
-        "restore",
-        "--journal",
-        &journal,
-        "--redis",
-        &url,
-        "--format",
-        "json",
-    ]);
+    let (code, result, err) = restore(&s, &journal);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(json(&out)["result"]["entries_left_alone"], 0);
+    assert_eq!(result["entries_left_alone"], 0);
     assert_eq!(
         s.redis.dump(),
         before,
@@ -154,16 +153,7 @@ fn purge_removes_exactly_the_phantoms_and_fixes_the_re_push() {
 
     // Purge again (a cron run), then the re-push uploads for real and the pull works.
     let journal2 = s.dir.path("purge2.jsonl").display().to_string();
-    let (code, _, err) = run_tool(&[
-        "purge",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--yes",
-        "--journal",
-        &journal2,
-    ]);
+    let (code, _, err) = purge(&s, &["--yes", "--journal", &journal2]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         s.registry.head_blob("team/app2", &s.app2.layers[1]),
@@ -180,18 +170,8 @@ fn dry_run_and_unconfirmed_runs_change_nothing() {
     delete_app2_and_gc(&s);
     add_foreign_keys(&s);
     let before = s.redis.dump();
-    let (root, url) = root_url(&s);
 
-    let (code, out, err) = run_tool(&[
-        "purge",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--dry-run",
-        "--format",
-        "json",
-    ]);
+    let (code, out, err) = purge(&s, &["--dry-run", "--format", "json"]);
     assert_eq!(code, 1, "planned live phantoms are left: {err}");
     let report = json(&out);
     assert_eq!(report["mode"], "dry-run");
@@ -200,9 +180,7 @@ fn dry_run_and_unconfirmed_runs_change_nothing() {
     assert_eq!(s.redis.dump(), before);
 
     // No terminal and no --yes: the plan is shown, nothing changes, exit non-zero.
-    let (code, out, err) = run_tool(&[
-        "purge", "--root", &root, "--redis", &url, "--format", "table",
-    ]);
+    let (code, out, err) = purge(&s, &["--format", "table"]);
     assert_eq!(code, 2);
     assert!(
         err.contains("--yes") && err.contains("nothing was changed"),
@@ -216,19 +194,8 @@ fn dry_run_and_unconfirmed_runs_change_nothing() {
 fn a_saved_plan_keeps_the_entries_of_blobs_that_came_back() {
     let s = shared_layers_scenario("plan");
     delete_app2_and_gc(&s);
-    let (root, url) = root_url(&s);
     let plan = s.dir.path("plan.json").display().to_string();
-    let (code, out, err) = run_tool(&[
-        "purge",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--plan-out",
-        &plan,
-        "--format",
-        "table",
-    ]);
+    let (code, out, err) = purge(&s, &["--plan-out", &plan, "--format", "table"]);
     assert_eq!(code, 1, "{err}");
     assert!(out.contains("Plan saved to"), "{out}");
     let saved = json(&std::fs::read_to_string(&plan).expect("plan file"));
@@ -302,19 +269,9 @@ fn a_saved_plan_keeps_the_entries_of_blobs_that_came_back() {
 fn restore_skips_a_cut_short_journal_line_and_keys_written_since() {
     let s = shared_layers_scenario("restore");
     delete_app2_and_gc(&s);
-    let (root, url) = root_url(&s);
     let journal_path = s.dir.path("j.jsonl");
     let journal = journal_path.display().to_string();
-    let (code, _, err) = run_tool(&[
-        "purge",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--yes",
-        "--journal",
-        &journal,
-    ]);
+    let (code, _, err) = purge(&s, &["--yes", "--journal", &journal]);
     assert_eq!(code, 0, "{err}");
     // A crash while writing leaves half a line at the end.
     let mut text = std::fs::read_to_string(&journal_path).expect("journal");
@@ -332,17 +289,9 @@ fn restore_skips_a_cut_short_journal_line_and_keys_written_since() {
         .query::<()>(&mut c)
         .expect("hset");
 
-    let (code, out, err) = run_tool(&[
-        "restore",
-        "--journal",
-        &journal,
-        "--redis",
-        &url,
-        "--format",
-        "json",
-    ]);
+    let (code, result, err) = restore(&s, &journal);
     assert_eq!(code, 0, "{err}");
-    let r = &json(&out)["result"];
+    let r = &result;
     assert_eq!(r["lines_skipped"], 1);
     assert_eq!(r["entries_left_alone"], 1, "{r:#}");
     let size: String = redis::cmd("HGET")
