@@ -154,17 +154,20 @@ fn prometheus_textfile_is_valid_exposition_and_failures_keep_the_last_success() 
     let out = store.dir.path("textfile/registry_audit.prom");
     fs::create_dir_all(out.parent().expect("dir")).expect("mkdir");
     let (root, url, o) = (store.root(), redis.url(), out.display().to_string());
-    let (code, stdout, err) = run_tool(&[
-        "check",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--format",
-        "prometheus",
-        "--output",
-        &o,
-    ]);
+    let prometheus = || {
+        run_tool(&[
+            "check",
+            "--root",
+            &root,
+            "--redis",
+            &url,
+            "--format",
+            "prometheus",
+            "--output",
+            &o,
+        ])
+    };
+    let (code, stdout, err) = prometheus();
     assert_eq!(code, 1, "{err}");
     assert!(stdout.is_empty());
     let text = fs::read_to_string(&out).expect("textfile");
@@ -193,17 +196,7 @@ fn prometheus_textfile_is_valid_exposition_and_failures_keep_the_last_success() 
 
     // A run that cannot run (Redis gone) still writes its failure, keeping the last success.
     drop(redis);
-    let (code, _, err) = run_tool(&[
-        "check",
-        "--root",
-        &root,
-        "--redis",
-        &url,
-        "--format",
-        "prometheus",
-        "--output",
-        &o,
-    ]);
+    let (code, _, err) = prometheus();
     assert_eq!(code, 2, "{err}");
     let m = parse_exposition(&fs::read_to_string(&out).expect("textfile"));
     assert_eq!(m["registry_audit_last_run_success"], 0.0);
