@@ -13,21 +13,7 @@ use common::*;
 fn gc(s: &Scenario, extra: &[&str], command: &[&str]) -> (i32, serde_json::Value, String) {
     let config = s.registry.config.display().to_string();
     let journal = s.dir.path("gc-journal.jsonl").display().to_string();
-    let mut args = vec![
-        "gc",
-        "--config",
-        &config,
-        "--journal",
-        &journal,
-        "--format",
-        "json",
-    ];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(command);
-    let (code, out, err) = run_tool(&args);
-    let v = json_or_null(&out);
-    (code, v, err)
+    gc_with(&config, &journal, extra, command)
 }
 
 #[test]

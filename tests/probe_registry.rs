@@ -27,15 +27,7 @@ fn in_memory_scenario(tag: &str, htpasswd: bool) -> Mem {
 fn in_memory_scenario_with(tag: &str, auth: Auth<'_>) -> Mem {
     let dir = Scratch::new(tag);
     let registry = Registry::start_auth(&dir, Cache::InMemory, auth);
-    let base = bytes(1, 200_000);
-    let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 50_000)]);
-    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 60_000)]);
-    push(&registry, &app1, "team/app1:v1");
-    let app2_manifest = push(&registry, &app2, "team/app2:v1");
-    for r in ["team/app1:v1", "team/app2:v1"] {
-        let (ok, err) = pull(&registry, r, &dir.path("pulled"));
-        assert!(ok, "pull {r}: {err}");
-    }
+    let (app1, app2, app2_manifest) = push_two_apps(&registry, &dir, [200_000, 50_000, 60_000]);
     registry.delete_manifest("team/app2", &app2_manifest);
     let gc = registry.garbage_collect();
     fs::write(dir.path("gc.log"), &gc.stdout).expect("gc log");

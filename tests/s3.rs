@@ -96,15 +96,7 @@ fn the_registry_on_s3_phantoms_corruption_and_purge() {
     moto.create_bucket("registry");
     let redis = Redis::start();
     let registry = Registry::start_s3(&dir, Cache::Redis(&redis), &moto, "registry");
-    let base = bytes(1, 100_000);
-    let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 30_000)]);
-    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 40_000)]);
-    push(&registry, &app1, "team/app1:v1");
-    let app2_manifest = push(&registry, &app2, "team/app2:v1");
-    for r in ["team/app1:v1", "team/app2:v1"] {
-        let (ok, err) = pull(&registry, r, &dir.path("pulled"));
-        assert!(ok, "pull {r}: {err}");
-    }
+    let (app1, app2, app2_manifest) = push_two_apps(&registry, &dir, [100_000, 30_000, 40_000]);
     registry.delete_manifest("team/app2", &app2_manifest);
     registry.garbage_collect();
     let gone = &app2.layers[1];
@@ -234,24 +226,20 @@ fn gc_on_s3_leaves_no_phantom() {
     registry.delete_manifest("solo/app", &manifest);
     let config = registry.config.display().to_string();
     let journal = dir.path("j.jsonl").display().to_string();
-    let (code, out, err) = run_tool(&[
-        "gc",
-        "--config",
+    let (code, r, err) = gc_with(
         &config,
-        "--journal",
         &journal,
-        "--format",
-        "json",
-        "--",
-        "env",
-        "-u",
-        "AWS_CA_BUNDLE",
-        "docker-registry",
-        "garbage-collect",
-        &config,
-    ]);
-    assert_eq!(code, 0, "{err}\n{out}");
-    let r = json(&out);
+        &[],
+        &[
+            "env",
+            "-u",
+            "AWS_CA_BUNDLE",
+            "docker-registry",
+            "garbage-collect",
+            &config,
+        ],
+    );
+    assert_eq!(code, 0, "{err}\n{r:#}");
     assert_eq!(r["summary"]["gc"]["blobs_deleted"], 4, "{r:#}");
     assert!(
         r["summary"]["gc"]["cache_entries_purged"]

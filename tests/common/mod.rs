@@ -816,16 +816,10 @@ pub fn shared_layers_scenario(tag: &str) -> Scenario {
     let dir = Scratch::new(tag);
     let redis = Redis::start();
     let registry = Registry::start(&dir, Cache::Redis(&redis));
-    let base = bytes(1, 300_000);
-    let app1 = make_image(&dir.path("img1"), "app1", &[base.clone(), bytes(2, 70_000)]);
-    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, 90_000)]);
-    push(&registry, &app1, "team/app1:v1");
+    let (app1, app2, app2_manifest) = push_two_apps(&registry, &dir, [300_000, 70_000, 90_000]);
     push(&registry, &app1, "mirror/app1:v1");
-    let app2_manifest = push(&registry, &app2, "team/app2:v1");
-    for repo in ["team/app1:v1", "mirror/app1:v1", "team/app2:v1"] {
-        let (ok, err) = pull(&registry, repo, &dir.path("pulled"));
-        assert!(ok, "pull {repo}: {err}");
-    }
+    let (ok, err) = pull(&registry, "mirror/app1:v1", &dir.path("pulled"));
+    assert!(ok, "pull mirror/app1:v1: {err}");
     Scenario {
         dir,
         redis,
@@ -848,6 +842,49 @@ pub fn delete_app2_and_gc(s: &Scenario) {
         s.registry.has_blob(&s.app2.layers[0]),
         "GC keeps the shared base layer"
     );
+}
+
+/// Two images sharing a base layer of `sizes[0]` bytes (app1 with a layer of `sizes[1]`,
+/// app2 with one of `sizes[2]`), pushed as team/app1:v1 and team/app2:v1 and pulled
+/// back; returns them and the manifest digest of team/app2:v1.
+pub fn push_two_apps(reg: &Registry, dir: &Scratch, sizes: [usize; 3]) -> (Image, Image, String) {
+    let base = bytes(1, sizes[0]);
+    let app1 = make_image(
+        &dir.path("img1"),
+        "app1",
+        &[base.clone(), bytes(2, sizes[1])],
+    );
+    let app2 = make_image(&dir.path("img2"), "app2", &[base, bytes(3, sizes[2])]);
+    push(reg, &app1, "team/app1:v1");
+    let app2_manifest = push(reg, &app2, "team/app2:v1");
+    for r in ["team/app1:v1", "team/app2:v1"] {
+        let (ok, err) = pull(reg, r, &dir.path("pulled"));
+        assert!(ok, "pull {r}: {err}");
+    }
+    (app1, app2, app2_manifest)
+}
+
+/// `gc --config CONFIG --journal JOURNAL --format json EXTRA -- COMMAND`.
+pub fn gc_with(
+    config: &str,
+    journal: &str,
+    extra: &[&str],
+    command: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let mut args = vec![
+        "gc",
+        "--config",
+        config,
+        "--journal",
+        journal,
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    let (code, out, err) = run_tool(&args);
+    (code, json_or_null(&out), err)
 }
 
 /// `check --root --redis --format json` of the scenario's registry, with `extra` flags.
