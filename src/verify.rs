@@ -76,7 +76,7 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
     let mut batch: Vec<Read> = Vec::new();
     for repo in owned {
         v.counts.repositories += 1;
-        batch.extend(reads(storage, repo));
+        batch.extend(v.reads(repo));
         if batch.len() >= PREFETCH {
             v.batch(std::mem::take(&mut batch));
         }
@@ -104,50 +104,6 @@ enum LinkKind {
     Tag(String),
 }
 
-/// Every link of `repo` to read, in order: layers, revisions, then tags that have one.
-fn reads(storage: &Storage, repo: &str) -> Vec<Read> {
-    let mut out = Vec::new();
-    for (sub, kind, severity, what) in [
-        (
-            "_layers",
-            Kind::DanglingLayerLink,
-            Severity::Warning,
-            "layer link",
-        ),
-        (
-            "_manifests/revisions",
-            Kind::DanglingManifestRevision,
-            Severity::Error,
-            "manifest revision",
-        ),
-    ] {
-        for (path, alg, hex) in storage.links(repo, sub) {
-            out.push(Read {
-                repo: repo.to_string(),
-                path,
-                what: LinkKind::Named {
-                    expected: Digest::parse(format!("{alg}:{hex}").as_bytes()),
-                    kind,
-                    severity,
-                    what,
-                },
-            });
-        }
-    }
-    for tag in storage.tags(repo) {
-        let path = storage.tag_link(repo, &tag);
-        // A tag directory without current/link is not a tag the registry lists.
-        if storage.exists(&path) {
-            out.push(Read {
-                repo: repo.to_string(),
-                path,
-                what: LinkKind::Tag(tag),
-            });
-        }
-    }
-    out
-}
-
 struct Verifier<'a> {
     storage: &'a Storage,
     /// Blob presence, checked once per digest.
@@ -161,6 +117,52 @@ struct Verifier<'a> {
 }
 
 impl Verifier<'_> {
+    /// Every link of `repo` to read, in order: layers, revisions, then tags that have one.
+    fn reads(&mut self, repo: &str) -> Vec<Read> {
+        let storage = self.storage;
+        let mut out = Vec::new();
+        for (sub, kind, severity, what) in [
+            (
+                "_layers",
+                Kind::DanglingLayerLink,
+                Severity::Warning,
+                "layer link",
+            ),
+            (
+                "_manifests/revisions",
+                Kind::DanglingManifestRevision,
+                Severity::Error,
+                "manifest revision",
+            ),
+        ] {
+            for (path, alg, hex) in storage.links(repo, sub) {
+                out.push(Read {
+                    repo: repo.to_string(),
+                    path,
+                    what: LinkKind::Named {
+                        expected: Digest::parse(format!("{alg}:{hex}").as_bytes()),
+                        kind,
+                        severity,
+                        what,
+                    },
+                });
+            }
+        }
+        for tag in storage.tags(repo) {
+            self.counts.tags_checked += 1;
+            let path = storage.tag_link(repo, &tag);
+            // A tag directory without current/link is not a tag the registry lists.
+            if storage.exists(&path) {
+                out.push(Read {
+                    repo: repo.to_string(),
+                    path,
+                    what: LinkKind::Tag(tag),
+                });
+            }
+        }
+        out
+    }
+
     fn has_blob(&mut self, d: &Digest) -> bool {
         if let Some(&p) = self.present.get(d) {
             return p;

@@ -65,6 +65,7 @@ fn storage_verification_finds_exactly_what_gc_can_break() {
     assert_eq!(report["summary"]["storage"]["repositories"], 3);
     // team/app's two tags share one manifest.
     assert_eq!(report["summary"]["storage"]["tagged_manifests_checked"], 3);
+    assert_eq!(report["summary"]["storage"]["tags_checked"], 4);
 
     // Break it the ways GC can: a layer of a tagged image, a child manifest of an index,
     // and the manifest a tag points to.
