@@ -268,6 +268,13 @@ pub fn render_table(report: &Report) -> String {
         human_bytes(s.bytes_hashed),
         if report.options.quick { " (--quick: sizes only)" } else { "" }
     ));
+    if let Some(o) = &s.object_storage {
+        out.push_str(&format!(
+            "object storage: {} requests, {} read\n",
+            o.requests,
+            human_bytes(o.bytes)
+        ));
+    }
     for kind in Kind::ALL {
         let group: Vec<&Finding> = report.findings.iter().filter(|f| f.kind == kind).collect();
         if group.is_empty() {

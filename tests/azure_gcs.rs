@@ -56,6 +56,13 @@ fn the_same_state_on_the_filesystem_and_in_azure_gives_the_same_findings() {
         fs_report["summary"]["bytes_hashed"]
     );
     assert!(az_report["summary"]["object_storage"]["requests"].as_u64() > Some(0));
+    // The table says what reading the store cost.
+    let (_, table, _) = run_tool(&["check", "--config", &config, "--format", "table"]);
+    let requests = az_report["summary"]["object_storage"]["requests"].clone();
+    assert!(
+        table.contains(&format!("object storage: {requests} requests")),
+        "{table}"
+    );
 }
 
 /// A GCS service-account key file whose `gcs_base_url` names `server` and that asks for
