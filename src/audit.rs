@@ -103,6 +103,10 @@ impl Summary {
 pub struct Audit {
     pub findings: Vec<Finding>,
     pub summary: Summary,
+    /// Why the run did not read everything it should have (a directory that could not
+    /// be listed, a cache dump without its trailer, ...). A run with any is reported
+    /// `complete: false` and exits at least 1: what was not read is never called sound.
+    pub incomplete: Vec<String>,
 }
 
 /// Audits every entry of `index` against `storage`.
@@ -165,7 +169,11 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
         ..Summary::default()
     };
     summary.tally(&findings);
-    Ok(Audit { findings, summary })
+    Ok(Audit {
+        findings,
+        summary,
+        incomplete: Vec::new(),
+    })
 }
 
 fn severity_by_live(live: bool) -> Severity {

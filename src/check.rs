@@ -107,15 +107,19 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     if let Some(state) = &state {
         state.save()?;
     }
-    let complete = audit.summary.hashing.blobs_not_reached == 0;
-    if !complete {
+    let complete = audit.summary.hashing.blobs_not_reached == 0 && audit.incomplete.is_empty();
+    notes.extend(audit.incomplete.iter().cloned());
+    if audit.summary.hashing.blobs_not_reached > 0 {
         notes.push(format!(
             "--max-duration reached: {} blobs were not re-hashed this run",
             audit.summary.hashing.blobs_not_reached
         ));
     }
     let verdict = report::verdict(&audit.summary, &audit.findings);
-    let code = report::exit_code(&audit.findings, settings.report.fail_on);
+    let mut code = report::exit_code(&audit.findings, settings.report.fail_on);
+    if !audit.incomplete.is_empty() {
+        code = code.max(1);
+    }
     let mut report = Report::new(
         "check",
         started_at,

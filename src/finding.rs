@@ -27,10 +27,12 @@ pub enum Kind {
     LivePhantom,
     ProbeFailed,
     TagBrokenByGc,
+    BadManifest,
+    UnreadableStorage,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::PhantomBlobDescriptor,
         Kind::PhantomRepositoryBlob,
         Kind::UnlinkedRepositoryBlob,
@@ -47,6 +49,8 @@ impl Kind {
         Kind::LivePhantom,
         Kind::ProbeFailed,
         Kind::TagBrokenByGc,
+        Kind::BadManifest,
+        Kind::UnreadableStorage,
     ];
 
     /// The kebab-case name used in JSON and on the command line.
@@ -68,6 +72,8 @@ impl Kind {
             Kind::LivePhantom => "live-phantom",
             Kind::ProbeFailed => "probe-failed",
             Kind::TagBrokenByGc => "tag-broken-by-gc",
+            Kind::BadManifest => "bad-manifest",
+            Kind::UnreadableStorage => "unreadable-storage",
         }
     }
 

@@ -177,9 +177,10 @@ pub fn verdict(summary: &Summary, findings: &[Finding]) -> String {
             {
                 live_phantoms += 1
             }
-            Kind::DigestMismatch | Kind::UnreadableBlob => corrupt += 1,
+            Kind::DigestMismatch | Kind::UnreadableBlob | Kind::UnreadableStorage => corrupt += 1,
             Kind::DanglingTag
             | Kind::MissingReferencedBlob
+            | Kind::BadManifest
             | Kind::DanglingManifestRevision
             | Kind::BadLink
                 if f.severity == Severity::Error =>
