@@ -153,8 +153,21 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
     } else {
         None
     };
+    findings.extend(verify::unread_findings(storage));
     finding::sort(&mut findings);
     findings.dedup();
+    let unread = findings
+        .iter()
+        .filter(|f| f.kind == Kind::UnreadableStorage)
+        .count();
+    let mut incomplete = Vec::new();
+    if unread > 0 {
+        incomplete.push(format!(
+            "{unread} {} of storage could not be read (see the unreadable-storage findings): what is below {} was not checked",
+            if unread == 1 { "place" } else { "places" },
+            if unread == 1 { "it" } else { "them" },
+        ));
+    }
 
     let mut summary = Summary {
         keys_scanned: counts.keys,
@@ -172,7 +185,7 @@ pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Resu
     Ok(Audit {
         findings,
         summary,
-        incomplete: Vec::new(),
+        incomplete,
     })
 }
 

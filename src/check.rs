@@ -115,7 +115,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
             audit.summary.hashing.blobs_not_reached
         ));
     }
-    let verdict = report::verdict(&audit.summary, &audit.findings);
+    let verdict = report::verdict(&audit.summary, &audit.findings, complete);
     let mut code = report::exit_code(&audit.findings, settings.report.fail_on);
     if !audit.incomplete.is_empty() {
         code = code.max(1);

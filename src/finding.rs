@@ -257,6 +257,29 @@ pub fn escape(raw: &[u8]) -> String {
     out
 }
 
+/// Text that is safe to show on a terminal: control characters (ESC, CR, LF, BEL, ...,
+/// C1 controls) and the invisible Unicode characters that reorder or hide text (bidi
+/// overrides, zero-width marks) become `\xNN` / `\u{NNNN}`; everything else, backslashes
+/// included, stays as it is (already-escaped names are not escaped twice). For tables,
+/// logs and error lines; JSON keeps [`escape`]'s lossless form.
+pub fn terminal_safe(text: &str) -> String {
+    let hidden = |c: char| matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}');
+    if !text.chars().any(|c| c.is_control() || hidden(c)) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if c.is_control() && (c as u32) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() || hidden(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The inverse of [`escape`]; `None` for text `escape` cannot produce.
 pub fn unescape(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
@@ -310,5 +333,17 @@ mod tests {
         }
         assert_eq!(escape(b"a\xffb"), "a\\xffb");
         assert_eq!(escape(b"a\\xffb"), "a\\\\xffb");
+    }
+
+    #[test]
+    fn terminal_text_carries_no_control_characters() {
+        let shown = terminal_safe("a\x1b[31mred\r\nbell\x07 \u{202e}txt.exe \u{9b}c\\x41");
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown}");
+        assert!(!shown.contains('\u{202e}'));
+        assert_eq!(
+            shown,
+            "a\\x1b[31mred\\x0d\\x0abell\\x07 \\u{202e}txt.exe \\x9bc\\x41"
+        );
+        assert_eq!(terminal_safe("plain team/app"), "plain team/app");
     }
 }

@@ -372,8 +372,15 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         f.tag = Some(tag.clone());
         findings.push(f);
     }
+    // What could not be read stays an error: the run is incomplete.
+    let complete = !after_storage
+        .iter()
+        .chain(&before_storage)
+        .any(|f| f.kind == Kind::UnreadableStorage);
     for mut f in after_storage {
-        f.severity = Severity::Warning;
+        if f.kind != Kind::UnreadableStorage {
+            f.severity = Severity::Warning;
+        }
         findings.push(f);
     }
     finding::sort(&mut findings);
@@ -383,7 +390,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         ..Summary::default()
     };
     summary.tally(&findings);
-    let mut verdict = report::verdict(&summary, &findings);
+    let mut verdict = report::verdict(&summary, &findings, complete);
     let freed = format!(
         "GC {} {} blobs ({}), {} manifests; {} cache entries {}.",
         if args.dry_run { "would free" } else { "freed" },
@@ -397,7 +404,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             "purged"
         }
     );
-    verdict = if findings.is_empty() {
+    verdict = if findings.is_empty() && complete {
         format!("{freed} Every tag that pulled before still pulls; no phantom is left.")
     } else {
         format!("{freed} {verdict}")
@@ -414,6 +421,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         verdict,
     );
     report.notes = notes;
+    report.complete = complete;
     report.write(report_settings.format, report_settings.output.as_deref())?;
     Ok(code)
 }

@@ -85,6 +85,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(progress::LogWriter)
+                .with_ansi(false)
                 .with_target(false),
         )
         .with(filter)

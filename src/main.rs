@@ -8,7 +8,10 @@ fn main() -> ExitCode {
     match registry_audit::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(message) => {
-            eprintln!("registry-audit: {message}");
+            eprintln!(
+                "registry-audit: {}",
+                registry_audit::finding::terminal_safe(&message)
+            );
             ExitCode::from(registry_audit::EXIT_CANNOT_RUN)
         }
     }

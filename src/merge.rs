@@ -133,6 +133,6 @@ pub fn merge(reports: Vec<(PathBuf, Report)>) -> Result<Report, String> {
     }
     finding::sort(&mut merged.findings);
     merged.summary.tally(&merged.findings);
-    merged.verdict = report::verdict(&merged.summary, &merged.findings);
+    merged.verdict = report::verdict(&merged.summary, &merged.findings, merged.complete);
     Ok(merged)
 }

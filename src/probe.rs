@@ -71,7 +71,14 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
 
     // Storage verification: its findings are warnings here, and give the candidates.
     let (mut storage_findings, storage_counts) = verify::verify(&storage);
-    for f in &mut storage_findings {
+    // What could not be read stays an error: the run is incomplete.
+    let complete = !storage_findings
+        .iter()
+        .any(|f| f.kind == Kind::UnreadableStorage);
+    for f in storage_findings
+        .iter_mut()
+        .filter(|f| f.kind != Kind::UnreadableStorage)
+    {
         f.severity = Severity::Warning;
     }
     let (repos, _) = storage.repositories();
@@ -125,8 +132,8 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         ..Summary::default()
     };
     summary.tally(&findings);
-    let mut verdict = report::verdict(&summary, &findings);
-    if findings.is_empty() {
+    let mut verdict = report::verdict(&summary, &findings, complete);
+    if findings.is_empty() && complete {
         verdict = format!(
             "OK: the registry answered 404 for all {} blobs storage no longer has.",
             counts.probed
@@ -142,7 +149,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let mut info = crate::check::source_info(&source);
     info.cache = "registry".into();
     info.registry_url = Some(args.registry_url.trim_end_matches('/').to_string());
-    Report::new(
+    let mut report = Report::new(
         "probe",
         started,
         clock,
@@ -151,8 +158,9 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         summary,
         findings,
         verdict,
-    )
-    .write(report_settings.format, report_settings.output.as_deref())?;
+    );
+    report.complete = complete;
+    report.write(report_settings.format, report_settings.output.as_deref())?;
     Ok(code)
 }
 

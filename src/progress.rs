@@ -51,13 +51,21 @@ pub fn bytes(total: u64) -> ProgressBar {
     pb.with_finish(ProgressFinish::AndLeave)
 }
 
-/// A writer for log lines that suspends the bars while it writes.
+/// A writer for log lines that suspends the bars while it writes. A log line can carry
+/// names from storage or Redis, so control characters in it are escaped (the line's
+/// own newline excepted): a log never moves the cursor or rings the bell.
 #[derive(Clone, Copy)]
 pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        multi().suspend(|| std::io::stderr().write_all(buf))?;
+        let text = String::from_utf8_lossy(buf);
+        let (body, newline) = match text.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (&*text, ""),
+        };
+        let line = format!("{}{newline}", crate::finding::terminal_safe(body));
+        multi().suspend(|| std::io::stderr().write_all(line.as_bytes()))?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -339,9 +339,16 @@ fn check_one(
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => BlobCheck::Absent,
-        Err(e) => BlobCheck::Unreadable {
-            reason: format!("{}: {e}", storage.relative(&storage.blob_loc(d))),
-        },
+        Err(e) => {
+            let place = storage.relative(&storage.blob_loc(d));
+            // An I/O error means the blob was not read: the run is incomplete.
+            if e.raw_os_error().is_some() {
+                storage.record_unread(place.clone(), e.to_string());
+            }
+            BlobCheck::Unreadable {
+                reason: format!("{place}: {e}"),
+            }
+        }
     }
 }
 

@@ -25,6 +25,16 @@ pub fn is_valid(name: &str) -> bool {
     true
 }
 
+/// True when `tag` is a tag name the registry could have served: `[\w][\w.-]{0,127}`.
+pub fn is_valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    !b.is_empty()
+        && b.len() <= 128
+        && word(b[0])
+        && b[1..].iter().all(|&c| word(c) || c == b'.' || c == b'-')
+}
+
 /// `[a-z0-9]+` separated by `.`, `_`, `__` or any run of `-`.
 fn path_component(c: &str) -> bool {
     let b = c.as_bytes();

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::Summary;
 use crate::cli::{FailOn, Format};
-use crate::finding::{Finding, Kind, Severity};
+use crate::finding::{Finding, Kind, Severity, terminal_safe};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -160,8 +160,18 @@ pub fn exit_code(findings: &[Finding], fail_on: FailOn) -> u8 {
     u8::from(hit)
 }
 
-/// The one line a tired operator can act on.
-pub fn verdict(summary: &Summary, findings: &[Finding]) -> String {
+/// The one line a tired operator can act on. A run that did not read everything
+/// (`complete` false) never says OK.
+pub fn verdict(summary: &Summary, findings: &[Finding], complete: bool) -> String {
+    let judged = judge(summary, findings);
+    match (complete, findings.is_empty()) {
+        (true, _) => judged,
+        (false, true) => "INCOMPLETE: nothing wrong was found in what could be read, but not everything was read (see the notes): this is not a clean bill of health.".into(),
+        (false, false) => format!("INCOMPLETE: not everything was read (see the notes). {judged}"),
+    }
+}
+
+fn judge(summary: &Summary, findings: &[Finding]) -> String {
     if findings.is_empty() {
         return format!(
             "OK: the cache agrees with storage ({} keys, {} blobs checked).",
@@ -256,8 +266,8 @@ pub fn render_table(report: &Report) -> String {
     out.push_str(&format!(
         "registry-audit {}: storage {} against {}\n",
         report.command,
-        report.source.storage_root,
-        report.source.describe_cache()
+        terminal_safe(&report.source.storage_root),
+        terminal_safe(&report.source.describe_cache())
     ));
     out.push_str(&format!(
         "{} cache keys and {} set members read ({} other keys left alone); {} blobs checked, {} absent, {} hashed{}\n",
@@ -302,22 +312,26 @@ pub fn render_table(report: &Report) -> String {
             if let Some(t) = &f.tag {
                 key = format!("tag {t}: {key}");
             }
+            // Names come from storage and Redis: nothing raw reaches the terminal.
             table.add_row([
                 f.severity.name().to_string(),
                 if f.live { "live" } else { "inert" }.to_string(),
-                f.repository.clone().unwrap_or_else(|| "(global)".into()),
+                terminal_safe(f.repository.as_deref().unwrap_or("(global)")),
                 f.digest
                     .map(|d| d.to_string())
                     .unwrap_or_else(|| "-".into()),
-                key,
-                f.detail.clone(),
+                terminal_safe(&key),
+                terminal_safe(&f.detail),
             ]);
         }
         out.push_str(&table.to_string());
         out.push('\n');
     }
     out.push('\n');
-    out.push_str(&report.verdict);
+    for note in &report.notes {
+        out.push_str(&format!("note: {}\n", terminal_safe(note)));
+    }
+    out.push_str(&terminal_safe(&report.verdict));
     out.push('\n');
     out
 }

@@ -6,11 +6,14 @@
 //! through a symlink is opened only when the link resolves inside the root. This module
 //! never writes, renames or deletes anything.
 
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::fs::{self, File, Metadata};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use crate::digest::Digest;
 
@@ -24,6 +27,36 @@ pub struct FsStorage {
     /// Directories below `v2` already found not to be symlinks (nor under one), so a
     /// million blobs cost two `lstat`s each rather than six.
     plain_dirs: RwLock<HashSet<PathBuf>>,
+    /// Places a walk could not read (see [`Unread`]).
+    unread: Unread,
+}
+
+/// The places in storage that a walk could not list or read (permissions, I/O errors),
+/// as (path relative to the root, why). A walk carries on past them; the audit turns
+/// them into findings and calls the run incomplete, since what was not read is never
+/// sound.
+#[derive(Debug, Default)]
+pub struct Unread(Mutex<BTreeMap<String, String>>);
+
+impl Unread {
+    pub fn record(&self, path: String, why: String) {
+        tracing::warn!(
+            "cannot read {}: {why}",
+            crate::finding::escape(path.as_bytes())
+        );
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(path)
+            .or_insert(why);
+    }
+
+    /// Everything recorded so far, sorted by path; the list starts again empty.
+    pub fn take(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
+    }
 }
 
 /// What storage says about one blob.
@@ -74,6 +107,7 @@ impl FsStorage {
             root: canonical,
             v2,
             plain_dirs: RwLock::new(HashSet::new()),
+            unread: Unread::default(),
         })
     }
 
@@ -110,20 +144,27 @@ impl FsStorage {
                     .map_or(0, |d| d.as_nanos() as i128),
             },
             Ok(_) => BlobStat::Unreadable {
-                reason: format!("{} is not a regular file", path.display()),
+                reason: format!("{} is not a regular file", self.relative(&path)),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => BlobStat::Absent,
-            Err(e) => BlobStat::Unreadable {
-                reason: format!("{}: {e}", path.display()),
-            },
+            Err(e) => {
+                // An I/O error (not a symlink refused above) means storage was not read.
+                if e.raw_os_error().is_some() {
+                    self.unread.record(self.relative(&path), e.to_string());
+                }
+                BlobStat::Unreadable {
+                    reason: format!("{}: {e}", self.relative(&path)),
+                }
+            }
         }
     }
 
-    /// Opens a blob's data for reading, refusing symlinks that lead outside the root.
+    /// Opens a blob's data for reading, refusing symlinks that lead outside the root and
+    /// anything that is not a regular file.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
         let path = self.blob_data_path(digest);
         self.checked_metadata(&path)?;
-        File::open(&path)
+        open_regular(&path)
     }
 
     /// Whether repository `repo` links `digest` as a layer or as a manifest revision.
@@ -139,27 +180,43 @@ impl FsStorage {
             .join(alg)
             .join(&hex)
             .join("link");
-        [layer, revision].iter().any(
-            |p| !matches!(fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound),
-        )
+        [layer, revision].iter().any(|p| self.exists_path(p))
+    }
+
+    /// Whether something is at `p` (not following a symlink). An error other than "not
+    /// found" is recorded as unread and counts as present, so nothing is called missing
+    /// on the strength of a permission problem.
+    fn exists_path(&self, p: &Path) -> bool {
+        match fs::symlink_metadata(p) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => {
+                self.unread.record(self.relative(p), e.to_string());
+                true
+            }
+        }
     }
 
     /// The loc (path below `docker/registry/v2/`) of a path of this storage.
     fn loc_of(&self, p: &Path) -> String {
-        p.strip_prefix(&self.v2).unwrap_or(p).display().to_string()
+        crate::finding::escape(p.strip_prefix(&self.v2).unwrap_or(p).as_os_str().as_bytes())
     }
 
-    /// The path of `p` relative to the storage root, for reports.
+    /// The path of `p` relative to the storage root, for reports, in the lossless
+    /// escaping of [`crate::finding::escape`].
     pub fn relative(&self, p: &Path) -> String {
-        p.strip_prefix(&self.root)
-            .unwrap_or(p)
-            .display()
-            .to_string()
+        crate::finding::escape(
+            p.strip_prefix(&self.root)
+                .unwrap_or(p)
+                .as_os_str()
+                .as_bytes(),
+        )
     }
 
     /// Every repository, sorted: directories under `repositories/` that hold
     /// `_layers`, `_manifests` or `_uploads`. Names that are not valid repository names
-    /// are returned apart, so the caller can report them.
+    /// are returned apart (escaped losslessly), so the caller can report them. A
+    /// directory that cannot be listed is recorded as unread.
     pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
         let base = self.v2.join("repositories");
         let mut good = Vec::new();
@@ -169,25 +226,45 @@ impl FsStorage {
             .min_depth(1)
             .into_iter()
             .filter_entry(|e| {
-                e.file_type().is_dir() && !e.file_name().to_string_lossy().starts_with('_')
+                e.file_type().is_dir() && !e.file_name().as_bytes().starts_with(b"_")
             });
-        for entry in walker.flatten() {
+        for entry in walker {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let at = e.path().unwrap_or(&base).to_path_buf();
+                    if e.io_error()
+                        .is_some_and(|io| io.kind() == io::ErrorKind::NotFound)
+                    {
+                        continue;
+                    }
+                    self.unread.record(self.relative(&at), e.to_string());
+                    continue;
+                }
+            };
             let dir = entry.path();
-            if !["_layers", "_manifests", "_uploads"]
-                .iter()
-                .any(|c| dir.join(c).is_dir())
-            {
+            let mut marked = false;
+            for c in ["_layers", "_manifests", "_uploads"] {
+                match fs::symlink_metadata(dir.join(c)) {
+                    Ok(m) if m.is_dir() => marked = true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => self
+                        .unread
+                        .record(self.relative(&dir.join(c)), e.to_string()),
+                }
+            }
+            if !marked {
                 continue;
             }
-            let name = dir
+            let raw = dir
                 .strip_prefix(&base)
                 .unwrap_or(dir)
-                .to_string_lossy()
-                .into_owned();
-            if crate::repo_name::is_valid(&name) {
-                good.push(name);
-            } else {
-                bad.push(name);
+                .as_os_str()
+                .as_bytes();
+            match std::str::from_utf8(raw) {
+                Ok(name) if crate::repo_name::is_valid(name) => good.push(name.to_string()),
+                _ => bad.push(crate::finding::escape(raw)),
             }
         }
         good.sort();
@@ -200,9 +277,9 @@ impl FsStorage {
     pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
         let base = self.v2.join("blobs");
         let mut out = Vec::new();
-        for alg in sorted_dir_names(&base) {
-            for prefix in sorted_dir_names(&base.join(&alg)) {
-                for hex in sorted_dir_names(&base.join(&alg).join(&prefix)) {
+        for alg in self.dir_names(&base) {
+            for prefix in self.dir_names(&base.join(&alg)) {
+                for hex in self.dir_names(&base.join(&alg).join(&prefix)) {
                     let Some(d) = Digest::parse(format!("{alg}:{hex}").as_bytes()) else {
                         continue;
                     };
@@ -220,10 +297,10 @@ impl FsStorage {
     pub fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
         let base = self.repository_path(repo).join(sub);
         let mut out = Vec::new();
-        for alg in sorted_dir_names(&base) {
-            for hex in sorted_dir_names(&base.join(&alg)) {
+        for alg in self.dir_names(&base) {
+            for hex in self.dir_names(&base.join(&alg)) {
                 let link = base.join(&alg).join(&hex).join("link");
-                if fs::symlink_metadata(&link).is_ok() {
+                if self.exists_path(&link) {
                     out.push((link, alg.clone(), hex));
                 }
             }
@@ -231,9 +308,45 @@ impl FsStorage {
         out
     }
 
-    /// The tags of a repository, sorted.
+    /// The tags of a repository, sorted (a name that is not UTF-8 comes escaped, and so
+    /// is never a valid tag).
     pub fn tags(&self, repo: &str) -> Vec<String> {
-        sorted_dir_names(&self.repository_path(repo).join("_manifests/tags"))
+        self.dir_names(&self.repository_path(repo).join("_manifests/tags"))
+    }
+
+    /// The names of the directories in `dir`, sorted; names that are not UTF-8 come
+    /// escaped losslessly. A missing `dir` has none; one that cannot be listed (or an
+    /// entry whose type cannot be read) is recorded as unread.
+    fn dir_names(&self, dir: &Path) -> Vec<String> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                self.unread.record(self.relative(dir), e.to_string());
+                return Vec::new();
+            }
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    self.unread.record(self.relative(dir), e.to_string());
+                    continue;
+                }
+            };
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => {
+                    names.push(crate::finding::escape(entry.file_name().as_bytes()))
+                }
+                Ok(_) => {}
+                Err(e) => self
+                    .unread
+                    .record(self.relative(&entry.path()), e.to_string()),
+            }
+        }
+        names.sort();
+        names
     }
 
     /// `<repo>/_manifests/tags/<tag>/current/link`
@@ -249,12 +362,12 @@ impl FsStorage {
     pub fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
         let meta = self.checked_metadata(path)?;
         if !meta.is_file() {
-            return Err(io::Error::other("not a regular file"));
+            return Err(not_regular(&meta));
         }
         if meta.len() > max {
             return Err(io::Error::other(format!("larger than {max} bytes")));
         }
-        fs::read(path)
+        read_bounded(open_regular(path)?, max)
     }
 
     /// Metadata of `path` (below the root), following symlinks only when every one of
@@ -435,7 +548,7 @@ impl Storage {
 
     pub fn exists(&self, loc: &str) -> bool {
         match self {
-            Storage::Fs(fs) => fs::symlink_metadata(fs.v2.join(loc)).is_ok(),
+            Storage::Fs(fs) => fs.exists_path(&fs.v2.join(loc)),
             Storage::Object(o) => o.exists(loc),
         }
     }
@@ -464,6 +577,23 @@ impl Storage {
         }
     }
 
+    /// Records a place that could not be read (a path relative to the root).
+    pub fn record_unread(&self, path: String, why: String) {
+        match self {
+            Storage::Fs(fs) => fs.unread.record(path, why),
+            Storage::Object(_) => tracing::warn!("cannot read {path}: {why}"),
+        }
+    }
+
+    /// The places a walk could not read since the last call (see [`Unread`]); object
+    /// storage fails the whole run on a listing error instead, so it has none.
+    pub fn take_unread(&self) -> Vec<(String, String)> {
+        match self {
+            Storage::Fs(fs) => fs.unread.take(),
+            Storage::Object(_) => Vec::new(),
+        }
+    }
+
     /// Requests and bytes of object storage; `None` on a filesystem.
     pub fn object_counts(&self) -> Option<crate::object_storage::ObjectCounts> {
         match self {
@@ -479,17 +609,51 @@ pub fn blob_loc(d: &Digest) -> String {
     format!("blobs/{}/{}/{hex}/data", d.algorithm().name(), &hex[..2])
 }
 
-fn sorted_dir_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+/// Opens a file for reading only if it is a regular file: the open never blocks (a FIFO
+/// swapped in after a stat is opened non-blocking, then refused), and the type is
+/// checked on the open file itself.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(f)
+}
+
+/// Reads all of `f`, failing past `max` bytes (the size on disk may change meanwhile).
+pub fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    io::Read::read_to_end(&mut f.take(max.saturating_add(1)), &mut out)?;
+    if out.len() as u64 > max {
+        return Err(io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(out)
+}
+
+fn not_regular(meta: &Metadata) -> io::Error {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_symlink() {
+        "a symlink"
+    } else {
+        "not a regular file"
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{what}, not a regular file"),
+    )
 }
 
 #[cfg(test)]

@@ -2,23 +2,33 @@
 //! revisions and tags, and follows each tagged manifest (OCI image manifest and index,
 //! Docker schema 2 manifest and manifest list, schema 1) to every blob it needs, so that
 //! a tag that can no longer be pulled is reported with the tag, the manifest and the
-//! missing digest. It reads storage only and knows nothing about the cache.
+//! missing digest. Storage is read as a hostile graph: each manifest digest is read,
+//! hashed and parsed at most once per run (memoised), indexes are followed without
+//! recursion and without a depth at which they silently stop, and a manifest that cannot
+//! be used (not a regular file, unreadable, too large, not JSON, not a manifest, not the
+//! content its digest names, cyclic, nested past [`MAX_NESTING`]) is an error finding
+//! naming the tag. It reads storage only and knows nothing about the cache.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::rc::Rc;
 
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
 use crate::shard::Shard;
 use crate::storage::{BlobStat, Storage};
 
-/// Manifests larger than this are not parsed (the registry's own limit is 4 MiB).
-const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+/// Manifests larger than this cannot be used (the registry refuses to accept a manifest
+/// over 4 MiB).
+pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 /// Link files hold one digest; anything larger is not a link.
-const MAX_LINK: u64 = 1024;
+pub const MAX_LINK: u64 = 1024;
 /// Links asked of storage at a time (object storage fetches them concurrently).
 const PREFETCH: usize = 1024;
-/// How deep indexes may nest.
-const MAX_DEPTH: usize = 8;
+/// How many manifests may stand on one chain below a tag (an index of indexes ... of an
+/// image manifest). Every level is still followed; a longer chain is a `bad-manifest`
+/// finding, since clients give up long before (and only corrupt content nests so).
+pub const MAX_NESTING: u32 = 8;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyCounts {
@@ -49,7 +59,7 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
     let mut v = Verifier {
         storage,
         present: HashMap::new(),
-        missing_by_manifest: HashMap::new(),
+        below: HashMap::new(),
         findings: Vec::new(),
         counts: VerifyCounts::default(),
         followed: HashSet::new(),
@@ -63,7 +73,7 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
     for name in bad {
         v.findings.push(Finding::storage(
             Kind::BadLink,
-            Severity::Warning,
+            Severity::Error,
             None,
             None,
             format!("docker/registry/v2/repositories/{name}"),
@@ -82,7 +92,93 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
         }
     }
     v.batch(batch);
+    v.findings.extend(unread_findings(storage));
     (v.findings, v.counts)
+}
+
+/// The places of storage that could not be read since the last call, as
+/// `unreadable-storage` findings (errors: what was not read is never sound).
+pub fn unread_findings(storage: &Storage) -> Vec<Finding> {
+    storage
+        .take_unread()
+        .into_iter()
+        .map(|(path, why)| {
+            Finding::storage(
+                Kind::UnreadableStorage,
+                Severity::Error,
+                None,
+                None,
+                path,
+                format!("cannot be read ({why}): what is below it was not checked"),
+            )
+        })
+        .collect()
+}
+
+/// Something wrong below a manifest, found once per manifest digest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Problem {
+    /// Manifest `via` references `blob`, which is gone.
+    Missing { via: Digest, blob: Digest },
+    /// Manifest `via` references `blob`, which is there but cannot be read.
+    Unreadable {
+        via: Digest,
+        blob: Digest,
+        why: String,
+    },
+    /// Manifest `via` references manifest `child`, which cannot be used.
+    BadChild {
+        via: Digest,
+        child: Digest,
+        why: String,
+    },
+}
+
+/// What following a manifest found, memoised per digest.
+#[derive(Debug, Default)]
+struct Below {
+    /// Why the manifest itself cannot be used; `None` when it can.
+    bad: Option<String>,
+    problems: BTreeSet<Problem>,
+    /// Manifests on the longest chain from this one down (1 for an image manifest).
+    height: u32,
+}
+
+/// A manifest being followed: its references and how far through them.
+struct Frame {
+    digest: Digest,
+    refs: Vec<Reference>,
+    next: usize,
+    found: Below,
+}
+
+impl Frame {
+    /// Adds what was found below child manifest `child`.
+    fn absorb(&mut self, child: Digest, below: &Below) {
+        match &below.bad {
+            Some(why) => {
+                self.found.problems.insert(Problem::BadChild {
+                    via: self.digest,
+                    child,
+                    why: why.clone(),
+                });
+            }
+            None => {
+                self.found.problems.extend(below.problems.iter().cloned());
+                self.found.height = self.found.height.max(below.height);
+            }
+        }
+    }
+}
+
+/// What storage holds for a digest, asked once per run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Presence {
+    Present,
+    Absent,
+    /// Something is there but cannot be used as blob data (not a regular file, an I/O
+    /// error: storage records the latter as unread).
+    Unreadable(String),
 }
 
 /// One link to read: a layer link, a manifest revision link or a tag's current link.
@@ -107,9 +203,9 @@ enum LinkKind {
 struct Verifier<'a> {
     storage: &'a Storage,
     /// Blob presence, checked once per digest.
-    present: HashMap<Digest, bool>,
-    /// For each manifest already followed: (manifest that references it, missing digest).
-    missing_by_manifest: HashMap<Digest, Vec<(Digest, Digest)>>,
+    present: HashMap<Digest, Presence>,
+    /// For each manifest already followed, what is wrong below it.
+    below: HashMap<Digest, Rc<Below>>,
     findings: Vec<Finding>,
     counts: VerifyCounts,
     /// (repository, manifest) followed from a tag (for the count).
@@ -150,6 +246,19 @@ impl Verifier<'_> {
         }
         for tag in storage.tags(repo) {
             self.counts.tags_checked += 1;
+            if !crate::repo_name::is_valid_tag(&tag) {
+                let mut f = Finding::storage(
+                    Kind::BadLink,
+                    Severity::Error,
+                    None,
+                    Some(repo.to_string()),
+                    storage.relative(&format!("repositories/{repo}/_manifests/tags/{tag}")),
+                    format!("'{tag}' is not a valid tag name; the registry cannot serve it"),
+                );
+                f.tag = Some(tag);
+                self.findings.push(f);
+                continue;
+            }
             let path = storage.tag_link(repo, &tag);
             // A tag directory without current/link is not a tag the registry lists.
             if storage.exists(&path) {
@@ -163,14 +272,22 @@ impl Verifier<'_> {
         out
     }
 
-    fn has_blob(&mut self, d: &Digest) -> bool {
-        if let Some(&p) = self.present.get(d) {
-            return p;
+    /// Whether storage has blob `d`; an unreadable blob is not "absent".
+    fn presence(&mut self, d: &Digest) -> Presence {
+        if let Some(p) = self.present.get(d) {
+            return p.clone();
         }
-        // An unreadable blob is not "absent": other checks report it.
-        let p = !matches!(self.storage.stat_blob(d), BlobStat::Absent);
-        self.present.insert(*d, p);
+        let p = match self.storage.stat_blob(d) {
+            BlobStat::Absent => Presence::Absent,
+            BlobStat::Present { .. } => Presence::Present,
+            BlobStat::Unreadable { reason } => Presence::Unreadable(reason),
+        };
+        self.present.insert(*d, p.clone());
         p
+    }
+
+    fn has_blob(&mut self, d: &Digest) -> bool {
+        self.presence(d) != Presence::Absent
     }
 
     /// Checks a batch of links: read PREFETCH at a time, then the manifests of the tags
@@ -226,7 +343,7 @@ impl Verifier<'_> {
             let unread: BTreeSet<Digest> = window
                 .iter()
                 .map(|t| t.2)
-                .filter(|m| !self.missing_by_manifest.contains_key(m))
+                .filter(|m| !self.below.contains_key(m))
                 .collect();
             let locs: Vec<String> = unread.iter().map(|m| self.storage.blob_loc(m)).collect();
             self.storage.prefetch(&locs, MAX_MANIFEST);
@@ -256,23 +373,73 @@ impl Verifier<'_> {
         if self.followed.insert((repo.to_string(), manifest)) {
             self.counts.tagged_manifests_checked += 1;
         }
-        let mut visiting = HashSet::new();
-        let missing = self.missing_under(manifest, 0, &mut visiting);
-        for (via, blob) in missing {
+        let below = self.follow(manifest);
+        let storage = self.storage;
+        let finding = |kind, digest, via: Option<Digest>, detail: String| {
             let mut f = Finding::storage(
-                Kind::MissingReferencedBlob,
+                kind,
                 Severity::Error,
-                Some(blob),
+                Some(digest),
                 Some(repo.to_string()),
-                self.storage.relative(path),
-                format!(
-                    "tag {tag}: manifest {via} references {blob}, whose blob is gone: the image cannot be pulled"
-                ),
+                storage.relative(path),
+                detail,
             );
             f.tag = Some(tag.to_string());
-            f.manifest = Some(via);
-            self.findings.push(f);
+            f.manifest = via;
+            f
+        };
+        if let Some(why) = &below.bad {
+            self.findings.push(finding(
+                Kind::BadManifest,
+                manifest,
+                Some(manifest),
+                format!(
+                    "tag {tag} points to manifest {manifest}, which cannot be used ({why}): the tag cannot be pulled"
+                ),
+            ));
+            return;
         }
+        if below.height > MAX_NESTING {
+            self.findings.push(finding(
+                Kind::BadManifest,
+                manifest,
+                Some(manifest),
+                format!(
+                    "tag {tag}: manifests nest {} deep below {manifest}, past the limit of {MAX_NESTING}: the tag cannot be pulled",
+                    below.height
+                ),
+            ));
+        }
+        let mut found = Vec::new();
+        for p in &below.problems {
+            found.push(match p {
+                Problem::Missing { via, blob } => finding(
+                    Kind::MissingReferencedBlob,
+                    *blob,
+                    Some(*via),
+                    format!(
+                        "tag {tag}: manifest {via} references {blob}, whose blob is gone: the image cannot be pulled"
+                    ),
+                ),
+                Problem::Unreadable { via, blob, why } => finding(
+                    Kind::UnreadableBlob,
+                    *blob,
+                    Some(*via),
+                    format!(
+                        "tag {tag}: manifest {via} references {blob}, whose blob cannot be read ({why}): the image cannot be pulled"
+                    ),
+                ),
+                Problem::BadChild { via, child, why } => finding(
+                    Kind::BadManifest,
+                    *child,
+                    Some(*via),
+                    format!(
+                        "tag {tag}: manifest {via} references manifest {child}, which cannot be used ({why}): the image cannot be pulled"
+                    ),
+                ),
+            });
+        }
+        self.findings.extend(found);
     }
 
     /// Reads a link; reports it as `bad-link` when it is not a digest or not the one its
@@ -317,41 +484,139 @@ impl Verifier<'_> {
         }
     }
 
-    /// Every (referencing manifest, missing blob) under `manifest`, following indexes.
-    fn missing_under(
-        &mut self,
-        manifest: Digest,
-        depth: usize,
-        visiting: &mut HashSet<Digest>,
-    ) -> Vec<(Digest, Digest)> {
-        if let Some(known) = self.missing_by_manifest.get(&manifest) {
-            return known.clone();
+    /// What is wrong at and below `root`, following child manifests depth first with
+    /// an explicit stack (no recursion, so no depth overflows). Each manifest is loaded
+    /// once per run and its result memoised, so work and memory are linear in the
+    /// distinct manifests, whatever the fan-out; a manifest met again on its own path is
+    /// a cycle, which only corrupt content can form.
+    fn follow(&mut self, root: Digest) -> Rc<Below> {
+        if let Some(b) = self.below.get(&root) {
+            return b.clone();
         }
-        if depth > MAX_DEPTH || !visiting.insert(manifest) {
-            return Vec::new();
-        }
-        let mut missing = Vec::new();
-        let refs = self.references(&manifest);
-        for r in refs {
-            if !self.has_blob(&r.digest) {
-                missing.push((manifest, r.digest));
-            } else if r.is_manifest {
-                missing.extend(self.missing_under(r.digest, depth + 1, visiting));
+        let mut stack = match self.load(root) {
+            Ok(refs) => vec![Frame::new(root, refs)],
+            Err(bad) => return self.remember(root, bad),
+        };
+        let mut on_path: HashSet<Digest> = HashSet::from([root]);
+        while let Some(top) = stack.last_mut() {
+            let Some(r) = top.refs.get(top.next).cloned() else {
+                let Some(mut done) = stack.pop() else {
+                    break;
+                };
+                on_path.remove(&done.digest);
+                done.found.height += 1;
+                let below = Rc::new(done.found);
+                self.below.insert(done.digest, below.clone());
+                match stack.last_mut() {
+                    Some(parent) => parent.absorb(done.digest, &below),
+                    None => return below,
+                }
+                continue;
+            };
+            top.next += 1;
+            let via = top.digest;
+            match self.presence(&r.digest) {
+                Presence::Absent => {
+                    if let Some(top) = stack.last_mut() {
+                        top.found.problems.insert(Problem::Missing {
+                            via,
+                            blob: r.digest,
+                        });
+                    }
+                }
+                Presence::Unreadable(why) => {
+                    if let Some(top) = stack.last_mut() {
+                        top.found.problems.insert(Problem::Unreadable {
+                            via,
+                            blob: r.digest,
+                            why,
+                        });
+                    }
+                }
+                Presence::Present if !r.is_manifest => {}
+                Presence::Present => {
+                    if on_path.contains(&r.digest) {
+                        let cycle = Below {
+                            bad: Some(format!(
+                                "it references {} again, a cycle only corrupt content can form",
+                                r.digest
+                            )),
+                            ..Below::default()
+                        };
+                        if let Some(top) = stack.last_mut() {
+                            top.absorb(r.digest, &cycle);
+                        }
+                    } else if let Some(known) = self.below.get(&r.digest).cloned() {
+                        if let Some(top) = stack.last_mut() {
+                            top.absorb(r.digest, &known);
+                        }
+                    } else {
+                        match self.load(r.digest) {
+                            Ok(refs) => {
+                                on_path.insert(r.digest);
+                                stack.push(Frame::new(r.digest, refs));
+                            }
+                            Err(bad) => {
+                                let below = self.remember(r.digest, bad);
+                                if let Some(top) = stack.last_mut() {
+                                    top.absorb(r.digest, &below);
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
-        visiting.remove(&manifest);
-        self.missing_by_manifest.insert(manifest, missing.clone());
-        missing
+        self.below.get(&root).cloned().unwrap_or_default()
     }
 
-    /// The blobs a manifest needs, from its JSON; none when it cannot be parsed (the
-    /// blob's own check reports a corrupt blob).
-    fn references(&mut self, manifest: &Digest) -> Vec<Reference> {
-        let loc = self.storage.blob_loc(manifest);
-        let Ok(bytes) = self.storage.read_small(&loc, MAX_MANIFEST) else {
-            return Vec::new();
+    /// Memoises a manifest that cannot be used.
+    fn remember(&mut self, d: Digest, why: String) -> Rc<Below> {
+        let below = Rc::new(Below {
+            bad: Some(why),
+            ..Below::default()
+        });
+        self.below.insert(d, below.clone());
+        below
+    }
+
+    /// Reads manifest `d` (at most [`MAX_MANIFEST`] bytes, a regular file only), checks
+    /// that it hashes to `d`, and parses its references; `Err` says why it cannot be used.
+    /// An I/O error is also recorded as unread storage.
+    fn load(&mut self, d: Digest) -> Result<Vec<Reference>, String> {
+        let loc = self.storage.blob_loc(&d);
+        let bytes = match self.storage.read_small(&loc, MAX_MANIFEST) {
+            Ok(b) => b,
+            Err(e) => {
+                if e.raw_os_error().is_some() || e.kind() == io::ErrorKind::PermissionDenied {
+                    self.storage
+                        .record_unread(self.storage.relative(&loc), e.to_string());
+                }
+                return Err(format!("its blob cannot be read: {e}"));
+            }
         };
-        parse_references(&bytes)
+        let mut buf = [0u8; 8192];
+        match crate::rehash::hash_reader(d.algorithm(), &mut &bytes[..], &mut buf) {
+            Ok((actual, _)) if actual == d => {}
+            Ok((actual, _)) => {
+                return Err(format!(
+                    "its content does not hash to its digest but to {actual}"
+                ));
+            }
+            Err(e) => return Err(format!("it cannot be hashed: {e}")),
+        }
+        parse_manifest(&bytes)
+    }
+}
+
+impl Frame {
+    fn new(digest: Digest, refs: Vec<Reference>) -> Frame {
+        Frame {
+            digest,
+            refs,
+            next: 0,
+            found: Below::default(),
+        }
     }
 }
 
@@ -361,64 +626,97 @@ pub struct Reference {
     pub is_manifest: bool,
 }
 
-/// The references of an OCI or Docker manifest, index or list (schema 2), or a
-/// schema 1 manifest. Foreign layers (`urls` set, or a non-distributable or foreign
-/// media type) are not expected in storage and are skipped.
-pub fn parse_references(bytes: &[u8]) -> Vec<Reference> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Vec::new();
+/// Media types of the manifests the registry serves (distribution 2.8 and 3).
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The references of a manifest as the registry reads one back from storage: by
+/// `schemaVersion` (1, or 2 with the `mediaType` of a Docker or OCI manifest or index; an
+/// OCI document without `mediaType` is an index when it has `manifests`). Foreign layers
+/// (`urls` set, or a non-distributable or foreign media type) are not expected in
+/// storage and are skipped. `Err` says why the bytes are not a manifest the registry
+/// would serve.
+pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
+    use serde_json::Value;
+    let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let not = |why: String| Err(format!("not a manifest: {why}"));
+    let Some(obj) = doc.as_object() else {
+        return not("not a JSON object".into());
+    };
+    let media = match obj.get("mediaType") {
+        None => "",
+        Some(Value::String(m)) => m.as_str(),
+        Some(_) => return not("mediaType is not a string".into()),
     };
     let mut out = Vec::new();
-    let descriptor = |v: &serde_json::Value| -> Option<Digest> {
-        let media = v["mediaType"].as_str().unwrap_or("");
-        let foreign = media.contains("foreign") || media.contains("nondistributable");
-        let has_urls = v["urls"].as_array().is_some_and(|u| !u.is_empty());
-        if foreign || has_urls {
-            return None;
+    let mut descriptors = |field: &str, is_manifest: bool, required: bool| -> Result<(), String> {
+        let list: Vec<&Value> = match (field, obj.get(field)) {
+            ("config", Some(v)) => vec![v],
+            (_, Some(Value::Array(a))) => a.iter().collect(),
+            (_, None) if !required => Vec::new(),
+            (_, None) => return Err(format!("not a manifest: no {field}")),
+            (_, Some(_)) => return Err(format!("not a manifest: {field} is not a list")),
+        };
+        for (i, v) in list.into_iter().enumerate() {
+            let key = if field == "fsLayers" {
+                "blobSum"
+            } else {
+                "digest"
+            };
+            let Some(desc) = v.as_object() else {
+                return Err(format!("not a manifest: {field}[{i}] is not an object"));
+            };
+            let kind = desc.get("mediaType").and_then(Value::as_str).unwrap_or("");
+            let foreign = kind.contains("foreign") || kind.contains("nondistributable");
+            let has_urls = desc
+                .get("urls")
+                .and_then(Value::as_array)
+                .is_some_and(|u| !u.is_empty());
+            if foreign || has_urls {
+                continue;
+            }
+            let Some(digest) = desc
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(Digest::parse_str)
+            else {
+                return Err(format!("not a manifest: {field}[{i}] has no valid {key}"));
+            };
+            out.push(Reference {
+                digest,
+                is_manifest,
+            });
         }
-        v["digest"].as_str().and_then(Digest::parse_str)
+        Ok(())
     };
-    if let Some(children) = doc["manifests"].as_array() {
-        out.extend(
-            children
-                .iter()
-                .filter_map(descriptor)
-                .map(|digest| Reference {
-                    digest,
-                    is_manifest: true,
-                }),
-        );
-    }
-    if let Some(d) = descriptor(&doc["config"]) {
-        out.push(Reference {
-            digest: d,
-            is_manifest: false,
-        });
-    }
-    if let Some(layers) = doc["layers"].as_array() {
-        out.extend(
-            layers
-                .iter()
-                .filter_map(descriptor)
-                .map(|digest| Reference {
-                    digest,
-                    is_manifest: false,
-                }),
-        );
-    }
-    if let Some(fs_layers) = doc["fsLayers"].as_array() {
-        out.extend(
-            fs_layers
-                .iter()
-                .filter_map(|l| l["blobSum"].as_str().and_then(Digest::parse_str))
-                .map(|digest| Reference {
-                    digest,
-                    is_manifest: false,
-                }),
-        );
+    match obj.get("schemaVersion").and_then(Value::as_i64) {
+        Some(1) => descriptors("fsLayers", false, true)?,
+        Some(2) => {
+            let index = match media {
+                DOCKER_LIST | OCI_INDEX => true,
+                DOCKER_MANIFEST | OCI_MANIFEST => false,
+                "" => obj.contains_key("manifests"),
+                other => {
+                    return not(format!(
+                        "unknown mediaType '{}'",
+                        crate::finding::escape(other.as_bytes())
+                    ));
+                }
+            };
+            if index {
+                descriptors("manifests", true, true)?;
+            } else {
+                descriptors("config", false, true)?;
+                descriptors("layers", false, false)?;
+            }
+        }
+        Some(v) => return not(format!("schemaVersion {v}")),
+        None => return not("no schemaVersion".into()),
     }
     out.dedup();
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -438,12 +736,13 @@ mod tests {
             d('c'),
             d('e')
         );
+        let parse_references = |b: &[u8]| parse_manifest(b).unwrap_or_default();
         let refs = parse_references(image.as_bytes());
         assert_eq!(refs.len(), 2, "{refs:?}");
         assert!(refs.iter().all(|r| !r.is_manifest));
 
         let index = format!(
-            r#"{{"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#,
+            r#"{{"schemaVersion":2,"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}]}}"#,
             d('a'),
             d('b')
         );

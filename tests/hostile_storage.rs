@@ -1,0 +1,636 @@
+//! Storage as a broken or hostile system leaves it: manifests that are FIFOs, sockets,
+//! directories, garbage, oversized or not what their digest names; index graphs with a
+//! large fan-out, chains deeper than the limit; directories the tool may not list; names
+//! with terminal control characters. Each case is built from scratch and run through
+//! `check --storage-only`, asserting the exit code, the finding and that the run ends
+//! (never blocks) in bounded memory.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Store, sha256};
+use serde_json::Value;
+
+/// Writes a manifest blob, its revision link and (with `tag`) the tag's current link.
+fn manifest(store: &Store, repo: &str, tag: Option<&str>, content: &[u8]) -> String {
+    let d = sha256(content);
+    store.write_data(&d, content);
+    link(store, repo, tag, &d);
+    d
+}
+
+/// Links `d` into `repo` as a manifest revision and, with `tag`, tags it.
+fn link(store: &Store, repo: &str, tag: Option<&str>, d: &str) {
+    let base = store
+        .v2()
+        .join("repositories")
+        .join(repo)
+        .join("_manifests");
+    let rev = base.join("revisions/sha256").join(&d[7..]);
+    fs::create_dir_all(&rev).expect("mkdir");
+    fs::write(rev.join("link"), d).expect("link");
+    if let Some(tag) = tag {
+        let cur = base.join("tags").join(tag).join("current");
+        fs::create_dir_all(&cur).expect("mkdir");
+        fs::write(cur.join("link"), d).expect("link");
+    }
+}
+
+fn image_manifest(config: &str, layers: &[&str]) -> Vec<u8> {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":1}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":1}},"layers":[{}]}}"#,
+        layers.join(",")
+    )
+    .into_bytes()
+}
+
+fn index_manifest(children: &[String], label: &str) -> Vec<u8> {
+    let children: Vec<String> = children
+        .iter()
+        .map(|c| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{c}","size":1}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}],"annotations":{{"label":"{label}"}}}}"#,
+        children.join(",")
+    )
+    .into_bytes()
+}
+
+/// A valid image in `repo` (config and one layer present, both linked); returns the
+/// manifest's bytes.
+fn good_image(store: &Store, repo: &str, seed: &str) -> Vec<u8> {
+    let config = store.blob(repo, format!("config {seed}").as_bytes());
+    let layer = store.blob(repo, format!("layer {seed}").as_bytes());
+    image_manifest(&config, &[&layer])
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    /// Peak resident memory of the tool, in KiB.
+    max_rss_kib: i64,
+    args: Vec<String>,
+}
+
+impl Run {
+    fn report(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "\n$ registry-audit {}\nexit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.args.join(" "),
+            self.code,
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Runs the tool (as `user` when given: the tests run as root, who may read anything),
+/// failing the test if it has not ended within a minute: a FIFO must never block it.
+fn run_as(user: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={u}"),
+                &format!("--regid={u}"),
+                "--clear-groups",
+                "--",
+                common::BIN,
+            ]);
+            c
+        }
+        None => Command::new(common::BIN),
+    };
+    let out_file = tempfile(&format!("out-{}", std::process::id()));
+    let err_file = tempfile(&format!("err-{}", std::process::id()));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_file).expect("stdout file"))
+        .stderr(fs::File::create(&err_file).expect("stderr file"));
+    // Reaped below with wait4, which also gives its peak memory.
+    #[allow(clippy::zombie_processes)]
+    let mut child = cmd.spawn().expect("run registry-audit");
+    let pid = child.id() as libc::pid_t;
+    let start = Instant::now();
+    let (status, rss) = loop {
+        // wait4 gives this child's own peak memory, whatever else the test runs.
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break (status, usage.ru_maxrss);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("registry-audit {args:?} did not end within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let run = Run {
+        code,
+        stdout: fs::read_to_string(&out_file).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_file).unwrap_or_default(),
+        max_rss_kib: rss,
+        args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    let _ = fs::remove_file(out_file);
+    let _ = fs::remove_file(err_file);
+    run
+}
+
+fn tempfile(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "ra-hostile-{name}-{}",
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn check(store: &Store) -> Run {
+    run_as(
+        None,
+        &[
+            "check",
+            "--storage-only",
+            "--root",
+            &store.root(),
+            "--format",
+            "json",
+        ],
+    )
+}
+
+fn findings<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["kind"] == kind)
+        .collect()
+}
+
+/// Every unusable tagged manifest: the tag is an error finding that names the tag, the
+/// manifest and why, and the tool never blocks on a FIFO.
+#[test]
+fn unusable_tagged_manifests_are_errors_naming_the_tag() {
+    let store = Store::new("bad-manifests");
+    // One pullable image, so the run has something sound too.
+    let good = good_image(&store, "demo", "good");
+    manifest(&store, "demo", Some("good"), &good);
+
+    let mut cases: Vec<(&str, String, &str)> = Vec::new();
+    let mut add = |tag: &'static str, d: String, why: &'static str| cases.push((tag, d, why));
+
+    // Not JSON; JSON that is not a manifest; an unknown media type.
+    add(
+        "garbage",
+        manifest(&store, "demo", Some("garbage"), b"\x00\xffnot json"),
+        "not JSON",
+    );
+    add(
+        "notmanifest",
+        manifest(&store, "demo", Some("notmanifest"), br#"{"hello":"world"}"#),
+        "not a manifest",
+    );
+    add(
+        "strange",
+        manifest(
+            &store,
+            "demo",
+            Some("strange"),
+            br#"{"schemaVersion":2,"mediaType":"text/plain","layers":[]}"#,
+        ),
+        "unknown mediaType",
+    );
+    // JSON nested far deeper than any manifest.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    add(
+        "deepjson",
+        manifest(&store, "demo", Some("deepjson"), deep.as_bytes()),
+        "not JSON",
+    );
+    // Content that does not hash to its digest.
+    let other = good_image(&store, "demo", "other");
+    let d = manifest(&store, "demo", Some("mismatch"), &other);
+    fs::write(
+        store.data_path(&d),
+        b"{\"schemaVersion\":2,\"manifests\":[]}",
+    )
+    .expect("write");
+    add("mismatch", d, "does not hash to its digest");
+    // Larger than the registry accepts: a sparse 5 GiB file costs no disk.
+    let d = sha256(b"oversized");
+    link(&store, "demo", Some("oversized"), &d);
+    store.write_data(&d, b"");
+    fs::File::options()
+        .write(true)
+        .open(store.data_path(&d))
+        .and_then(|f| f.set_len(5 << 30))
+        .expect("sparse file");
+    add("oversized", d, "larger than");
+    // A FIFO (must not block), a socket and a directory where the data should be.
+    let d = sha256(b"fifo");
+    link(&store, "demo", Some("fifo"), &d);
+    fs::create_dir_all(store.data_path(&d).parent().expect("parent")).expect("mkdir");
+    let status = Command::new("mkfifo")
+        .arg(store.data_path(&d))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    add("fifo", d, "not a regular file");
+    let d = sha256(b"socket");
+    link(&store, "demo", Some("socket"), &d);
+    fs::create_dir_all(store.data_path(&d).parent().expect("parent")).expect("mkdir");
+    // A socket's path is short: bind it nearby, then move it into place.
+    let short = tempfile("sock");
+    let _socket = std::os::unix::net::UnixListener::bind(&short).expect("socket");
+    fs::rename(&short, store.data_path(&d)).expect("move the socket");
+    add("socket", d, "not a regular file");
+    let d = sha256(b"directory");
+    link(&store, "demo", Some("directory"), &d);
+    fs::create_dir_all(store.data_path(&d)).expect("mkdir");
+    add("directory", d, "not a regular file");
+    // A tagged index whose child manifest is garbage.
+    let child = manifest(
+        &store,
+        "demo",
+        None,
+        b"{\"schemaVersion\":2,\"manifests\":3}",
+    );
+    let index = index_manifest(std::slice::from_ref(&child), "bad child");
+    let idx = manifest(&store, "demo", Some("badchild"), &index);
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let bad = findings(&report, "bad-manifest");
+    for (tag, digest, why) in &cases {
+        let f = bad
+            .iter()
+            .find(|f| f["tag"] == *tag)
+            .unwrap_or_else(|| panic!("no bad-manifest for tag {tag}: {run}"));
+        assert_eq!(f["severity"], "error", "{run}");
+        assert_eq!(f["manifest"], digest.as_str(), "{run}");
+        assert_eq!(f["repository"], "demo", "{run}");
+        let detail = f["detail"].as_str().expect("detail");
+        assert!(detail.contains(why), "tag {tag}: {detail}");
+        assert!(detail.contains("cannot be pulled"), "{detail}");
+    }
+    let f = bad
+        .iter()
+        .find(|f| f["tag"] == "badchild")
+        .unwrap_or_else(|| panic!("no bad-manifest for the index's child: {run}"));
+    assert_eq!(f["manifest"], idx.as_str());
+    assert_eq!(f["digest"], child.as_str());
+    assert!(!bad.iter().any(|f| f["tag"] == "good"), "{run}");
+    assert_eq!(bad.len(), cases.len() + 1, "{run}");
+}
+
+/// An index DAG with fan-out 16 and depth 7 (each index names all 16 of the next
+/// level: 16^7 paths, 113 distinct manifests): every manifest is followed once, the one
+/// missing layer is reported for each image that needs it, and memory stays small.
+#[test]
+fn index_dags_are_walked_once_per_manifest() {
+    let store = Store::new("dag");
+    let repo = "dag/app";
+    let config = store.blob(repo, b"shared config");
+    let missing = sha256(b"a layer GC took");
+    let mut level: Vec<String> = (0..16)
+        .map(|i| {
+            let present = store.blob(repo, format!("layer {i}").as_bytes());
+            manifest(
+                &store,
+                repo,
+                None,
+                &image_manifest(&config, &[&present, &missing]),
+            )
+        })
+        .collect();
+    let images = level.clone();
+    for depth in 0..6 {
+        level = (0..16)
+            .map(|i| {
+                manifest(
+                    &store,
+                    repo,
+                    None,
+                    &index_manifest(&level, &format!("{depth}-{i}")),
+                )
+            })
+            .collect();
+    }
+    let root = manifest(&store, repo, Some("v1"), &index_manifest(&level, "root"));
+    // A second tag on the same root costs nothing more.
+    link(&store, repo, Some("v1-again"), &root);
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let missing_found = findings(&report, "missing-referenced-blob");
+    for tag in ["v1", "v1-again"] {
+        let mut vias: Vec<&str> = missing_found
+            .iter()
+            .filter(|f| f["tag"] == tag)
+            .map(|f| {
+                assert_eq!(f["digest"], missing.as_str());
+                f["manifest"].as_str().expect("manifest")
+            })
+            .collect();
+        vias.sort();
+        let mut expected: Vec<&str> = images.iter().map(String::as_str).collect();
+        expected.sort();
+        assert_eq!(vias, expected, "{run}");
+    }
+    assert!(findings(&report, "bad-manifest").is_empty(), "{run}");
+    assert!(
+        run.max_rss_kib < 100 * 1024,
+        "peak memory {} KiB for 113 manifests",
+        run.max_rss_kib
+    );
+}
+
+/// A chain of indexes deeper than the limit is an error finding, and the missing blob
+/// at its bottom is still reported: nothing stops silently.
+#[test]
+fn chains_deeper_than_the_limit_are_reported_to_the_bottom() {
+    let store = Store::new("chain");
+    let repo = "chain";
+    let config = store.blob(repo, b"config");
+    let missing = sha256(b"gone");
+    let image = manifest(&store, repo, None, &image_manifest(&config, &[&missing]));
+    let mut top = image.clone();
+    for i in 0..12 {
+        top = manifest(&store, repo, None, &index_manifest(&[top], &format!("{i}")));
+    }
+    link(&store, repo, Some("deep"), &top);
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let deep = findings(&report, "bad-manifest");
+    assert_eq!(deep.len(), 1, "{run}");
+    assert!(
+        deep[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nest 13 deep") && d.contains("limit of 8")),
+        "{run}"
+    );
+    let m = findings(&report, "missing-referenced-blob");
+    assert_eq!(m.len(), 1, "{run}");
+    assert_eq!(m[0]["manifest"], image.as_str());
+    assert_eq!(m[0]["digest"], missing.as_str());
+}
+
+fn nobody_can_run_the_tool() -> bool {
+    // The binary under target/ must be reachable by an unprivileged user.
+    let mut dir = Path::new(common::BIN).parent();
+    while let Some(d) = dir {
+        match fs::metadata(d) {
+            Ok(m) if m.permissions().mode() & 0o001 != 0 => {}
+            _ => return false,
+        }
+        dir = d.parent();
+    }
+    true
+}
+
+/// A directory the tool may not list, or a link it may not read, is a finding and
+/// makes the run incomplete: `complete: false`, exit 1, never "OK".
+#[test]
+fn unreadable_directories_make_the_run_incomplete() {
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && !nobody_can_run_the_tool() {
+        eprintln!("skipped: an unprivileged user cannot reach {}", common::BIN);
+        return;
+    }
+    let store = Store::new("unreadable");
+    fs::set_permissions(&store.dir.0, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let good = good_image(&store, "open", "open");
+    manifest(&store, "open", Some("v1"), &good);
+    let hidden = good_image(&store, "closed", "closed");
+    manifest(&store, "closed", Some("v1"), &hidden);
+    let tagged = good_image(&store, "tags", "tags");
+    manifest(&store, "tags", Some("v1"), &tagged);
+    // Everything readable by others, then three places closed.
+    let status = Command::new("chmod")
+        .args(["-R", "a+rX", &store.root()])
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+    let v2 = store.v2();
+    let closed_layers = v2.join("repositories/closed/_layers/sha256");
+    let closed_tags = v2.join("repositories/tags/_manifests/tags");
+    for dir in [&closed_layers, &closed_tags] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    // nobody:nogroup
+    let user = root.then_some("65534");
+
+    let run = run_as(
+        user,
+        &[
+            "check",
+            "--storage-only",
+            "--root",
+            &store.root(),
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    assert_eq!(report["complete"], false, "{run}");
+    let unread: Vec<&str> = findings(&report, "unreadable-storage")
+        .iter()
+        .map(|f| f["path"].as_str().expect("path"))
+        .collect();
+    assert!(
+        unread.contains(&"docker/registry/v2/repositories/closed/_layers/sha256"),
+        "{run}"
+    );
+    assert!(
+        unread.contains(&"docker/registry/v2/repositories/tags/_manifests/tags"),
+        "{run}"
+    );
+    assert!(
+        !report["verdict"].as_str().unwrap_or("").starts_with("OK"),
+        "{run}"
+    );
+    assert!(
+        report["notes"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("could not be read")))),
+        "{run}"
+    );
+
+    // The table says so too, and never "OK".
+    let table = run_as(
+        user,
+        &[
+            "check",
+            "--storage-only",
+            "--root",
+            &store.root(),
+            "--format",
+            "table",
+        ],
+    );
+    assert_eq!(table.code, 1, "{table}");
+    assert!(table.stdout.contains("INCOMPLETE"), "{table}");
+    assert!(!table.stdout.contains("OK:"), "{table}");
+    for dir in [&closed_layers, &closed_tags] {
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// Names from storage with terminal control characters never reach the terminal raw,
+/// and JSON keeps every byte in the lossless escaping.
+#[test]
+fn control_characters_in_names_are_escaped() {
+    let store = Store::new("names");
+    let evil = "evil\x1b[2J\x07\r/app";
+    good_image(&store, evil, "evil");
+    let image = good_image(&store, "fine", "fine");
+    manifest(&store, "fine", Some("v1"), &image);
+    // A tag whose name holds an escape sequence and a newline.
+    link(
+        &store,
+        "fine",
+        Some("t\x1b]0;pwned\x07\nx"),
+        &sha256(&image),
+    );
+    // A repository name that is not UTF-8.
+    let raw = std::ffi::OsStr::new("caf\u{e9}");
+    use std::os::unix::ffi::OsStrExt;
+    let mut bytes = raw.as_bytes().to_vec();
+    bytes.push(0xff);
+    let not_utf8 = store
+        .v2()
+        .join("repositories")
+        .join(std::ffi::OsStr::from_bytes(&bytes))
+        .join("_layers");
+    fs::create_dir_all(&not_utf8).expect("mkdir");
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    assert!(
+        !run.stdout.contains('\x1b') && !run.stderr.contains('\x1b'),
+        "{run}"
+    );
+    let report = run.report();
+    let bad = findings(&report, "bad-link");
+    let paths: Vec<&str> = bad.iter().filter_map(|f| f["path"].as_str()).collect();
+    assert!(
+        paths.contains(&"docker/registry/v2/repositories/evil\\x1b[2J\\x07\\x0d/app"),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&"docker/registry/v2/repositories/caf\u{e9}\\xff"),
+        "{paths:?}"
+    );
+    let tag = bad
+        .iter()
+        .find(|f| f["repository"] == "fine")
+        .unwrap_or_else(|| panic!("no finding for the bad tag: {run}"));
+    assert_eq!(tag["tag"], "t\\x1b]0;pwned\\x07\\x0ax");
+    assert_eq!(tag["severity"], "error");
+    assert!(bad.iter().all(|f| f["severity"] == "error"), "{run}");
+
+    let table = run_as(
+        None,
+        &[
+            "check",
+            "--storage-only",
+            "--root",
+            &store.root(),
+            "--format",
+            "table",
+            "-v",
+        ],
+    );
+    assert_eq!(table.code, 1, "{table}");
+    for text in [&table.stdout, &table.stderr] {
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "raw control characters reached the terminal: {table}"
+        );
+    }
+    assert!(table.stdout.contains("evil\\x1b[2J"), "{table}");
+}
+
+/// A link that is a FIFO or endless is a bad link, read without blocking and within its
+/// bound.
+#[test]
+fn hostile_link_files_are_bad_links() {
+    let store = Store::new("links");
+    let layer = store.blob("repo", b"a layer");
+    let link_path = store
+        .v2()
+        .join("repositories/repo/_layers/sha256")
+        .join(&layer[7..])
+        .join("link");
+    fs::remove_file(&link_path).expect("rm");
+    let status = Command::new("mkfifo")
+        .arg(&link_path)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    let other = store.blob("repo", b"another layer");
+    let other_link = store
+        .v2()
+        .join("repositories/repo/_layers/sha256")
+        .join(&other[7..])
+        .join("link");
+    fs::File::options()
+        .write(true)
+        .open(&other_link)
+        .and_then(|f| f.set_len(10 << 30))
+        .expect("sparse link");
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let bad = findings(&report, "bad-link");
+    let detail = |d: &str| {
+        bad.iter()
+            .find(|f| f["digest"] == d)
+            .and_then(|f| f["detail"].as_str())
+            .unwrap_or_else(|| panic!("no bad-link for {d}: {run}"))
+            .to_string()
+    };
+    assert!(detail(&layer).contains("FIFO"), "{run}");
+    assert!(detail(&other).contains("larger than 1024 bytes"), "{run}");
+    assert!(run.max_rss_kib < 100 * 1024, "{}", run.max_rss_kib);
+}
