@@ -244,8 +244,13 @@ pub fn escape(raw: &[u8]) -> String {
         for c in chunk.valid().chars() {
             match c {
                 '\\' => out.push_str("\\\\"),
+                // Each byte of the character, so that `unescape` gives the same bytes
+                // back (a C1 control such as U+0080 is two bytes in UTF-8).
                 c if c.is_control() && (c as u32) < 0x100 => {
-                    out.push_str(&format!("\\x{:02x}", c as u32))
+                    let mut utf8 = [0u8; 4];
+                    for b in c.encode_utf8(&mut utf8).bytes() {
+                        out.push_str(&format!("\\x{b:02x}"));
+                    }
                 }
                 c => out.push(c),
             }
@@ -327,6 +332,7 @@ mod tests {
             b"back\\slash\\x41",
             b"nl\ncr\rtab\t\x00",
             "caf\u{e9}".as_bytes(),
+            "c1 \u{80}\u{9b} controls".as_bytes(),
         ] {
             let text = escape(raw);
             assert_eq!(unescape(&text).as_deref(), Some(raw), "{text}");

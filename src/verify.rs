@@ -757,4 +757,98 @@ mod tests {
         assert_eq!(parse_references(schema1.as_bytes()).len(), 1);
         assert!(parse_references(b"not json").is_empty());
     }
+
+    /// JSON shaped like manifests: the keys the parser looks at, nested and mixed with
+    /// values of every type.
+    fn manifest_like() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let digest = prop_oneof![
+            Just(format!("sha256:{}", "a".repeat(64))),
+            Just(format!("sha512:{}", "b".repeat(128))),
+            "[a-z0-9:]{0,80}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::from(n)),
+            prop_oneof![Just(1i64), Just(2)].prop_map(Value::from),
+            digest.prop_map(Value::String),
+            prop_oneof![
+                Just(DOCKER_MANIFEST),
+                Just(DOCKER_LIST),
+                Just(OCI_MANIFEST),
+                Just(OCI_INDEX),
+                Just("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+            ]
+            .prop_map(|m| Value::String(m.into())),
+        ];
+        let key = prop_oneof![
+            Just("schemaVersion"),
+            Just("mediaType"),
+            Just("manifests"),
+            Just("config"),
+            Just("layers"),
+            Just("fsLayers"),
+            Just("digest"),
+            Just("blobSum"),
+            Just("urls"),
+            Just("other"),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| {
+                    Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary bytes: a manifest's references, or a reason; never a panic.
+        #[test]
+        fn arbitrary_bytes_parse_or_say_why(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            match parse_manifest(&bytes) {
+                Ok(refs) => proptest::prop_assert!(refs.len() <= bytes.len()),
+                Err(why) => proptest::prop_assert!(why.starts_with("not ")),
+            }
+        }
+
+        /// Manifest-shaped JSON reaches every branch of the parser: references are
+        /// valid digests, or the reason says what is not a manifest.
+        #[test]
+        fn manifest_shaped_json_parses_or_says_why(doc in manifest_like()) {
+            let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+            match parse_manifest(&bytes) {
+                Ok(refs) => {
+                    for r in refs {
+                        proptest::prop_assert!(Digest::parse_str(&r.digest.to_string()).is_some());
+                    }
+                }
+                Err(why) => proptest::prop_assert!(why.starts_with("not a manifest") || why.starts_with("not JSON")),
+            }
+        }
+
+        /// A link file's bytes: a digest, or nothing; never a panic.
+        #[test]
+        fn arbitrary_link_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Some(d) = Digest::parse(bytes.trim_ascii()) {
+                let text = d.to_string();
+                proptest::prop_assert_eq!(text.as_bytes(), bytes.trim_ascii());
+            }
+        }
+
+        /// Whatever a name holds, the terminal form has no control character and the
+        /// JSON form gives back every byte.
+        #[test]
+        fn names_are_escaped_for_terminal_and_json(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128)) {
+            let json = crate::finding::escape(&bytes);
+            proptest::prop_assert_eq!(crate::finding::unescape(&json), Some(bytes.clone()));
+            let shown = crate::finding::terminal_safe(&String::from_utf8_lossy(&bytes));
+            proptest::prop_assert!(!shown.chars().any(char::is_control));
+        }
+    }
 }
