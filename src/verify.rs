@@ -771,7 +771,7 @@ mod tests {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| Value::from(n)),
+            any::<i64>().prop_map(Value::from),
             prop_oneof![Just(1i64), Just(2)].prop_map(Value::from),
             digest.prop_map(Value::String),
             prop_oneof![
