@@ -58,13 +58,17 @@ pub struct RedisTls {
 /// Sections of `storage:` that are options, not drivers.
 const STORAGE_OPTIONS: [&str; 5] = ["cache", "delete", "maintenance", "redirect", "tag"];
 
-/// Reads `path` and applies the `REGISTRY_*` variables of `env`.
+/// Reads `path` (a regular file of at most `files::MAX_CONFIG_BYTES`) and applies the
+/// `REGISTRY_*` variables of `env`.
 pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read registry config {}: {e}", path.display()))?;
+    let text = crate::files::read_to_string(
+        "registry config",
+        path,
+        crate::files::MAX_CONFIG_BYTES,
+    )?;
     parse(&text, env).map_err(|e| format!("registry config {}: {e}", path.display()))
 }
 

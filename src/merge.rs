@@ -14,6 +14,7 @@ use crate::settings::{self, ReportSettings};
 use crate::shard::Shard;
 
 pub fn run(args: &MergeArgs) -> Result<u8, String> {
+    let output = settings::output_path("--output", args.report.output.as_deref())?;
     let reports = args
         .reports
         .iter()
@@ -30,8 +31,8 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
             _ => FailOn::Error,
         });
     let settings = ReportSettings {
-        format: settings::default_format(args.report.format, args.report.output.as_deref()),
-        output: args.report.output.clone(),
+        format: settings::default_format(args.report.format, output.as_deref()),
+        output,
         fail_on,
     };
     let code = report::exit_code(&merged.findings, settings.fail_on);
@@ -41,8 +42,7 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
 }
 
 fn load(path: &PathBuf) -> Result<Report, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read report {}: {e}", path.display()))?;
+    let text = crate::files::read_to_string("report", path, crate::files::MAX_REPORT_BYTES)?;
     serde_json::from_str(&text).map_err(|e| {
         format!(
             "{} is not a registry-audit JSON report: {e} (line {}, column {})",

@@ -55,7 +55,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         None,
         Want::Nothing,
     )?;
-    let report_settings = ReportSettings::from_args(&args.report);
+    let report_settings = ReportSettings::from_args(&args.report)?;
     let credentials = credentials(args)?;
     let client = RegistryClient::new(
         &args.registry_url,
@@ -233,8 +233,18 @@ fn candidates(
 }
 
 /// The digests of "blob eligible for deletion" lines of `registry garbage-collect`.
+/// Read a line at a time, within `files::MAX_GC_LOG_BYTES` and `files::MAX_GC_LOG_LINE`.
 pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read --gc-log {}: {e}", path.display()))?;
-    Ok(crate::gc::GcLog::parse(&text).blobs.into_iter().collect())
+    use crate::files;
+    let mut lines = files::Lines::open(
+        "--gc-log",
+        path,
+        files::MAX_GC_LOG_BYTES,
+        files::MAX_GC_LOG_LINE,
+    )?;
+    let mut log = crate::gc::GcLog::default();
+    while let Some(line) = lines.next_line()? {
+        log.add_line(&String::from_utf8_lossy(line));
+    }
+    Ok(log.blobs.into_iter().collect())
 }

@@ -47,18 +47,16 @@ pub struct State {
 
 impl State {
     /// Loads the state for `storage_root`; a missing file is an empty state, a corrupt
-    /// or foreign one is an empty state plus a warning to report.
-    pub fn load(path: &Path, storage_root: &str) -> (State, Option<String>) {
+    /// or foreign one (or one that cannot be read now) is an empty state plus a warning
+    /// to report. A path that is not a regular file, or a file larger than
+    /// `files::MAX_STATE_BYTES`, is an error: it is neither read nor later replaced.
+    pub fn load(path: &Path, storage_root: &str) -> Result<(State, Option<String>), String> {
         let mut warning = None;
         let mut entries = HashMap::new();
-        match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warning = Some(format!(
-                    "cannot read state {}: {e}; starting afresh",
-                    path.display()
-                ))
-            }
+        match crate::files::read("state", path, crate::files::MAX_STATE_BYTES) {
+            Err(e) if e.is_not_found() => {}
+            Err(e) if e.is_io() => warning = Some(format!("{e}; starting afresh")),
+            Err(e) => return Err(e.to_string()),
             Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
                 Err(e) => {
                     warning = Some(format!(
@@ -100,7 +98,7 @@ impl State {
                 }
             },
         }
-        (
+        Ok((
             State {
                 path: path.to_path_buf(),
                 storage_root: storage_root.to_string(),
@@ -108,7 +106,7 @@ impl State {
                 last_save: Mutex::new(Instant::now()),
             },
             warning,
-        )
+        ))
     }
 
     /// True when the blob was verified with this size and modification time, less than
@@ -240,7 +238,7 @@ mod tests {
     #[test]
     fn saves_loads_and_distrusts_foreign_or_corrupt_files() {
         let path = std::env::temp_dir().join(format!("ra-state-{}", std::process::id()));
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.is_none() && s.is_empty());
         let e = Entry {
             size: 3,
@@ -249,7 +247,7 @@ mod tests {
         };
         s.record(d('a'), e);
         s.save().expect("save");
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.is_none());
         assert!(s.trusts(&d('a'), 3, 7, 1500, Duration::from_secs(3600)));
         assert!(
@@ -269,12 +267,12 @@ mod tests {
             "never verified"
         );
 
-        let (s, w) = State::load(&path, "/root-b");
+        let (s, w) = State::load(&path, "/root-b").expect("load");
         assert!(w.expect("warning").contains("belongs to storage"));
         assert!(s.is_empty());
 
         std::fs::write(&path, b"{not json").expect("write");
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.expect("warning").contains("corrupt"));
         assert!(s.is_empty());
         let _ = std::fs::remove_file(&path);
