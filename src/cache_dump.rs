@@ -536,4 +536,106 @@ mod tests {
         .expect_err("error");
         assert!(err.contains("line 2"), "{err}");
     }
+
+    fn read_bytes(bytes: &[u8], max_line: usize) -> Result<(CacheIndex, DumpRead), String> {
+        let mut idx = CacheIndex::new();
+        let lines = files::Lines::new(bytes, "cache dump", "t", u64::MAX, max_line);
+        read_lines(lines, "t", &mut idx).map(|r| (idx, r))
+    }
+
+    #[test]
+    fn the_trailer_makes_a_dump_complete() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let body = format!(
+            "{HEADER}\n{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"3\"}}}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\"]}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"x\"]}}\n"
+        );
+        let whole = format!("{body}{{\"end\":\"{FORMAT}\",\"keys\":2,\"set_members\":2}}\n");
+        let (_, r) = read_bytes(whole.as_bytes(), MAX_DUMP_LINE).expect("dump");
+        assert_eq!(r.incomplete, None);
+        // Without the trailer: audited, but incomplete, and the note says what to do.
+        let (idx, r) = read_bytes(body.as_bytes(), MAX_DUMP_LINE).expect("dump");
+        assert_eq!(idx.counts.keys, 2);
+        let why = r.incomplete.expect("incomplete");
+        assert!(why.contains("re-export"), "{why}");
+        // A line dropped before the trailer: the counts disagree.
+        let mut lines: Vec<&str> = whole.lines().collect();
+        lines.remove(3);
+        let (_, r) = read_bytes(lines.join("\n").as_bytes(), MAX_DUMP_LINE).expect("dump");
+        let why = r.incomplete.expect("incomplete");
+        assert!(why.contains("2 set members, but 2 keys and 1 members"), "{why}");
+        // Data after the trailer is not one dump.
+        let err = read_bytes(format!("{whole}{HEADER}\n").as_bytes(), MAX_DUMP_LINE)
+            .expect_err("after the end");
+        assert!(err.contains("line 6"), "{err}");
+        // One endless line stops the reader with the limit named.
+        let err = read_bytes(&[b'{'; 200], 100).expect_err("too long");
+        assert!(err.contains("line 1") && err.contains("100 bytes"), "{err}");
+    }
+
+    #[test]
+    fn export_refuses_lines_the_reader_would_refuse() {
+        let mut out = Vec::new();
+        let huge = Line {
+            key: "blobs::x".into(),
+            redis_type: "hash".into(),
+            fields: Some(BTreeMap::from([("digest".to_string(), "a".repeat(MAX_DUMP_LINE))])),
+            members: None,
+        };
+        let err = write_line(&mut out, &huge).expect_err("too long");
+        assert!(err.contains("blobs::x") && err.contains("8 MiB"), "{err}");
+        assert!(out.is_empty(), "nothing half-written");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Dump lines: the registry's entries, damaged ones, trailers and noise.
+        fn dump_text() -> impl Strategy<Value = Vec<u8>> {
+            let d = format!("sha256:{}", "ab".repeat(32));
+            let line = proptest::sample::select(vec![
+                HEADER.to_string(),
+                format!("{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"-1\"}}}}"),
+                format!("{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\",\"\\\\xzz\"]}}"),
+                format!("{{\"key\":\"repository::a::blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"mediatype\":\"m\"}}}}"),
+                "{\"key\":\"blobs::\\\\xff\",\"type\":\"set\",\"members\":[\"a\"]}".to_string(),
+                "{\"key\":\"repository::A::blobs\",\"type\":\"string\"}".to_string(),
+                "{\"key\":\"x\",\"type\":\"hash\",\"fields\":{\"size\":\"\\\\x\"}}".to_string(),
+                format!("{{\"end\":\"{FORMAT}\",\"keys\":1,\"set_members\":18446744073709551615}}"),
+                "{\"end\":\"other\",\"keys\":0,\"set_members\":0}".to_string(),
+                "{\"key\":".to_string(),
+                String::new(),
+                "\u{0}\u{7f}".to_string(),
+            ]);
+            (
+                proptest::collection::vec(line, 0..10),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            )
+                .prop_map(|(lines, noise)| {
+                    let mut text = lines.join("\n").into_bytes();
+                    text.extend_from_slice(&noise);
+                    text
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes are read or refused with a message naming the dump.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                if let Err(e) = read_bytes(&bytes, 64) {
+                    prop_assert!(e.starts_with("cache dump t"), "{e}");
+                }
+            }
+
+            /// Dump-shaped input: read (complete or not) or refused, never a panic.
+            #[test]
+            fn dump_shaped_input_never_panics(bytes in dump_text()) {
+                if let Err(e) = read_bytes(&bytes, MAX_DUMP_LINE) {
+                    prop_assert!(e.starts_with("cache dump t"), "{e}");
+                }
+            }
+        }
+    }
 }

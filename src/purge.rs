@@ -1090,4 +1090,71 @@ mod tests {
             ]
         );
     }
+
+    fn journal(bytes: &[u8]) -> Result<JournalRecords, String> {
+        let lines = crate::files::Lines::new(bytes, "journal", "j", u64::MAX, 1 << 16);
+        parse_journal(lines, Path::new("j"))
+    }
+
+    #[test]
+    fn journals_are_read_a_bounded_line_at_a_time() {
+        let begin = format!(
+            "{{\"type\":\"begin\",\"schema\":\"{JOURNAL_SCHEMA}\",\"started_at\":\"t\",\"source\":{{\"storage_root\":\"/r\",\"cache\":\"redis\"}}}}"
+        );
+        let remove = "{\"type\":\"remove\",\"seq\":0,\"digest\":null,\"entries\":[]}";
+        let r = journal(format!("{begin}\n{remove}\n{{cut").as_bytes()).expect("journal");
+        assert_eq!((r.removals(), r.lines_skipped), (1, 1));
+        assert!(journal(b"").is_err(), "no begin line");
+        let long = format!("{begin}\n{}\n", "x".repeat(1 << 17));
+        let err = journal(long.as_bytes()).expect_err("endless line");
+        assert!(err.contains("line 2") && err.contains("64 KiB"), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn fragments() -> impl Strategy<Value = Vec<u8>> {
+            let piece = proptest::sample::select(vec![
+                format!("{{\"schema\":\"{PLAN_SCHEMA}\",\"created_at\":\"t\","),
+                "\"source\":{\"storage_root\":\"/r\",\"cache\":\"redis\"},".to_string(),
+                "\"include_malformed\":true,\"kept\":[],".to_string(),
+                "\"groups\":[{\"digest\":null,\"blob\":\"not-checked\",\"entries\":[".to_string(),
+                "{\"kind\":\"malformed-cache-entry\",\"repository\":null,\"key\":\"session:1\",\"op\":\"key\",\"redis_type\":\"string\",\"dump_hex\":\"zz\"}".to_string(),
+                "{\"kind\":\"phantom-descriptor\",\"key\":\"blobs::\\\\xff\",\"op\":\"member\",\"member\":\"m\"}".to_string(),
+                "]}]}".to_string(),
+                format!("{{\"type\":\"begin\",\"schema\":\"{JOURNAL_SCHEMA}\",\"started_at\":\"t\",\"source\":{{\"storage_root\":\"/r\",\"cache\":\"redis\"}}}}\n"),
+                "{\"type\":\"begin\",\"schema\":\"other\"}\n".to_string(),
+                "{\"type\":\"remove\",\"seq\":18446744073709551615,\"digest\":null,\"entries\":[]}\n".to_string(),
+                "{\"type\":\"result\",\"seq\":1,\"outcome\":\"removed\"}\n".to_string(),
+                ",".to_string(),
+                "\n".to_string(),
+            ]);
+            proptest::collection::vec(piece, 0..10).prop_map(|p| p.concat().into_bytes())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes are a plan or an error naming it, never a panic.
+            #[test]
+            fn plans_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), shaped in fragments()) {
+                for input in [&bytes, &shaped] {
+                    if let Err(e) = Plan::parse(Path::new("p"), input) {
+                        prop_assert!(e.contains('p'), "{e}");
+                    }
+                }
+            }
+
+            /// Arbitrary bytes are a journal or an error naming it, never a panic.
+            #[test]
+            fn journals_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), shaped in fragments()) {
+                for input in [&bytes, &shaped] {
+                    if let Err(e) = journal(input) {
+                        prop_assert!(e.contains('j'), "{e}");
+                    }
+                }
+            }
+        }
+    }
 }

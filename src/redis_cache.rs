@@ -670,4 +670,24 @@ mod tests {
         assert!(RedisTarget::from_url("http://x").is_err());
         assert!(RedisTarget::from_url("not a url").is_err());
     }
+
+    #[test]
+    fn a_scan_is_bounded_by_the_size_the_server_reports() {
+        let mut limit = ScanLimit::new(1000, 100);
+        assert_eq!(limit.max_keys(), 4000 + SCAN_KEYS_SLACK);
+        assert_eq!(limit.max_calls(), 160 + SCAN_CALLS_SLACK);
+        assert!(!limit.count(100));
+        let mut calls = 1;
+        while !limit.count(0) {
+            calls += 1;
+        }
+        assert_eq!(calls, limit.max_calls());
+        limit.grow(1_000_000);
+        assert!(!limit.exceeded(), "keys added while scanning raise the bound");
+        let e = limit.error("SCAN", "DBSIZE");
+        assert!(e.contains("DBSIZE says 1000000"), "{e}");
+        // Overflow-proof for any size a server claims.
+        let mut huge = ScanLimit::new(u64::MAX, 0);
+        assert!(!huge.count(usize::MAX));
+    }
 }

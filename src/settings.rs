@@ -98,11 +98,23 @@ impl CheckSettings {
                 .as_ref()
                 .map(|s| PathBuf::from(format!("{}.lock", s.display())))
         });
-        // Outputs that would destroy a special file are refused before any work.
-        for (flag, path) in [("--state", &args.state), ("--lock", &lock)] {
-            if let Some(p) = path {
-                crate::files::check_output(flag, p)?;
+        // Outputs that would destroy a special file are refused before any work, and so
+        // is a state too large to read.
+        if let Some(p) = &args.state {
+            let limit = crate::files::MAX_STATE_BYTES;
+            crate::files::check_output("--state", p).map_err(|e| {
+                format!(
+                    "{e} (a state is a regular file of at most {})",
+                    crate::files::limit_text(limit)
+                )
+            })?;
+            match crate::files::open("state", p, limit) {
+                Err(e) if !e.is_io() => return Err(e.to_string()),
+                _ => {}
             }
+        }
+        if let Some(p) = &lock {
+            crate::files::check_output("--lock", p)?;
         }
         let report = ReportSettings::from_args(&args.report)?;
         let source = Source::resolve(&args.source, None, want)?;

@@ -51,53 +51,13 @@ impl State {
     /// to report. A path that is not a regular file, or a file larger than
     /// `files::MAX_STATE_BYTES`, is an error: it is neither read nor later replaced.
     pub fn load(path: &Path, storage_root: &str) -> Result<(State, Option<String>), String> {
-        let mut warning = None;
-        let mut entries = HashMap::new();
-        match crate::files::read("state", path, crate::files::MAX_STATE_BYTES) {
-            Err(e) if e.is_not_found() => {}
-            Err(e) if e.is_io() => warning = Some(format!("{e}; starting afresh")),
-            Err(e) => return Err(e.to_string()),
-            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
-                Err(e) => {
-                    warning = Some(format!(
-                        "state {} is corrupt ({e}); it is rebuilt and not trusted",
-                        path.display()
-                    ))
-                }
-                Ok(f) if f.format != FORMAT || f.version != VERSION => {
-                    warning = Some(format!(
-                        "state {} is not a registry-audit state (format {:?} version {}); it is rebuilt",
-                        path.display(),
-                        f.format,
-                        f.version
-                    ))
-                }
-                Ok(f) if f.storage_root != storage_root => {
-                    warning = Some(format!(
-                        "state {} belongs to storage {}, not {storage_root}; it is rebuilt",
-                        path.display(),
-                        f.storage_root
-                    ))
-                }
-                Ok(f) => {
-                    for (k, v) in f.blobs {
-                        match Digest::parse_str(&k) {
-                            Some(d) => {
-                                entries.insert(d, v);
-                            }
-                            None => {
-                                warning = Some(format!(
-                                    "state {} holds a bad digest {k:?}; it is rebuilt",
-                                    path.display()
-                                ));
-                                entries.clear();
-                                break;
-                            }
-                        }
-                    }
-                }
-            },
-        }
+        let (entries, warning) =
+            match crate::files::read("state", path, crate::files::MAX_STATE_BYTES) {
+                Err(e) if e.is_not_found() => (HashMap::new(), None),
+                Err(e) if e.is_io() => (HashMap::new(), Some(format!("{e}; starting afresh"))),
+                Err(e) => return Err(e.to_string()),
+                Ok(bytes) => parse(path, &bytes, storage_root),
+            };
         Ok((
             State {
                 path: path.to_path_buf(),
@@ -185,6 +145,49 @@ impl State {
                 .map_err(|e| format!("cannot write state {}: {e}", self.path.display()))
         })
     }
+}
+
+/// The entries of a state file's bytes, for `storage_root`; anything but a sound state
+/// of that root gives no entries and a warning (`path` names the file in it).
+fn parse(path: &Path, bytes: &[u8], storage_root: &str) -> (HashMap<Digest, Entry>, Option<String>) {
+    let mut entries = HashMap::new();
+    let warning = match serde_json::from_slice::<File>(bytes) {
+        Err(e) => Some(format!(
+            "state {} is corrupt ({e}); it is rebuilt and not trusted",
+            path.display()
+        )),
+        Ok(f) if f.format != FORMAT || f.version != VERSION => Some(format!(
+            "state {} is not a registry-audit state (format {:?} version {}); it is rebuilt",
+            path.display(),
+            f.format,
+            f.version
+        )),
+        Ok(f) if f.storage_root != storage_root => Some(format!(
+            "state {} belongs to storage {}, not {storage_root}; it is rebuilt",
+            path.display(),
+            f.storage_root
+        )),
+        Ok(f) => {
+            let mut bad = None;
+            for (k, v) in f.blobs {
+                match Digest::parse_str(&k) {
+                    Some(d) => {
+                        entries.insert(d, v);
+                    }
+                    None => {
+                        bad = Some(format!(
+                            "state {} holds a bad digest {k:?}; it is rebuilt",
+                            path.display()
+                        ));
+                        entries.clear();
+                        break;
+                    }
+                }
+            }
+            bad
+        }
+    };
+    (entries, warning)
 }
 
 /// Seconds since the epoch.
@@ -276,5 +279,63 @@ mod tests {
         assert!(w.expect("warning").contains("corrupt"));
         assert!(s.is_empty());
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn special_or_huge_state_files_are_errors() {
+        let err = State::load(Path::new("/dev/zero"), "/r").err().expect("refused");
+        assert!(err.contains("/dev/zero") && err.contains("2 GiB"), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn state_text() -> impl Strategy<Value = String> {
+            let blob = proptest::sample::select(vec![
+                format!("\"sha256:{}\":{{\"size\":1,\"modified\":-5,\"verified_at\":2}}", "a".repeat(64)),
+                "\"sha256:zz\":{\"size\":1,\"modified\":0,\"verified_at\":0}".to_string(),
+                format!("\"sha256:{}\":{{\"size\":-1}}", "b".repeat(64)),
+                "\"x\":[]".to_string(),
+            ]);
+            (
+                proptest::sample::select(vec![FORMAT, "other", ""]),
+                0..3u32,
+                proptest::sample::select(vec!["/r", "/s"]),
+                proptest::collection::vec(blob, 0..4),
+            )
+                .prop_map(|(format, version, root, blobs)| {
+                    format!(
+                        "{{\"format\":\"{format}\",\"version\":{version},\"storage_root\":\"{root}\",\"blobs\":{{{}}}}}",
+                        blobs.join(",")
+                    )
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes: no entries and a warning naming the file, never a panic.
+            #[test]
+            fn arbitrary_bytes_are_distrusted(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let (entries, warning) = parse(Path::new("s"), &bytes, "/r");
+                if warning.is_some() {
+                    prop_assert!(entries.is_empty());
+                }
+            }
+
+            /// State-shaped input: trusted only when sound and of this root.
+            #[test]
+            fn state_shaped_input(text in state_text()) {
+                let (entries, warning) = parse(Path::new("s"), text.as_bytes(), "/r");
+                match warning {
+                    Some(w) => {
+                        prop_assert!(entries.is_empty());
+                        prop_assert!(w.contains("state s"), "{w}");
+                    }
+                    None => prop_assert!(text.contains(FORMAT) && text.contains("\"/r\"")),
+                }
+            }
+        }
     }
 }
