@@ -104,7 +104,7 @@ impl CheckSettings {
             let limit = crate::files::MAX_STATE_BYTES;
             crate::files::check_output("--state", p).map_err(|e| {
                 format!(
-                    "{e} (a state is a regular file of at most {})",
+                    "{e} (the limit is a regular file of at most {})",
                     crate::files::limit_text(limit)
                 )
             })?;
