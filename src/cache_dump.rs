@@ -562,7 +562,10 @@ mod tests {
         lines.remove(3);
         let (_, r) = read_bytes(lines.join("\n").as_bytes(), MAX_DUMP_LINE).expect("dump");
         let why = r.incomplete.expect("incomplete");
-        assert!(why.contains("2 set members, but 2 keys and 1 members"), "{why}");
+        assert!(
+            why.contains("2 set members, but 2 keys and 1 members"),
+            "{why}"
+        );
         // Data after the trailer is not one dump.
         let err = read_bytes(format!("{whole}{HEADER}\n").as_bytes(), MAX_DUMP_LINE)
             .expect_err("after the end");
@@ -578,7 +581,10 @@ mod tests {
         let huge = Line {
             key: "blobs::x".into(),
             redis_type: "hash".into(),
-            fields: Some(BTreeMap::from([("digest".to_string(), "a".repeat(MAX_DUMP_LINE))])),
+            fields: Some(BTreeMap::from([(
+                "digest".to_string(),
+                "a".repeat(MAX_DUMP_LINE),
+            )])),
             members: None,
         };
         let err = write_line(&mut out, &huge).expect_err("too long");
@@ -595,9 +601,15 @@ mod tests {
             let d = format!("sha256:{}", "ab".repeat(32));
             let line = proptest::sample::select(vec![
                 HEADER.to_string(),
-                format!("{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"-1\"}}}}"),
-                format!("{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\",\"\\\\xzz\"]}}"),
-                format!("{{\"key\":\"repository::a::blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"mediatype\":\"m\"}}}}"),
+                format!(
+                    "{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"-1\"}}}}"
+                ),
+                format!(
+                    "{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\",\"\\\\xzz\"]}}"
+                ),
+                format!(
+                    "{{\"key\":\"repository::a::blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"mediatype\":\"m\"}}}}"
+                ),
                 "{\"key\":\"blobs::\\\\xff\",\"type\":\"set\",\"members\":[\"a\"]}".to_string(),
                 "{\"key\":\"repository::A::blobs\",\"type\":\"string\"}".to_string(),
                 "{\"key\":\"x\",\"type\":\"hash\",\"fields\":{\"size\":\"\\\\x\"}}".to_string(),

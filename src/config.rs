@@ -64,11 +64,8 @@ pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {
-    let text = crate::files::read_to_string(
-        "registry config",
-        path,
-        crate::files::MAX_CONFIG_BYTES,
-    )?;
+    let text =
+        crate::files::read_to_string("registry config", path, crate::files::MAX_CONFIG_BYTES)?;
     parse(&text, env).map_err(|e| format!("registry config {}: {e}", path.display()))
 }
 
@@ -546,9 +543,12 @@ mod tests {
                 "REGISTRY_",
                 "REGISTRY_REDIS_TLS_ROOTCAS",
             ]);
-            let value = proptest::sample::select(vec!["s3", "", "[1,2]", "{a: b}", "-1", "~", "gcs", ":"]);
+            let value =
+                proptest::sample::select(vec!["s3", "", "[1,2]", "{a: b}", "-1", "~", "gcs", ":"]);
             proptest::collection::vec((name, value), 0..4).prop_map(|v| {
-                v.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+                v.into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
             })
         }
 

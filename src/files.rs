@@ -44,6 +44,8 @@ pub const MAX_GC_LOG_BYTES: u64 = 4 * GIB;
 /// One line of a GC log (or of the GC command's output that `gc` passes through):
 /// longer lines are cut there.
 pub const MAX_GC_LOG_LINE: usize = MIB as usize;
+/// The password line read by `probe --password-stdin` (a token can be a few KiB).
+pub const MAX_PASSWORD_BYTES: usize = 64 * KIB as usize;
 /// What is read of a lock file: the holder's pid and start time, a few dozen bytes.
 pub const MAX_LOCK_BYTES: u64 = 4 * KIB;
 /// The previous node_exporter textfile, read to keep its last success time.

@@ -152,7 +152,10 @@ fn pass_lines(stream: impl std::io::Read, name: &str, tx: &std::sync::mpsc::Send
     while let Ok(Some(line)) = lines.next_line_lenient() {
         let text = match line {
             Line::Whole(l) => String::from_utf8_lossy(l).into_owned(),
-            Line::Cut(l) => format!("{}... (line cut at {MAX_GC_LOG_LINE} bytes)", String::from_utf8_lossy(l)),
+            Line::Cut(l) => format!(
+                "{}... (line cut at {MAX_GC_LOG_LINE} bytes)",
+                String::from_utf8_lossy(l)
+            ),
         };
         if tx.send(text).is_err() {
             return;

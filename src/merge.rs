@@ -4,7 +4,7 @@
 //! options, and missing or duplicate shards. It reads report files and writes a report.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::audit::Summary;
 use crate::cli::{FailOn, MergeArgs};
@@ -41,7 +41,7 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
     Ok(code)
 }
 
-fn load(path: &PathBuf) -> Result<Report, String> {
+fn load(path: &Path) -> Result<Report, String> {
     let text = crate::files::read_to_string("report", path, crate::files::MAX_REPORT_BYTES)?;
     serde_json::from_str(&text).map_err(|e| {
         format!(

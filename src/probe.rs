@@ -5,7 +5,6 @@
 //! in-memory one included), reads storage only, and changes nothing anywhere.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -159,12 +158,19 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
 /// Credentials from the flags (password from stdin) or the Docker config, if any.
 fn credentials(args: &ProbeArgs) -> Result<Option<Credentials>, String> {
     if let Some(user) = &args.username {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-        let password = line.trim_end_matches(['\r', '\n']).to_string();
+        // One line, of at most MAX_PASSWORD_BYTES: stdin may be anything.
+        let mut lines = crate::files::Lines::new(
+            std::io::stdin().lock(),
+            "--password-stdin",
+            "(stdin)",
+            crate::files::MAX_PASSWORD_BYTES as u64,
+            crate::files::MAX_PASSWORD_BYTES,
+        );
+        let line = lines.next_line()?.unwrap_or_default();
+        let password = String::from_utf8(line.to_vec())
+            .map_err(|_| "--password-stdin: the password is not UTF-8")?
+            .trim_end_matches('\r')
+            .to_string();
         if password.is_empty() {
             return Err("--password-stdin: stdin held no password".into());
         }

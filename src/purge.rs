@@ -984,7 +984,10 @@ pub fn parse_journal<R: BufRead>(
         }
     }
     if !saw_begin {
-        return Err(format!("{} is not a registry-audit journal", path.display()));
+        return Err(format!(
+            "{} is not a registry-audit journal",
+            path.display()
+        ));
     }
     Ok(records)
 }

@@ -683,7 +683,10 @@ mod tests {
         }
         assert_eq!(calls, limit.max_calls());
         limit.grow(1_000_000);
-        assert!(!limit.exceeded(), "keys added while scanning raise the bound");
+        assert!(
+            !limit.exceeded(),
+            "keys added while scanning raise the bound"
+        );
         let e = limit.error("SCAN", "DBSIZE");
         assert!(e.contains("DBSIZE says 1000000"), "{e}");
         // Overflow-proof for any size a server claims.

@@ -192,9 +192,8 @@ pub fn jobs_with_note(
             Some(format!(
                 "--jobs {n} is more than the limit of {max} ({}); using {max}",
                 match storage {
-                    StorageSpec::Fs(_) => format!(
-                        "{JOBS_PER_CORE} per core on a filesystem, {cores} cores"
-                    ),
+                    StorageSpec::Fs(_) =>
+                        format!("{JOBS_PER_CORE} per core on a filesystem, {cores} cores"),
                     StorageSpec::Object(_) => "on object storage".to_string(),
                 }
             )),

@@ -149,7 +149,11 @@ impl State {
 
 /// The entries of a state file's bytes, for `storage_root`; anything but a sound state
 /// of that root gives no entries and a warning (`path` names the file in it).
-fn parse(path: &Path, bytes: &[u8], storage_root: &str) -> (HashMap<Digest, Entry>, Option<String>) {
+fn parse(
+    path: &Path,
+    bytes: &[u8],
+    storage_root: &str,
+) -> (HashMap<Digest, Entry>, Option<String>) {
     let mut entries = HashMap::new();
     let warning = match serde_json::from_slice::<File>(bytes) {
         Err(e) => Some(format!(
@@ -283,7 +287,9 @@ mod tests {
 
     #[test]
     fn special_or_huge_state_files_are_errors() {
-        let err = State::load(Path::new("/dev/zero"), "/r").err().expect("refused");
+        let err = State::load(Path::new("/dev/zero"), "/r")
+            .err()
+            .expect("refused");
         assert!(err.contains("/dev/zero") && err.contains("2 GiB"), "{err}");
     }
 
@@ -293,7 +299,10 @@ mod tests {
 
         fn state_text() -> impl Strategy<Value = String> {
             let blob = proptest::sample::select(vec![
-                format!("\"sha256:{}\":{{\"size\":1,\"modified\":-5,\"verified_at\":2}}", "a".repeat(64)),
+                format!(
+                    "\"sha256:{}\":{{\"size\":1,\"modified\":-5,\"verified_at\":2}}",
+                    "a".repeat(64)
+                ),
                 "\"sha256:zz\":{\"size\":1,\"modified\":0,\"verified_at\":0}".to_string(),
                 format!("\"sha256:{}\":{{\"size\":-1}}", "b".repeat(64)),
                 "\"x\":[]".to_string(),

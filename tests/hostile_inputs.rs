@@ -84,7 +84,10 @@ fn assert_refused(args: &[&str], path: &str) {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{args:?}: one line: {err}");
     assert!(lines[0].contains(path), "{args:?}: names the path: {err}");
-    assert!(lines[0].contains("limit"), "{args:?}: names the limit: {err}");
+    assert!(
+        lines[0].contains("limit"),
+        "{args:?}: names the limit: {err}"
+    );
 }
 
 #[test]
@@ -101,7 +104,10 @@ fn devices_fifos_and_huge_files_are_refused_as_inputs_within_seconds() {
         let x = input.as_str();
         assert_refused(&["check", "--config", x, "--storage-only"], x);
         assert_refused(&["check", "--root", &root, "--cache-dump", x], x);
-        assert_refused(&["check", "--root", &root, "--storage-only", "--state", x], x);
+        assert_refused(
+            &["check", "--root", &root, "--storage-only", "--state", x],
+            x,
+        );
         assert_refused(
             &["purge", "--root", &root, "--redis", nowhere, "--apply", x],
             x,
@@ -125,7 +131,16 @@ fn one_endless_line_stops_the_line_readers() {
     sparse(&zeros, 100 << 20);
     let z = path_str(&zeros);
     assert_refused(&["check", "--root", &root, "--cache-dump", &z], &z);
-    assert_refused(&["restore", "--journal", &z, "--redis", "redis://127.0.0.1:1/0"], &z);
+    assert_refused(
+        &[
+            "restore",
+            "--journal",
+            &z,
+            "--redis",
+            "redis://127.0.0.1:1/0",
+        ],
+        &z,
+    );
 }
 
 fn path_str(p: &Path) -> String {
@@ -173,16 +188,38 @@ fn outputs_never_replace_a_device_fifo_directory_or_symlink() {
     fs::write(&report, "{}").expect("write");
     let (rep, nowhere) = (path_str(&report), "redis://127.0.0.1:1/0");
 
-    for target in ["/dev/null".into(), path_str(&fifo), path_str(&subdir), path_str(&link)] {
+    for target in [
+        "/dev/null".into(),
+        path_str(&fifo),
+        path_str(&subdir),
+        path_str(&link),
+    ] {
         let t = target.as_str();
         let before = fingerprint(Path::new(t));
         let cases: Vec<Vec<&str>> = vec![
             vec!["check", "--root", &root, "--storage-only", "--output", t],
-            vec!["check", "--root", &root, "--storage-only", "--format", "prometheus", "--output", t],
+            vec![
+                "check",
+                "--root",
+                &root,
+                "--storage-only",
+                "--format",
+                "prometheus",
+                "--output",
+                t,
+            ],
             vec!["check", "--root", &root, "--storage-only", "--state", t],
             vec!["check", "--root", &root, "--storage-only", "--lock", t],
             vec!["export-cache", "--redis", nowhere, "--output", t],
-            vec!["purge", "--root", &root, "--redis", nowhere, "--plan-out", t],
+            vec![
+                "purge",
+                "--root",
+                &root,
+                "--redis",
+                nowhere,
+                "--plan-out",
+                t,
+            ],
             vec!["purge", "--root", &root, "--redis", nowhere, "--journal", t],
             vec!["merge", &rep, "--output", t],
         ];
@@ -197,18 +234,39 @@ fn outputs_never_replace_a_device_fifo_directory_or_symlink() {
 
     // `-` is stdout where a report goes; a regular file is replaced as before.
     let (code, out, err) = run_bounded(
-        &["check", "--root", &root, "--storage-only", "--format", "json", "--output", "-"],
+        &[
+            "check",
+            "--root",
+            &root,
+            "--storage-only",
+            "--format",
+            "json",
+            "--output",
+            "-",
+        ],
         QUICK,
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["complete"], true);
     assert!(!Path::new("-").exists());
     let (code, _, err) = run_bounded(
-        &["check", "--root", &root, "--storage-only", "--format", "json", "--output", &rep],
+        &[
+            "check",
+            "--root",
+            &root,
+            "--storage-only",
+            "--format",
+            "json",
+            "--output",
+            &rep,
+        ],
         QUICK,
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(json(&fs::read_to_string(&report).expect("report"))["command"], "check");
+    assert_eq!(
+        json(&fs::read_to_string(&report).expect("report"))["command"],
+        "check"
+    );
 }
 
 /// A store with blobs, and a Redis whose entries all match it: a clean audit.
@@ -240,12 +298,22 @@ fn a_dump_cut_at_a_line_boundary_or_with_a_wrong_count_is_incomplete() {
     assert!(lines.len() > 5);
     let trailer: serde_json::Value = serde_json::from_str(lines[lines.len() - 1]).expect("trailer");
     assert_eq!(trailer["end"], "registry-audit-cache-dump");
-    assert_eq!(trailer["keys"], 9 + 3 + 9, "9 descriptors, 3 sets, 9 repository hashes");
+    assert_eq!(
+        trailer["keys"],
+        9 + 3 + 9,
+        "9 descriptors, 3 sets, 9 repository hashes"
+    );
     assert_eq!(trailer["set_members"], 9);
 
     let check = |path: &str| {
         let (code, out, err) = run_tool(&[
-            "check", "--root", &root, "--cache-dump", path, "--format", "json",
+            "check",
+            "--root",
+            &root,
+            "--cache-dump",
+            path,
+            "--format",
+            "json",
         ]);
         (code, json(&out), err)
     };
@@ -261,7 +329,10 @@ fn a_dump_cut_at_a_line_boundary_or_with_a_wrong_count_is_incomplete() {
     assert!(code >= 1, "{err}");
     assert_eq!(report["complete"], false, "{report:#}");
     let notes = report["notes"].to_string();
-    assert!(notes.contains("no end line") && notes.contains("re-export"), "{notes}");
+    assert!(
+        notes.contains("no end line") && notes.contains("re-export"),
+        "{notes}"
+    );
     // What was read is audited: every line but the two cut holds one key.
     assert_eq!(report["summary"]["keys_scanned"], 19, "{report:#}");
 
@@ -273,7 +344,12 @@ fn a_dump_cut_at_a_line_boundary_or_with_a_wrong_count_is_incomplete() {
     let (code, report, err) = check(&path_str(&mended));
     assert!(code >= 1, "{err}");
     assert_eq!(report["complete"], false, "{report:#}");
-    assert!(report["notes"].to_string().contains("says it holds 21 keys"), "{report:#}");
+    assert!(
+        report["notes"]
+            .to_string()
+            .contains("says it holds 21 keys"),
+        "{report:#}"
+    );
 }
 
 /// A fake Redis whose SCAN never returns cursor 0: with `keys`, every reply carries
@@ -300,7 +376,11 @@ fn serve(conn: TcpStream, keys: usize) {
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
             return;
         }
-        let Some(n) = line.trim().strip_prefix('*').and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(n) = line
+            .trim()
+            .strip_prefix('*')
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
             return;
         };
         let mut args = Vec::new();
@@ -348,16 +428,16 @@ fn a_redis_whose_scan_never_ends_is_stopped() {
     for keys in [50, 0] {
         let url = format!("redis://127.0.0.1:{}/0", endless_scan_server(keys));
         let (code, out, err) = run_bounded(
-            &["check", "--root", &root, "--redis", &url, "--format", "json"],
+            &[
+                "check", "--root", &root, "--redis", &url, "--format", "json",
+            ],
             Duration::from_secs(60),
         );
         assert_eq!(code, 2, "{err}{out}");
         assert!(err.contains("did not finish its SCAN"), "{err}");
         assert!(err.contains("DBSIZE says 10"), "{err}");
-        let (code, _, err) = run_bounded(
-            &["export-cache", "--redis", &url],
-            Duration::from_secs(60),
-        );
+        let (code, _, err) =
+            run_bounded(&["export-cache", "--redis", &url], Duration::from_secs(60));
         assert_eq!(code, 2, "{err}");
         assert!(err.contains("did not finish its SCAN"), "{err}");
     }
@@ -368,12 +448,24 @@ fn jobs_beyond_the_bound_are_capped_with_a_note() {
     let store = Store::new("hostile-jobs");
     let root = store.root();
     let (code, out, err) = run_bounded(
-        &["check", "--root", &root, "--storage-only", "--jobs", "100000", "--format", "json"],
+        &[
+            "check",
+            "--root",
+            &root,
+            "--storage-only",
+            "--jobs",
+            "100000",
+            "--format",
+            "json",
+        ],
         QUICK,
     );
     assert_eq!(code, 0, "{err}");
     let report = json(&out);
     let notes = report["notes"].to_string();
-    assert!(notes.contains("--jobs 100000 is more than the limit"), "{notes}");
+    assert!(
+        notes.contains("--jobs 100000 is more than the limit"),
+        "{notes}"
+    );
     assert!(err.contains("--jobs 100000"), "also said on stderr: {err}");
 }
