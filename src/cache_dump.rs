@@ -13,20 +13,28 @@
 //! {"key":"repository::team/app::blobs","type":"set","members":["sha256:…","sha256:…"]}
 //! {"key":"repository::team/app::blobs::sha256:…","type":"hash","fields":{"mediatype":"application/octet-stream"}}
 //! {"key":"blobs::sha256:…","type":"string"}
+//! {"end":"registry-audit-cache-dump","keys":3,"set_members":2}
 //! ```
+//!
+//! The last line, the trailer, records how many keys (a set spanning several lines
+//! counts once) and set members the dump holds. A dump without it, or whose counts
+//! disagree with what was read, is incomplete: a dump cut at a line boundary would
+//! otherwise look like a small cache. Its entries are still audited, but the run says
+//! `complete: false`. Each line is at most `files::MAX_DUMP_LINE` bytes and the whole
+//! dump at most `files::MAX_DUMP_BYTES`; past either the reader stops with an error.
 //!
 //! Keys, members, field names and values use the lossless escaping of
 //! `finding::escape` (`\\` for a backslash, `\xNN` for control and non-UTF-8 bytes).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 
 use redis::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::files::{self, MAX_DUMP_LINE};
 use crate::finding;
 use crate::redis_cache::{self, CacheConn, brief};
 use crate::redis_cluster;
@@ -35,6 +43,9 @@ pub const FORMAT: &str = "registry-audit-cache-dump";
 pub const VERSION: u32 = 1;
 /// Members per line for large sets.
 const MEMBERS_PER_LINE: usize = 1000;
+/// Escaped member bytes per line for large sets, so that a line of long members stays
+/// well within `files::MAX_DUMP_LINE`.
+const MEMBER_BYTES_PER_LINE: usize = MAX_DUMP_LINE / 4;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
@@ -56,6 +67,16 @@ struct Line {
     fields: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     members: Option<Vec<String>>,
+}
+
+/// The last line: what the dump holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Trailer {
+    /// Always `FORMAT`.
+    end: String,
+    keys: u64,
+    set_members: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -150,14 +171,33 @@ pub fn export(
                 }
                 "set" => {
                     let mut pending: Vec<String> = Vec::new();
+                    let mut pending_bytes = 0usize;
                     let mut total = 0u64;
                     let mut write_err = None;
                     redis_cache::sscan(reader, &key, batch, |members| {
                         total += members.len() as u64;
-                        pending.extend(members.iter().map(|m| finding::escape(m)));
-                        while pending.len() >= MEMBERS_PER_LINE && write_err.is_none() {
-                            let chunk: Vec<String> = pending.drain(..MEMBERS_PER_LINE).collect();
-                            write_err = write_members(&mut w, &key, chunk).err();
+                        for m in members {
+                            if write_err.is_some() {
+                                break;
+                            }
+                            let escaped = finding::escape(&m);
+                            // A line holds up to MEMBERS_PER_LINE members, and fewer
+                            // when they are long.
+                            if !pending.is_empty()
+                                && pending_bytes + escaped.len() > MEMBER_BYTES_PER_LINE
+                                && write_err.is_none()
+                            {
+                                write_err =
+                                    write_members(&mut w, &key, std::mem::take(&mut pending)).err();
+                                pending_bytes = 0;
+                            }
+                            pending_bytes += escaped.len() + 3;
+                            pending.push(escaped);
+                            if pending.len() >= MEMBERS_PER_LINE && write_err.is_none() {
+                                write_err =
+                                    write_members(&mut w, &key, std::mem::take(&mut pending)).err();
+                                pending_bytes = 0;
+                            }
                         }
                     })?;
                     if let Some(e) = write_err {
@@ -182,6 +222,14 @@ pub fn export(
         }
         Ok(())
     })?;
+    write_line(
+        &mut w,
+        &Trailer {
+            end: FORMAT.into(),
+            keys: counts.keys,
+            set_members: counts.set_members,
+        },
+    )?;
     w.flush()
         .map_err(|e| format!("cannot write the dump: {e}"))?;
     Ok(counts)
@@ -222,11 +270,44 @@ fn hash_pairs(v: Option<Value>) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-fn write_line<T: Serialize>(w: &mut dyn Write, value: &T) -> Result<(), String> {
-    serde_json::to_writer(&mut *w, value)
-        .map_err(|e| e.to_string())
-        .and_then(|_| w.write_all(b"\n").map_err(|e| e.to_string()))
+/// Writes one line; a line longer than the reader accepts (a hash whose values are
+/// megabytes long, or one such set member) is an error, never a dump that cannot be read.
+fn write_line<T: Serialize + LineKey>(w: &mut dyn Write, value: &T) -> Result<(), String> {
+    let mut text = serde_json::to_vec(value).map_err(|e| format!("cannot write the dump: {e}"))?;
+    if text.len() > MAX_DUMP_LINE {
+        return Err(format!(
+            "cannot export key {}: its line would be {} bytes, over the dump's limit of {} per line; inspect the key with redis-cli (it is no descriptor the registry wrote)",
+            value.key(),
+            text.len(),
+            files::limit_text(MAX_DUMP_LINE as u64)
+        ));
+    }
+    text.push(b'\n');
+    w.write_all(&text)
         .map_err(|e| format!("cannot write the dump: {e}"))
+}
+
+/// The key a dump line is about, for errors.
+trait LineKey {
+    fn key(&self) -> &str;
+}
+
+impl LineKey for Line {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl LineKey for Header {
+    fn key(&self) -> &str {
+        "(header)"
+    }
+}
+
+impl LineKey for Trailer {
+    fn key(&self) -> &str {
+        "(trailer)"
+    }
 }
 
 /// The `export-cache` command.
@@ -234,6 +315,8 @@ pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
     if args.scan_count == 0 {
         return Err("--scan-count must be at least 1".into());
     }
+    // Refused before any work: a dump is never written over a special file.
+    let output = crate::settings::output_path("--output", args.output.as_deref())?;
     let file = match &args.config {
         Some(p) => Some(crate::config::load(p, std::env::vars())?),
         None => None,
@@ -241,7 +324,7 @@ pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
     let target = crate::settings::redis_target(args.redis.as_deref(), file.as_ref(), None)?;
     let mut conn = target.connect_cache()?;
     let created = crate::report::rfc3339(std::time::SystemTime::now());
-    let counts = match &args.output {
+    let counts = match &output {
         None => export(
             &mut conn,
             &mut std::io::stdout().lock(),
@@ -258,7 +341,7 @@ pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
         members = counts.set_members,
         "cache exported"
     );
-    if let Some(path) = &args.output {
+    if let Some(path) = &output {
         eprintln!(
             "Exported {} cache keys ({} set members; {} other keys skipped) to {}",
             counts.keys,
@@ -270,27 +353,55 @@ pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
     Ok(0)
 }
 
-/// Reads a dump into `index`, streaming; a malformed line is an error naming the line
-/// and column.
-pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {
-    let file =
-        File::open(path).map_err(|e| format!("cannot read cache dump {}: {e}", path.display()))?;
-    let at = |line: usize, col: usize, what: &str| {
-        format!(
-            "cache dump {}: line {line}, column {col}: {what}",
-            path.display()
-        )
+/// What reading a dump found besides its entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DumpRead {
+    /// Why the dump cannot be trusted to hold the whole cache (no trailer, or counts
+    /// that disagree): the audit of what it held stands, but the run is incomplete.
+    pub incomplete: Option<String>,
+}
+
+/// Reads a dump into `index`, streaming, a line at a time within the limits of
+/// `files`; a malformed line is an error naming the line and column.
+pub fn read(path: &Path, index: &mut CacheIndex) -> Result<DumpRead, String> {
+    let lines = files::Lines::open(
+        "cache dump",
+        path,
+        files::MAX_DUMP_BYTES,
+        files::MAX_DUMP_LINE,
+    )?;
+    read_lines(lines, &path.display().to_string(), index)
+}
+
+/// Reads dump lines into `index`; `name` names the dump in errors.
+pub fn read_lines<R: BufRead>(
+    mut lines: files::Lines<R>,
+    name: &str,
+    index: &mut CacheIndex,
+) -> Result<DumpRead, String> {
+    let at = |line: u64, col: usize, what: &str| {
+        format!("cache dump {name}: line {line}, column {col}: {what}")
     };
+    // Set keys seen so far: a large set spans several lines but is one key.
     let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
     let mut header_seen = false;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| at(n, 1, &format!("cannot read: {e}")))?;
-        if line.trim().is_empty() {
+    let mut trailer: Option<(u64, Trailer)> = None;
+    let (mut keys, mut members) = (0u64, 0u64);
+    let mut n = 0u64;
+    while let Some(line) = lines.next_line()? {
+        n += 1;
+        if line.trim_ascii().is_empty() {
             continue;
         }
+        if let Some((end, _)) = &trailer {
+            return Err(at(
+                n,
+                1,
+                &format!("more data after the dump's end (line {end}): not one dump"),
+            ));
+        }
         if !header_seen {
-            let h: Header = serde_json::from_str(&line).map_err(|e| {
+            let h: Header = serde_json::from_slice(line).map_err(|e| {
                 at(
                     n,
                     e.column(),
@@ -310,8 +421,16 @@ pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {
             header_seen = true;
             continue;
         }
-        let entry: Line =
-            serde_json::from_str(&line).map_err(|e| at(n, e.column(), &e.to_string()))?;
+        let entry: Line = match serde_json::from_slice(line) {
+            Ok(entry) => entry,
+            Err(e) => match serde_json::from_slice::<Trailer>(line) {
+                Ok(t) if t.end == FORMAT => {
+                    trailer = Some((n, t));
+                    continue;
+                }
+                _ => return Err(at(n, e.column(), &e.to_string())),
+            },
+        };
         let unescape = |s: &str, what: &str| {
             finding::unescape(s)
                 .ok_or_else(|| at(n, 1, &format!("{what} {s:?} is not in the escaped form")))
@@ -337,14 +456,15 @@ pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {
             length: get("length"),
             mediatype: get("mediatype"),
         };
-        let is_set = matches!(shape, KeyShape::RepoSet(_)) && entry.redis_type == "set";
-        let repo = if is_set && !seen_sets.insert(key.clone()) {
-            match &shape {
-                KeyShape::RepoSet(r) => Some(r.clone()),
-                _ => None,
-            }
-        } else {
-            index.ingest(&key, shape, &entry.redis_type, &fields)
+        let continued = entry.redis_type == "set" && !seen_sets.insert(key.clone());
+        keys += u64::from(!continued);
+        members += entry.members.as_ref().map_or(0, |m| m.len() as u64);
+        let repo = match (&shape, continued) {
+            // More members of a repository set already ingested.
+            (KeyShape::RepoSet(r), true) => Some(r.clone()),
+            // More members of a set of another shape: already counted as one key.
+            (_, true) => None,
+            (_, false) => index.ingest(&key, shape, &entry.redis_type, &fields),
         };
         if let Some(repo) = repo {
             for m in entry.members.iter().flatten() {
@@ -355,7 +475,17 @@ pub fn read(path: &Path, index: &mut CacheIndex) -> Result<(), String> {
     if !header_seen {
         return Err(at(1, 1, "empty file, not a registry-audit cache dump"));
     }
-    Ok(())
+    let incomplete = match trailer {
+        None => Some(format!(
+            "cache dump {name} has no end line: it was cut short, or written by an older registry-audit (re-export it with this version); the {keys} keys it holds were audited, but the cache may hold more"
+        )),
+        Some((_, t)) if t.keys != keys || t.set_members != members => Some(format!(
+            "cache dump {name} says it holds {} keys and {} set members, but {keys} keys and {members} members were read: it is damaged or was cut and mended; re-export it",
+            t.keys, t.set_members
+        )),
+        Some(_) => None,
+    };
+    Ok(DumpRead { incomplete })
 }
 
 #[cfg(test)]
@@ -405,5 +535,119 @@ mod tests {
         ))
         .expect_err("error");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    fn read_bytes(bytes: &[u8], max_line: usize) -> Result<(CacheIndex, DumpRead), String> {
+        let mut idx = CacheIndex::new();
+        let lines = files::Lines::new(bytes, "cache dump", "t", u64::MAX, max_line);
+        read_lines(lines, "t", &mut idx).map(|r| (idx, r))
+    }
+
+    #[test]
+    fn the_trailer_makes_a_dump_complete() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let body = format!(
+            "{HEADER}\n{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"3\"}}}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\"]}}\n{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"x\"]}}\n"
+        );
+        let whole = format!("{body}{{\"end\":\"{FORMAT}\",\"keys\":2,\"set_members\":2}}\n");
+        let (_, r) = read_bytes(whole.as_bytes(), MAX_DUMP_LINE).expect("dump");
+        assert_eq!(r.incomplete, None);
+        // Without the trailer: audited, but incomplete, and the note says what to do.
+        let (idx, r) = read_bytes(body.as_bytes(), MAX_DUMP_LINE).expect("dump");
+        assert_eq!(idx.counts.keys, 2);
+        let why = r.incomplete.expect("incomplete");
+        assert!(why.contains("re-export"), "{why}");
+        // A line dropped before the trailer: the counts disagree.
+        let mut lines: Vec<&str> = whole.lines().collect();
+        lines.remove(3);
+        let (_, r) = read_bytes(lines.join("\n").as_bytes(), MAX_DUMP_LINE).expect("dump");
+        let why = r.incomplete.expect("incomplete");
+        assert!(
+            why.contains("2 set members, but 2 keys and 1 members"),
+            "{why}"
+        );
+        // Data after the trailer is not one dump.
+        let err = read_bytes(format!("{whole}{HEADER}\n").as_bytes(), MAX_DUMP_LINE)
+            .expect_err("after the end");
+        assert!(err.contains("line 6"), "{err}");
+        // One endless line stops the reader with the limit named.
+        let err = read_bytes(&[b'{'; 200], 100).expect_err("too long");
+        assert!(err.contains("line 1") && err.contains("100 bytes"), "{err}");
+    }
+
+    #[test]
+    fn export_refuses_lines_the_reader_would_refuse() {
+        let mut out = Vec::new();
+        let huge = Line {
+            key: "blobs::x".into(),
+            redis_type: "hash".into(),
+            fields: Some(BTreeMap::from([(
+                "digest".to_string(),
+                "a".repeat(MAX_DUMP_LINE),
+            )])),
+            members: None,
+        };
+        let err = write_line(&mut out, &huge).expect_err("too long");
+        assert!(err.contains("blobs::x") && err.contains("8 MiB"), "{err}");
+        assert!(out.is_empty(), "nothing half-written");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Dump lines: the registry's entries, damaged ones, trailers and noise.
+        fn dump_text() -> impl Strategy<Value = Vec<u8>> {
+            let d = format!("sha256:{}", "ab".repeat(32));
+            let line = proptest::sample::select(vec![
+                HEADER.to_string(),
+                format!(
+                    "{{\"key\":\"blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{d}\",\"size\":\"-1\"}}}}"
+                ),
+                format!(
+                    "{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{d}\",\"\\\\xzz\"]}}"
+                ),
+                format!(
+                    "{{\"key\":\"repository::a::blobs::{d}\",\"type\":\"hash\",\"fields\":{{\"mediatype\":\"m\"}}}}"
+                ),
+                "{\"key\":\"blobs::\\\\xff\",\"type\":\"set\",\"members\":[\"a\"]}".to_string(),
+                "{\"key\":\"repository::A::blobs\",\"type\":\"string\"}".to_string(),
+                "{\"key\":\"x\",\"type\":\"hash\",\"fields\":{\"size\":\"\\\\x\"}}".to_string(),
+                format!("{{\"end\":\"{FORMAT}\",\"keys\":1,\"set_members\":18446744073709551615}}"),
+                "{\"end\":\"other\",\"keys\":0,\"set_members\":0}".to_string(),
+                "{\"key\":".to_string(),
+                String::new(),
+                "\u{0}\u{7f}".to_string(),
+            ]);
+            (
+                proptest::collection::vec(line, 0..10),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            )
+                .prop_map(|(lines, noise)| {
+                    let mut text = lines.join("\n").into_bytes();
+                    text.extend_from_slice(&noise);
+                    text
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes are read or refused with a message naming the dump.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                if let Err(e) = read_bytes(&bytes, 64) {
+                    prop_assert!(e.starts_with("cache dump t"), "{e}");
+                }
+            }
+
+            /// Dump-shaped input: read (complete or not) or refused, never a panic.
+            #[test]
+            fn dump_shaped_input_never_panics(bytes in dump_text()) {
+                if let Err(e) = read_bytes(&bytes, MAX_DUMP_LINE) {
+                    prop_assert!(e.starts_with("cache dump t"), "{e}");
+                }
+            }
+        }
     }
 }

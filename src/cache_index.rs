@@ -621,4 +621,58 @@ mod tests {
         assert_eq!(f.digest, None);
         assert_eq!(f.repository.as_deref(), Some("a"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Keys of the registry's shapes around arbitrary bytes, and arbitrary bytes.
+        fn keys() -> impl Strategy<Value = Vec<u8>> {
+            let raw = proptest::collection::vec(any::<u8>(), 0..80);
+            (
+                0..5usize,
+                raw.clone(),
+                raw,
+                proptest::sample::select(vec![&b"sha256:"[..], b"sha512:", b"", b"::"]),
+            )
+                .prop_map(|(shape, a, b, alg)| {
+                    let mut k = Vec::new();
+                    match shape {
+                        0 => {}
+                        1 => k.extend_from_slice(b"blobs::"),
+                        2 | 3 => k.extend_from_slice(b"repository::"),
+                        _ => k.extend_from_slice(b"repository::blobs::"),
+                    }
+                    k.extend_from_slice(&a);
+                    if shape == 2 {
+                        k.extend_from_slice(b"::blobs");
+                    }
+                    if shape == 3 {
+                        k.extend_from_slice(b"::blobs::");
+                        k.extend_from_slice(alg);
+                        k.extend_from_slice(&b);
+                    }
+                    k
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Any key is classified without a panic, and an index takes it in.
+            #[test]
+            fn any_key_is_classified(key in keys(), member in proptest::collection::vec(any::<u8>(), 0..80)) {
+                let shape = classify(&key);
+                if let KeyShape::Malformed { reason, .. } = &shape {
+                    prop_assert!(!reason.is_empty());
+                    prop_assert!(!reason.contains('\n'), "one line, escaped");
+                }
+                let mut index = CacheIndex::new();
+                if let Some(repo) = index.ingest(&key, shape, "set", &HashFields::default()) {
+                    index.add_member(&key, &repo, &member);
+                }
+                let _ = index.malformed();
+            }
+        }
+    }
 }

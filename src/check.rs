@@ -36,6 +36,7 @@ pub fn audit_with(
     opts: AuditOptions<'_>,
 ) -> Result<(audit::Audit, Vec<String>), String> {
     let mut notes = Vec::new();
+    let mut dump_incomplete = None;
     let mut index = CacheIndex::for_shard(opts.shard);
     let keys = progress::counter("cache keys read");
     match &source.cache {
@@ -48,7 +49,9 @@ pub fn audit_with(
                 ));
             }
         }
-        CacheSource::Dump(path) => cache_dump::read(path, &mut index)?,
+        CacheSource::Dump(path) => {
+            dump_incomplete = cache_dump::read(path, &mut index)?.incomplete;
+        }
         CacheSource::None => {}
     }
     keys.finish();
@@ -57,7 +60,10 @@ pub fn audit_with(
         digests = index.digest_count(),
         "cache read; checking storage"
     );
-    audit::run(storage, index, opts).map(|a| (a, notes))
+    let mut audit = audit::run(storage, index, opts)?;
+    // What the dump held is audited; that it may not be the whole cache is said.
+    audit.incomplete.extend(dump_incomplete);
+    Ok((audit, notes))
 }
 
 pub fn source_info(source: &Source) -> SourceInfo {
@@ -81,15 +87,18 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let clock = Instant::now();
     let _lock = settings.lock.as_deref().map(Lock::acquire).transpose()?;
     let storage = Storage::open(&settings.source.storage)?;
-    let mut notes = Vec::new();
-    let state = settings.state.as_deref().map(|path| {
-        let (state, warning) = State::load(path, &storage.describe());
-        if let Some(w) = warning {
-            tracing::warn!("{w}");
-            notes.push(w);
+    let mut notes = settings.notes.clone();
+    let state = match settings.state.as_deref() {
+        Some(path) => {
+            let (state, warning) = State::load(path, &storage.describe())?;
+            if let Some(w) = warning {
+                tracing::warn!("{w}");
+                notes.push(w);
+            }
+            Some(state)
         }
-        state
-    });
+        None => None,
+    };
     let opts = AuditOptions {
         hashing: Policy {
             jobs: settings.jobs,

@@ -120,7 +120,8 @@ pub struct ReportArgs {
     /// Report format [default: table on a terminal, json otherwise].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Write the report to FILE (atomically) instead of stdout.
+    /// Write the report to FILE (atomically; `-` is stdout) instead of stdout; never
+    /// over a symlink, directory, FIFO, socket or device.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Exit 1 when a finding of this severity or worse is found.
@@ -134,7 +135,8 @@ pub struct CheckArgs {
     pub source: SourceArgs,
     #[command(flatten)]
     pub report: ReportArgs,
-    /// Hashing threads [default: all cores; on object storage at least 16, as GETs wait on the network].
+    /// Hashing threads [default: all cores; on object storage at least 16, as GETs wait on the network];
+    /// capped at 4 per core (256 on object storage).
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
     /// Check existence and size only; do not re-hash blobs.
@@ -236,7 +238,8 @@ pub struct ExportArgs {
     /// Redis URL; overrides the config.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Write the dump to FILE (replaced atomically) instead of stdout.
+    /// Write the dump to FILE (replaced atomically; `-` is stdout) instead of stdout;
+    /// never over a symlink, directory, FIFO, socket or device.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Keys asked for per SCAN call (and per pipeline).
@@ -326,7 +329,8 @@ pub struct MergeReportArgs {
     /// Report format [default: table on a terminal, json otherwise].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Write the merged report to FILE (atomically) instead of stdout.
+    /// Write the merged report to FILE (atomically; `-` is stdout) instead of stdout;
+    /// never over a symlink, directory, FIFO, socket or device.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Exit 1 when a finding of this severity or worse is found [default: the shards'].

@@ -58,13 +58,14 @@ pub struct RedisTls {
 /// Sections of `storage:` that are options, not drivers.
 const STORAGE_OPTIONS: [&str; 5] = ["cache", "delete", "maintenance", "redirect", "tag"];
 
-/// Reads `path` and applies the `REGISTRY_*` variables of `env`.
+/// Reads `path` (a regular file of at most `files::MAX_CONFIG_BYTES`) and applies the
+/// `REGISTRY_*` variables of `env`.
 pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read registry config {}: {e}", path.display()))?;
+    let text =
+        crate::files::read_to_string("registry config", path, crate::files::MAX_CONFIG_BYTES)?;
     parse(&text, env).map_err(|e| format!("registry config {}: {e}", path.display()))
 }
 
@@ -497,5 +498,76 @@ mod tests {
         assert!(parse("storage: [unclosed", env(&[])).is_err());
         assert!(parse("- a\n- b\n", env(&[])).is_err());
         assert!(parse("redis:\n  db: minus\n", env(&[])).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines of YAML the registry's configs are made of, and some that break them.
+        fn config_text() -> impl Strategy<Value = String> {
+            let line = proptest::sample::select(vec![
+                "storage:",
+                "  filesystem:",
+                "    rootdirectory: /srv",
+                "  s3: {bucket: b}",
+                "  azure:",
+                "    connectionstring: \"AccountName=a;AccountKey\"",
+                "  gcs: [1, 2]",
+                "  cache: {blobdescriptor: redis}",
+                "redis:",
+                "  addrs: [a:1, \"[::1]:2\"]",
+                "  addrs: a,,b",
+                "  addr: ~",
+                "  db: -3",
+                "  db: 99999999999999999999",
+                "  tls: {enabled: yes, rootcas: [1, {x: y}]}",
+                "  password: &p x",
+                "  username: *p",
+                "<<: {storage: 5}",
+                "- item",
+                "  : :",
+                "\t bad indent",
+                "'",
+            ]);
+            proptest::collection::vec(line, 0..12).prop_map(|l| l.join("\n"))
+        }
+
+        fn environment() -> impl Strategy<Value = Vec<(String, String)>> {
+            let name = proptest::sample::select(vec![
+                "REGISTRY_STORAGE",
+                "REGISTRY_STORAGE_S3_BUCKET",
+                "REGISTRY_REDIS_ADDRS",
+                "REGISTRY_REDIS_DB",
+                "REGISTRY__",
+                "REGISTRY_",
+                "REGISTRY_REDIS_TLS_ROOTCAS",
+            ]);
+            let value =
+                proptest::sample::select(vec!["s3", "", "[1,2]", "{a: b}", "-1", "~", "gcs", ":"]);
+            proptest::collection::vec((name, value), 0..4).prop_map(|v| {
+                v.into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes are a config or an error, never a panic.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let _ = parse(&String::from_utf8_lossy(&bytes), env(&[]));
+            }
+
+            /// Config-shaped text with overrides: a config or a one-line error.
+            #[test]
+            fn config_shaped_text_never_panics(text in config_text(), vars in environment()) {
+                if let Err(e) = parse(&text, vars) {
+                    prop_assert!(!e.is_empty());
+                }
+            }
+        }
     }
 }

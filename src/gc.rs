@@ -8,7 +8,7 @@
 //! operator's.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -112,19 +112,11 @@ fn run_gc(command: &[String]) -> Result<(i32, GcLog, Vec<String>), String> {
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
         let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        }));
+        readers.push(std::thread::spawn(move || pass_lines(out, "stdout", &tx)));
     }
     if let Some(err) = child.stderr.take() {
         let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        }));
+        readers.push(std::thread::spawn(move || pass_lines(err, "stderr", &tx)));
     }
     drop(tx);
     let mut log = GcLog::default();
@@ -144,6 +136,31 @@ fn run_gc(command: &[String]) -> Result<(i32, GcLog, Vec<String>), String> {
         .wait()
         .map_err(|e| format!("waiting for the GC command: {e}"))?;
     Ok((status.code().unwrap_or(-1), log, tail.into_iter().collect()))
+}
+
+/// Sends each line of the GC command's `stream` on; a line longer than
+/// `files::MAX_GC_LOG_LINE` is cut there, so an endless line cannot exhaust memory.
+fn pass_lines(stream: impl std::io::Read, name: &str, tx: &std::sync::mpsc::Sender<String>) {
+    use crate::files::{Line, Lines, MAX_GC_LOG_LINE};
+    let mut lines = Lines::new(
+        BufReader::new(stream),
+        "the GC command's",
+        name,
+        u64::MAX,
+        MAX_GC_LOG_LINE,
+    );
+    while let Ok(Some(line)) = lines.next_line_lenient() {
+        let text = match line {
+            Line::Whole(l) => String::from_utf8_lossy(l).into_owned(),
+            Line::Cut(l) => format!(
+                "{}... (line cut at {MAX_GC_LOG_LINE} bytes)",
+                String::from_utf8_lossy(l)
+            ),
+        };
+        if tx.send(text).is_err() {
+            return;
+        }
+    }
 }
 
 /// A repository and one of its tags.
@@ -176,7 +193,10 @@ fn pullable_tags(storage: &Storage, findings: &[Finding]) -> (BTreeSet<Tag>, Has
 pub fn run(args: &GcArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let report_settings = ReportSettings::from_args(&args.report);
+    let report_settings = ReportSettings::from_args(&args.report)?;
+    if let Some(journal) = &args.journal {
+        crate::files::check_output("--journal", journal)?;
+    }
     // Redis when the flags or the config say so; otherwise the in-memory cache.
     let source = match Source::resolve(&args.source, None, Want::Redis) {
         Ok(s) => s,

@@ -10,6 +10,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod files;
 pub mod finding;
 pub mod gc;
 pub mod lock;

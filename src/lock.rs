@@ -15,15 +15,22 @@ pub struct Lock {
 
 impl Lock {
     pub fn acquire(path: &Path) -> Result<Lock, String> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| format!("cannot open lock file {}: {e}", path.display()))?;
-        let mut previous = String::new();
-        let _ = file.read_to_string(&mut previous);
+        // Only a regular file (or a new one) is a lock: never a link, FIFO or device.
+        let mut file = crate::files::open_regular_for_update(
+            "lock file",
+            path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+        )?;
+        // The holder's line is a few dozen bytes: read no more than MAX_LOCK_BYTES.
+        let mut previous = Vec::new();
+        let _ = (&mut file)
+            .take(crate::files::MAX_LOCK_BYTES)
+            .read_to_end(&mut previous);
+        let previous = String::from_utf8_lossy(&previous).into_owned();
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

@@ -4,7 +4,7 @@
 //! options, and missing or duplicate shards. It reads report files and writes a report.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::audit::Summary;
 use crate::cli::{FailOn, MergeArgs};
@@ -14,6 +14,7 @@ use crate::settings::{self, ReportSettings};
 use crate::shard::Shard;
 
 pub fn run(args: &MergeArgs) -> Result<u8, String> {
+    let output = settings::output_path("--output", args.report.output.as_deref())?;
     let reports = args
         .reports
         .iter()
@@ -30,8 +31,8 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
             _ => FailOn::Error,
         });
     let settings = ReportSettings {
-        format: settings::default_format(args.report.format, args.report.output.as_deref()),
-        output: args.report.output.clone(),
+        format: settings::default_format(args.report.format, output.as_deref()),
+        output,
         fail_on,
     };
     let code = report::exit_code(&merged.findings, settings.fail_on);
@@ -40,9 +41,8 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
     Ok(code)
 }
 
-fn load(path: &PathBuf) -> Result<Report, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read report {}: {e}", path.display()))?;
+fn load(path: &Path) -> Result<Report, String> {
+    let text = crate::files::read_to_string("report", path, crate::files::MAX_REPORT_BYTES)?;
     serde_json::from_str(&text).map_err(|e| {
         format!(
             "{} is not a registry-audit JSON report: {e} (line {}, column {})",

@@ -182,8 +182,14 @@ pub fn render_failure(previous: Option<&str>, message: &str) -> String {
 }
 
 /// Writes the failure metrics to `path`, atomically, keeping the last success time.
+/// The previous file is read only if it is a regular file within
+/// `files::MAX_METRICS_BYTES`; a special file is never read nor replaced.
 pub fn write_failure(path: &Path, message: &str) -> Result<(), String> {
-    let previous = std::fs::read_to_string(path).ok();
+    let previous = if crate::files::is_stdout(path) {
+        None
+    } else {
+        crate::files::read_to_string("metrics file", path, crate::files::MAX_METRICS_BYTES).ok()
+    };
     let text = render_failure(previous.as_deref(), message);
     crate::report::write_output(&text, Some(path))
 }

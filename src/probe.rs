@@ -5,7 +5,6 @@
 //! in-memory one included), reads storage only, and changes nothing anywhere.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,7 +54,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         None,
         Want::Nothing,
     )?;
-    let report_settings = ReportSettings::from_args(&args.report);
+    let report_settings = ReportSettings::from_args(&args.report)?;
     let credentials = credentials(args)?;
     let client = RegistryClient::new(
         &args.registry_url,
@@ -167,12 +166,19 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
 /// Credentials from the flags (password from stdin) or the Docker config, if any.
 fn credentials(args: &ProbeArgs) -> Result<Option<Credentials>, String> {
     if let Some(user) = &args.username {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-        let password = line.trim_end_matches(['\r', '\n']).to_string();
+        // One line, of at most MAX_PASSWORD_BYTES: stdin may be anything.
+        let mut lines = crate::files::Lines::new(
+            std::io::stdin().lock(),
+            "--password-stdin",
+            "(stdin)",
+            crate::files::MAX_PASSWORD_BYTES as u64,
+            crate::files::MAX_PASSWORD_BYTES,
+        );
+        let line = lines.next_line()?.unwrap_or_default();
+        let password = String::from_utf8(line.to_vec())
+            .map_err(|_| "--password-stdin: the password is not UTF-8")?
+            .trim_end_matches('\r')
+            .to_string();
         if password.is_empty() {
             return Err("--password-stdin: stdin held no password".into());
         }
@@ -241,8 +247,18 @@ fn candidates(
 }
 
 /// The digests of "blob eligible for deletion" lines of `registry garbage-collect`.
+/// Read a line at a time, within `files::MAX_GC_LOG_BYTES` and `files::MAX_GC_LOG_LINE`.
 pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read --gc-log {}: {e}", path.display()))?;
-    Ok(crate::gc::GcLog::parse(&text).blobs.into_iter().collect())
+    use crate::files;
+    let mut lines = files::Lines::open(
+        "--gc-log",
+        path,
+        files::MAX_GC_LOG_BYTES,
+        files::MAX_GC_LOG_LINE,
+    )?;
+    let mut log = crate::gc::GcLog::default();
+    while let Some(line) = lines.next_line()? {
+        log.add_line(&String::from_utf8_lossy(line));
+    }
+    Ok(log.blobs.into_iter().collect())
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 
 use redis::{ConnectionLike, Script};
@@ -108,10 +108,15 @@ impl Plan {
         self.groups.iter().map(|g| g.entries.len()).sum()
     }
 
+    /// Reads a saved plan: a regular file of at most `files::MAX_PLAN_BYTES`.
     pub fn load(path: &Path) -> Result<Plan, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read plan {}: {e}", path.display()))?;
-        let plan: Plan = serde_json::from_str(&text).map_err(|e| {
+        let text = crate::files::read("plan", path, crate::files::MAX_PLAN_BYTES)?;
+        Plan::parse(path, &text)
+    }
+
+    /// Parses a plan's bytes; `path` names it in errors.
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Plan, String> {
+        let plan: Plan = serde_json::from_slice(text).map_err(|e| {
             format!(
                 "plan {} is not a registry-audit purge plan: {e} (line {}, column {})",
                 path.display(),
@@ -621,12 +626,14 @@ struct Journal {
 }
 
 impl Journal {
+    /// Opens the journal to append to: only a regular file (or a new one), never
+    /// through a symlink, never a FIFO or device.
     fn open(path: &Path) -> Result<Journal, String> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("cannot open journal {}: {e}", path.display()))?;
+        let file = crate::files::open_regular_for_update(
+            "journal",
+            path,
+            OpenOptions::new().create(true).append(true),
+        )?;
         Ok(Journal { file })
     }
 
@@ -880,49 +887,13 @@ pub struct RestoreSummary {
 /// Restores every entry that the journal records as removed (or whose removal was cut
 /// short), where nothing has been written since.
 pub fn restore(conn: &mut CacheConn, journal_path: &Path) -> Result<RestoreSummary, String> {
-    let file = File::open(journal_path)
-        .map_err(|e| format!("cannot read journal {}: {e}", journal_path.display()))?;
-    let mut removes: Vec<(u64, Vec<Entry>)> = Vec::new();
-    let mut outcomes: BTreeMap<u64, Outcome> = BTreeMap::new();
+    let journal = read_journal(journal_path)?;
+    let (removes, outcomes) = (journal.removes, journal.outcomes);
     let mut summary = RestoreSummary {
         journal: journal_path.display().to_string(),
+        lines_skipped: journal.lines_skipped,
         ..RestoreSummary::default()
     };
-    let mut run = 0u64;
-    let mut saw_begin = false;
-    for line in BufReader::new(file).lines() {
-        let line =
-            line.map_err(|e| format!("cannot read journal {}: {e}", journal_path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<JournalLine>(&line) {
-            Ok(JournalLine::Begin { schema, .. }) => {
-                if schema != JOURNAL_SCHEMA {
-                    return Err(format!(
-                        "journal {} has schema {schema:?}, expected {JOURNAL_SCHEMA}",
-                        journal_path.display()
-                    ));
-                }
-                saw_begin = true;
-                run += 1;
-            }
-            // Sequence numbers restart with each run appended to the journal.
-            Ok(JournalLine::Remove { seq, entries, .. }) => {
-                removes.push(((run << 32) | seq, entries))
-            }
-            Ok(JournalLine::Result { seq, outcome }) => {
-                outcomes.insert((run << 32) | seq, outcome);
-            }
-            Err(_) => summary.lines_skipped += 1,
-        }
-    }
-    if !saw_begin {
-        return Err(format!(
-            "{} is not a registry-audit journal",
-            journal_path.display()
-        ));
-    }
     let script = Script::new(RESTORE_SCRIPT);
     // Newest first, so an entry removed twice comes back with its oldest value last.
     for (id, entries) in removes.iter().rev() {
@@ -948,6 +919,77 @@ pub fn restore(conn: &mut CacheConn, journal_path: &Path) -> Result<RestoreSumma
         summary.entries_left_alone += entries.len() as u64 - restored as u64;
     }
     Ok(summary)
+}
+
+/// What a journal records, by run and sequence number (`run << 32 | seq`).
+#[derive(Debug, Default)]
+pub struct JournalRecords {
+    /// Each removal, in the order written.
+    removes: Vec<(u64, Vec<Entry>)>,
+    outcomes: BTreeMap<u64, Outcome>,
+    /// Lines that could not be used (a line cut short by a crash, say).
+    pub lines_skipped: u64,
+}
+
+impl JournalRecords {
+    /// Removals the journal records.
+    pub fn removals(&self) -> usize {
+        self.removes.len()
+    }
+}
+
+/// Reads a journal: a regular file of at most `files::MAX_JOURNAL_BYTES`, a line at a
+/// time, each at most `files::MAX_JOURNAL_LINE`.
+pub fn read_journal(path: &Path) -> Result<JournalRecords, String> {
+    let lines = crate::files::Lines::open(
+        "journal",
+        path,
+        crate::files::MAX_JOURNAL_BYTES,
+        crate::files::MAX_JOURNAL_LINE,
+    )?;
+    parse_journal(lines, path)
+}
+
+/// Parses journal lines; `path` names the journal in errors.
+pub fn parse_journal<R: BufRead>(
+    mut lines: crate::files::Lines<R>,
+    path: &Path,
+) -> Result<JournalRecords, String> {
+    let mut records = JournalRecords::default();
+    let mut run = 0u64;
+    let mut saw_begin = false;
+    while let Some(line) = lines.next_line()? {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<JournalLine>(line) {
+            Ok(JournalLine::Begin { schema, .. }) => {
+                if schema != JOURNAL_SCHEMA {
+                    return Err(format!(
+                        "journal {} has schema {schema:?}, expected {JOURNAL_SCHEMA}",
+                        path.display()
+                    ));
+                }
+                saw_begin = true;
+                run += 1;
+            }
+            // Sequence numbers restart with each run appended to the journal.
+            Ok(JournalLine::Remove { seq, entries, .. }) => {
+                records.removes.push(((run << 32) | seq, entries))
+            }
+            Ok(JournalLine::Result { seq, outcome }) => {
+                records.outcomes.insert((run << 32) | seq, outcome);
+            }
+            Err(_) => records.lines_skipped += 1,
+        }
+    }
+    if !saw_begin {
+        return Err(format!(
+            "{} is not a registry-audit journal",
+            path.display()
+        ));
+    }
+    Ok(records)
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -1050,5 +1092,72 @@ mod tests {
                 d.to_string()
             ]
         );
+    }
+
+    fn journal(bytes: &[u8]) -> Result<JournalRecords, String> {
+        let lines = crate::files::Lines::new(bytes, "journal", "j", u64::MAX, 1 << 16);
+        parse_journal(lines, Path::new("j"))
+    }
+
+    #[test]
+    fn journals_are_read_a_bounded_line_at_a_time() {
+        let begin = format!(
+            "{{\"type\":\"begin\",\"schema\":\"{JOURNAL_SCHEMA}\",\"started_at\":\"t\",\"source\":{{\"storage_root\":\"/r\",\"cache\":\"redis\"}}}}"
+        );
+        let remove = "{\"type\":\"remove\",\"seq\":0,\"digest\":null,\"entries\":[]}";
+        let r = journal(format!("{begin}\n{remove}\n{{cut").as_bytes()).expect("journal");
+        assert_eq!((r.removals(), r.lines_skipped), (1, 1));
+        assert!(journal(b"").is_err(), "no begin line");
+        let long = format!("{begin}\n{}\n", "x".repeat(1 << 17));
+        let err = journal(long.as_bytes()).expect_err("endless line");
+        assert!(err.contains("line 2") && err.contains("64 KiB"), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn fragments() -> impl Strategy<Value = Vec<u8>> {
+            let piece = proptest::sample::select(vec![
+                format!("{{\"schema\":\"{PLAN_SCHEMA}\",\"created_at\":\"t\","),
+                "\"source\":{\"storage_root\":\"/r\",\"cache\":\"redis\"},".to_string(),
+                "\"include_malformed\":true,\"kept\":[],".to_string(),
+                "\"groups\":[{\"digest\":null,\"blob\":\"not-checked\",\"entries\":[".to_string(),
+                "{\"kind\":\"malformed-cache-entry\",\"repository\":null,\"key\":\"session:1\",\"op\":\"key\",\"redis_type\":\"string\",\"dump_hex\":\"zz\"}".to_string(),
+                "{\"kind\":\"phantom-descriptor\",\"key\":\"blobs::\\\\xff\",\"op\":\"member\",\"member\":\"m\"}".to_string(),
+                "]}]}".to_string(),
+                format!("{{\"type\":\"begin\",\"schema\":\"{JOURNAL_SCHEMA}\",\"started_at\":\"t\",\"source\":{{\"storage_root\":\"/r\",\"cache\":\"redis\"}}}}\n"),
+                "{\"type\":\"begin\",\"schema\":\"other\"}\n".to_string(),
+                "{\"type\":\"remove\",\"seq\":18446744073709551615,\"digest\":null,\"entries\":[]}\n".to_string(),
+                "{\"type\":\"result\",\"seq\":1,\"outcome\":\"removed\"}\n".to_string(),
+                ",".to_string(),
+                "\n".to_string(),
+            ]);
+            proptest::collection::vec(piece, 0..10).prop_map(|p| p.concat().into_bytes())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes are a plan or an error naming it, never a panic.
+            #[test]
+            fn plans_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), shaped in fragments()) {
+                for input in [&bytes, &shaped] {
+                    if let Err(e) = Plan::parse(Path::new("p"), input) {
+                        prop_assert!(e.contains('p'), "{e}");
+                    }
+                }
+            }
+
+            /// Arbitrary bytes are a journal or an error naming it, never a panic.
+            #[test]
+            fn journals_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), shaped in fragments()) {
+                for input in [&bytes, &shaped] {
+                    if let Err(e) = journal(input) {
+                        prop_assert!(e.contains('j'), "{e}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -71,6 +71,12 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         plan_out: args.plan_out.clone(),
         journal: args.journal.clone(),
     };
+    // Outputs that would destroy a special file are refused before any work.
+    for (flag, path) in [("--plan-out", &s.plan_out), ("--journal", &s.journal)] {
+        if let Some(p) = path {
+            crate::files::check_output(flag, p)?;
+        }
+    }
     let (source, storage, plan) = match &args.apply {
         Some(path) => {
             let plan = Plan::load(path)?;
@@ -424,13 +430,14 @@ pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
 
 /// The source recorded in a journal's first line.
 fn read_journal_source(path: &Path) -> Result<SourceInfo, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
-    let mut first = String::new();
-    std::io::BufReader::new(file)
-        .read_line(&mut first)
-        .map_err(|e| format!("cannot read journal {}: {e}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&first)
+    let mut lines = crate::files::Lines::open(
+        "journal",
+        path,
+        crate::files::MAX_JOURNAL_BYTES,
+        crate::files::MAX_JOURNAL_LINE,
+    )?;
+    let first = lines.next_line()?.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(first)
         .map_err(|_| format!("{} is not a registry-audit journal", path.display()))?;
     serde_json::from_value(v["source"].clone())
         .map_err(|_| format!("{} is not a registry-audit journal", path.display()))

@@ -274,6 +274,86 @@ impl CacheConn {
     }
 }
 
+/// A SCAN may return each key more than once (while Redis rehashes): it is stopped
+/// once it has returned this many times as many keys as the server holds...
+pub const SCAN_KEYS_FACTOR: u64 = 4;
+/// ... plus this many (keys added while we scan, a small database).
+pub const SCAN_KEYS_SLACK: u64 = 100_000;
+/// A SCAN call visits about COUNT buckets of a table at most about ten times as large
+/// as the number of keys (Redis shrinks emptier tables): it is stopped after this many
+/// times the keys, divided by COUNT, calls...
+pub const SCAN_CALLS_FACTOR: u64 = 16;
+/// ... plus this many.
+pub const SCAN_CALLS_SLACK: u64 = 10_000;
+
+/// The bound on one SCAN (of a node) or SSCAN (of a set), derived from the size the
+/// server reports (DBSIZE or SCARD), so a server whose cursor never returns to 0, or
+/// that returns keys forever, is stopped instead of read forever.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanLimit {
+    /// The largest size the server reported.
+    pub size: u64,
+    batch: u64,
+    /// Keys (or members) returned so far, repeats included.
+    pub keys: u64,
+    pub calls: u64,
+}
+
+impl ScanLimit {
+    pub fn new(size: u64, batch: usize) -> ScanLimit {
+        ScanLimit {
+            size,
+            batch: (batch as u64).max(1),
+            keys: 0,
+            calls: 0,
+        }
+    }
+
+    pub fn max_keys(&self) -> u64 {
+        self.size
+            .saturating_mul(SCAN_KEYS_FACTOR)
+            .saturating_add(SCAN_KEYS_SLACK)
+    }
+
+    pub fn max_calls(&self) -> u64 {
+        (self.size.saturating_mul(SCAN_CALLS_FACTOR) / self.batch).saturating_add(SCAN_CALLS_SLACK)
+    }
+
+    /// Counts one reply; true once past the bound.
+    pub fn count(&mut self, keys: usize) -> bool {
+        self.calls += 1;
+        self.keys = self.keys.saturating_add(keys as u64);
+        self.exceeded()
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.keys > self.max_keys() || self.calls > self.max_calls()
+    }
+
+    /// The bound again with the size now reported (keys added while we scanned).
+    pub fn grow(&mut self, size: u64) {
+        self.size = self.size.max(size);
+    }
+
+    /// The error once the bound is passed; `what` is `SCAN` (DBSIZE) or `SSCAN of KEY`
+    /// (SCARD).
+    pub fn error(&self, what: &str, size_cmd: &str) -> String {
+        format!(
+            "Redis did not finish its {what}: {} calls returned {} keys while {size_cmd} says {}; stopped at the limit of {} keys and {} calls for that size. Is this a healthy Redis server?",
+            self.calls,
+            self.keys,
+            self.size,
+            self.max_keys(),
+            self.max_calls()
+        )
+    }
+}
+
+fn size_of(conn: &mut dyn ConnectionLike, cmd: &redis::Cmd, name: &str) -> Result<u64, String> {
+    cmd.query(conn)
+        .map_err(|e| format!("Redis {name} failed: {}", brief(&e)))
+}
+
 fn scan_node(
     conn: &mut Connection,
     mut router: Option<&mut ClusterConnection>,
@@ -281,6 +361,8 @@ fn scan_node(
     seen: &mut Seen,
     f: &mut impl FnMut(&mut Reader<'_>, Vec<Vec<u8>>) -> Result<(), String>,
 ) -> Result<(), String> {
+    let dbsize = redis::cmd("DBSIZE");
+    let mut limit = ScanLimit::new(size_of(conn, &dbsize, "DBSIZE")?, batch);
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -289,6 +371,12 @@ fn scan_node(
             .arg(batch)
             .query(conn)
             .map_err(|e| format!("Redis SCAN failed: {}", brief(&e)))?;
+        if limit.count(keys.len()) {
+            limit.grow(size_of(conn, &dbsize, "DBSIZE")?);
+            if limit.exceeded() {
+                return Err(limit.error("SCAN", "DBSIZE"));
+            }
+        }
         let fresh: Vec<Vec<u8>> = keys.into_iter().filter(|k| seen.first_time(k)).collect();
         if !fresh.is_empty() {
             let mut reader = Reader {
@@ -456,6 +544,8 @@ pub fn sscan(
 ) -> Result<(), String> {
     let mut cursor: u64 = 0;
     let mut rerouted = false;
+    let scard = redis::cmd("SCARD").arg(key).clone();
+    let mut limit = ScanLimit::new(set_size(reader, &scard, rerouted)?, batch);
     loop {
         let cmd = redis::cmd("SSCAN")
             .arg(key)
@@ -481,15 +571,42 @@ pub fn sscan(
                 // The set moved: read it again, whole, where it is now.
                 rerouted = true;
                 cursor = 0;
+                limit = ScanLimit::new(set_size(reader, &scard, rerouted)?, batch);
                 continue;
             }
             Err(e) => return Err(format!("Redis SSCAN failed: {}", brief(&e))),
         };
+        if limit.count(members.len()) {
+            limit.grow(set_size(reader, &scard, rerouted)?);
+            if limit.exceeded() {
+                let what = format!("SSCAN of {}", crate::finding::escape(key));
+                return Err(limit.error(&what, "SCARD"));
+            }
+        }
         f(members);
         cursor = next;
         if cursor == 0 {
             return Ok(());
         }
+    }
+}
+
+/// SCARD of a set, on its node (or through the cluster's routing when it moved there).
+fn set_size(reader: &mut Reader<'_>, scard: &redis::Cmd, rerouted: bool) -> Result<u64, String> {
+    let on_node = |reader: &mut Reader<'_>| size_of(reader.node, scard, "SCARD");
+    match reader.router.as_deref_mut() {
+        Some(router) if rerouted => size_of(router, scard, "SCARD"),
+        Some(_) => match scard.query::<u64>(reader.node) {
+            Ok(n) => Ok(n),
+            Err(e) if e.code().is_some_and(|c| matches!(c, "MOVED" | "ASK")) => {
+                reader.reroute(scard).and_then(|v| {
+                    redis::from_redis_value::<u64>(v)
+                        .map_err(|e| format!("Redis SCARD failed: {e}"))
+                })
+            }
+            Err(e) => Err(format!("Redis SCARD failed: {}", brief(&e))),
+        },
+        None => on_node(reader),
     }
 }
 
@@ -552,5 +669,28 @@ mod tests {
     fn rejects_what_is_not_a_redis_url() {
         assert!(RedisTarget::from_url("http://x").is_err());
         assert!(RedisTarget::from_url("not a url").is_err());
+    }
+
+    #[test]
+    fn a_scan_is_bounded_by_the_size_the_server_reports() {
+        let mut limit = ScanLimit::new(1000, 100);
+        assert_eq!(limit.max_keys(), 4000 + SCAN_KEYS_SLACK);
+        assert_eq!(limit.max_calls(), 160 + SCAN_CALLS_SLACK);
+        assert!(!limit.count(100));
+        let mut calls = 1;
+        while !limit.count(0) {
+            calls += 1;
+        }
+        assert_eq!(calls, limit.max_calls());
+        limit.grow(1_000_000);
+        assert!(
+            !limit.exceeded(),
+            "keys added while scanning raise the bound"
+        );
+        let e = limit.error("SCAN", "DBSIZE");
+        assert!(e.contains("DBSIZE says 1000000"), "{e}");
+        // Overflow-proof for any size a server claims.
+        let mut huge = ScanLimit::new(u64::MAX, 0);
+        assert!(!huge.count(usize::MAX));
     }
 }

@@ -64,8 +64,7 @@ impl RegistryClient {
         }
         let mut tls = TlsConfig::builder().root_certs(RootCerts::PlatformVerifier);
         if let Some(ca) = &opts.ca_cert {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("cannot read --ca-cert {}: {e}", ca.display()))?;
+            let pem = crate::files::read("--ca-cert", ca, crate::files::MAX_PEM_BYTES)?;
             let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -281,10 +280,14 @@ pub fn docker_config_credentials(
     path: &Path,
     registry_url: &str,
 ) -> Result<Option<Credentials>, String> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::files::read_to_string(
+        "Docker config",
+        path,
+        crate::files::MAX_DOCKER_CONFIG_BYTES,
+    ) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.to_string()),
     };
     let doc: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;

@@ -351,9 +351,9 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Writes `text` to stdout, or replaces `path` atomically.
+/// Writes `text` to stdout (no path, or `-`), or replaces `path` atomically.
 pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
-    let Some(path) = path else {
+    let Some(path) = path.filter(|p| !crate::files::is_stdout(p)) else {
         let mut out = std::io::stdout().lock();
         return out
             .write_all(text.as_bytes())
@@ -367,11 +367,14 @@ pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
 }
 
 /// Replaces `path` with what `fill` writes, atomically: a temporary file in the same
-/// directory, synced, then renamed, so a reader never sees half a file.
+/// directory, synced, then renamed, so a reader never sees half a file. Only a path
+/// that is absent or a regular file is replaced - never a symlink, directory, FIFO,
+/// socket or device (checked before `fill` runs and again before the rename).
 pub fn write_atomically<T>(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> Result<T, String>,
 ) -> Result<T, String> {
+    crate::files::check_output("output", path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -381,7 +384,22 @@ pub fn write_atomically<T>(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = std::fs::File::create(&tmp)
+    // A new file only: never through whatever a stale temporary name points to.
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+    };
+    let created = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by an earlier run with our pid: remove the name (not what it points to).
+            let _ = std::fs::remove_file(&tmp);
+            create()
+        }
+        other => other,
+    };
+    let result = created
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
         .and_then(|mut f| {
             let value = fill(&mut f)?;
@@ -390,6 +408,7 @@ pub fn write_atomically<T>(
             Ok(value)
         })
         .and_then(|value| {
+            crate::files::check_output("output", path)?;
             std::fs::rename(&tmp, path)
                 .map(|_| value)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))

@@ -76,6 +76,8 @@ pub struct CheckSettings {
     pub lock: Option<PathBuf>,
     /// `--shard`, when given (`1/1` included: it still makes a shard report).
     pub shard: Option<crate::shard::Shard>,
+    /// What the report should say about the settings (a capped --jobs).
+    pub notes: Vec<String>,
 }
 
 impl CheckSettings {
@@ -96,8 +98,36 @@ impl CheckSettings {
                 .as_ref()
                 .map(|s| PathBuf::from(format!("{}.lock", s.display())))
         });
+        // Outputs that would destroy a special file are refused before any work, and so
+        // is a state too large to read.
+        if let Some(p) = &args.state {
+            let limit = crate::files::MAX_STATE_BYTES;
+            crate::files::check_output("--state", p).map_err(|e| {
+                format!(
+                    "{e} (the limit is a regular file of at most {})",
+                    crate::files::limit_text(limit)
+                )
+            })?;
+            match crate::files::open("state", p, limit) {
+                Err(e) if !e.is_io() => return Err(e.to_string()),
+                _ => {}
+            }
+        }
+        if let Some(p) = &lock {
+            crate::files::check_output("--lock", p)?;
+        }
+        let report = ReportSettings::from_args(&args.report)?;
         let source = Source::resolve(&args.source, None, want)?;
+        if let Some(dump) = &args.cache_dump {
+            // Refused now if it is not a regular file within the limit, before any work.
+            crate::files::open("cache dump", dump, crate::files::MAX_DUMP_BYTES)?;
+        }
+        let (jobs, jobs_note) = jobs_with_note(args.jobs, &source.storage)?;
+        if let Some(note) = &jobs_note {
+            tracing::warn!("{note}");
+        }
         Ok(CheckSettings {
+            notes: jobs_note.into_iter().collect(),
             verify_storage: !args.skip_storage,
             state: args.state.clone(),
             reverify_after: crate::state::parse_duration(&args.reverify_after)
@@ -129,8 +159,8 @@ impl CheckSettings {
                     None => crate::shard::Shard::parse(spec)?,
                 }),
             },
-            report: ReportSettings::from_args(&args.report),
-            jobs: jobs(args.jobs, &source.storage)?,
+            report,
+            jobs,
             source,
             quick: args.quick,
             scan_count: scan_count(&args.source)?,
@@ -138,20 +168,59 @@ impl CheckSettings {
     }
 }
 
-/// `--jobs`, defaulting to every core.
+/// `--jobs`, defaulting to every core; more than [`max_jobs`] is capped there, with a
+/// warning on stderr (see [`jobs_with_note`] for the note a report carries).
 pub fn jobs(flag: Option<usize>, storage: &StorageSpec) -> Result<usize, String> {
+    let (n, note) = jobs_with_note(flag, storage)?;
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    Ok(n)
+}
+
+/// `--jobs` and, when it was capped, the note that says so.
+pub fn jobs_with_note(
+    flag: Option<usize>,
+    storage: &StorageSpec,
+) -> Result<(usize, Option<String>), String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = max_jobs(cores, storage);
     match (flag, storage) {
         (Some(0), _) => Err("--jobs must be at least 1".into()),
-        (Some(n), _) => Ok(n),
-        (None, StorageSpec::Fs(_)) => Ok(cores),
+        (Some(n), _) if n > max => Ok((
+            max,
+            Some(format!(
+                "--jobs {n} is more than the limit of {max} ({}); using {max}",
+                match storage {
+                    StorageSpec::Fs(_) =>
+                        format!("{JOBS_PER_CORE} per core on a filesystem, {cores} cores"),
+                    StorageSpec::Object(_) => "on object storage".to_string(),
+                }
+            )),
+        )),
+        (Some(n), _) => Ok((n, None)),
+        (None, StorageSpec::Fs(_)) => Ok((cores, None)),
         // Each GET mostly waits on the network: more streams than cores keep it busy.
-        (None, StorageSpec::Object(_)) => Ok(cores.max(OBJECT_STORAGE_JOBS)),
+        (None, StorageSpec::Object(_)) => Ok((cores.max(OBJECT_STORAGE_JOBS), None)),
     }
 }
 
 /// Blobs streamed at once from object storage when --jobs is not given.
 pub const OBJECT_STORAGE_JOBS: usize = 16;
+/// The most hashing threads per core on a filesystem: past a few per core, threads only
+/// compete for the disk and memory.
+pub const JOBS_PER_CORE: usize = 4;
+/// The most blobs streamed at once from object storage (each holds a connection).
+pub const MAX_OBJECT_STORAGE_JOBS: usize = 256;
+
+/// The most `--jobs` allowed: [`JOBS_PER_CORE`] per core on a filesystem,
+/// [`MAX_OBJECT_STORAGE_JOBS`] on object storage.
+pub fn max_jobs(cores: usize, storage: &StorageSpec) -> usize {
+    match storage {
+        StorageSpec::Fs(_) => cores.saturating_mul(JOBS_PER_CORE).max(1),
+        StorageSpec::Object(_) => MAX_OBJECT_STORAGE_JOBS.max(cores),
+    }
+}
 
 /// `--format`, defaulting to a table on a terminal and JSON otherwise.
 pub fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {
@@ -172,11 +241,26 @@ pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
 }
 
 impl ReportSettings {
-    pub fn from_args(args: &ReportArgs) -> ReportSettings {
-        ReportSettings {
-            format: default_format(args.format, args.output.as_deref()),
-            output: args.output.clone(),
+    /// Refuses an `--output` that is not absent or a regular file (`-` is stdout).
+    pub fn from_args(args: &ReportArgs) -> Result<ReportSettings, String> {
+        let output = output_path("--output", args.output.as_deref())?;
+        Ok(ReportSettings {
+            format: default_format(args.format, output.as_deref()),
+            output,
             fail_on: args.fail_on,
+        })
+    }
+}
+
+/// A report's output file, checked: `-` means stdout (None); anything else must be
+/// absent or a regular file.
+pub fn output_path(flag: &str, path: Option<&Path>) -> Result<Option<PathBuf>, String> {
+    match path {
+        None => Ok(None),
+        Some(p) if crate::files::is_stdout(p) => Ok(None),
+        Some(p) => {
+            crate::files::check_output(flag, p)?;
+            Ok(Some(p.to_path_buf()))
         }
     }
 }
@@ -363,7 +447,11 @@ fn target_from_config(r: &RedisConfig) -> Result<RedisTarget, String> {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    Ok(crate::files::read(
+        "Redis TLS file",
+        path,
+        crate::files::MAX_PEM_BYTES,
+    )?)
 }
 
 /// `host:port`, `[v6]:port` or a bare host (port 6379).

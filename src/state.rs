@@ -47,60 +47,18 @@ pub struct State {
 
 impl State {
     /// Loads the state for `storage_root`; a missing file is an empty state, a corrupt
-    /// or foreign one is an empty state plus a warning to report.
-    pub fn load(path: &Path, storage_root: &str) -> (State, Option<String>) {
-        let mut warning = None;
-        let mut entries = HashMap::new();
-        match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warning = Some(format!(
-                    "cannot read state {}: {e}; starting afresh",
-                    path.display()
-                ))
-            }
-            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
-                Err(e) => {
-                    warning = Some(format!(
-                        "state {} is corrupt ({e}); it is rebuilt and not trusted",
-                        path.display()
-                    ))
-                }
-                Ok(f) if f.format != FORMAT || f.version != VERSION => {
-                    warning = Some(format!(
-                        "state {} is not a registry-audit state (format {:?} version {}); it is rebuilt",
-                        path.display(),
-                        f.format,
-                        f.version
-                    ))
-                }
-                Ok(f) if f.storage_root != storage_root => {
-                    warning = Some(format!(
-                        "state {} belongs to storage {}, not {storage_root}; it is rebuilt",
-                        path.display(),
-                        f.storage_root
-                    ))
-                }
-                Ok(f) => {
-                    for (k, v) in f.blobs {
-                        match Digest::parse_str(&k) {
-                            Some(d) => {
-                                entries.insert(d, v);
-                            }
-                            None => {
-                                warning = Some(format!(
-                                    "state {} holds a bad digest {k:?}; it is rebuilt",
-                                    path.display()
-                                ));
-                                entries.clear();
-                                break;
-                            }
-                        }
-                    }
-                }
-            },
-        }
-        (
+    /// or foreign one (or one that cannot be read now) is an empty state plus a warning
+    /// to report. A path that is not a regular file, or a file larger than
+    /// `files::MAX_STATE_BYTES`, is an error: it is neither read nor later replaced.
+    pub fn load(path: &Path, storage_root: &str) -> Result<(State, Option<String>), String> {
+        let (entries, warning) =
+            match crate::files::read("state", path, crate::files::MAX_STATE_BYTES) {
+                Err(e) if e.is_not_found() => (HashMap::new(), None),
+                Err(e) if e.is_io() => (HashMap::new(), Some(format!("{e}; starting afresh"))),
+                Err(e) => return Err(e.to_string()),
+                Ok(bytes) => parse(path, &bytes, storage_root),
+            };
+        Ok((
             State {
                 path: path.to_path_buf(),
                 storage_root: storage_root.to_string(),
@@ -108,7 +66,7 @@ impl State {
                 last_save: Mutex::new(Instant::now()),
             },
             warning,
-        )
+        ))
     }
 
     /// True when the blob was verified with this size and modification time, less than
@@ -189,6 +147,53 @@ impl State {
     }
 }
 
+/// The entries of a state file's bytes, for `storage_root`; anything but a sound state
+/// of that root gives no entries and a warning (`path` names the file in it).
+fn parse(
+    path: &Path,
+    bytes: &[u8],
+    storage_root: &str,
+) -> (HashMap<Digest, Entry>, Option<String>) {
+    let mut entries = HashMap::new();
+    let warning = match serde_json::from_slice::<File>(bytes) {
+        Err(e) => Some(format!(
+            "state {} is corrupt ({e}); it is rebuilt and not trusted",
+            path.display()
+        )),
+        Ok(f) if f.format != FORMAT || f.version != VERSION => Some(format!(
+            "state {} is not a registry-audit state (format {:?} version {}); it is rebuilt",
+            path.display(),
+            f.format,
+            f.version
+        )),
+        Ok(f) if f.storage_root != storage_root => Some(format!(
+            "state {} belongs to storage {}, not {storage_root}; it is rebuilt",
+            path.display(),
+            f.storage_root
+        )),
+        Ok(f) => {
+            let mut bad = None;
+            for (k, v) in f.blobs {
+                match Digest::parse_str(&k) {
+                    Some(d) => {
+                        entries.insert(d, v);
+                    }
+                    None => {
+                        bad = Some(format!(
+                            "state {} holds a bad digest {k:?}; it is rebuilt",
+                            path.display()
+                        ));
+                        entries.clear();
+                        break;
+                    }
+                }
+            }
+            bad
+        }
+    };
+    (entries, warning)
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -240,7 +245,7 @@ mod tests {
     #[test]
     fn saves_loads_and_distrusts_foreign_or_corrupt_files() {
         let path = std::env::temp_dir().join(format!("ra-state-{}", std::process::id()));
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.is_none() && s.is_empty());
         let e = Entry {
             size: 3,
@@ -249,7 +254,7 @@ mod tests {
         };
         s.record(d('a'), e);
         s.save().expect("save");
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.is_none());
         assert!(s.trusts(&d('a'), 3, 7, 1500, Duration::from_secs(3600)));
         assert!(
@@ -269,14 +274,77 @@ mod tests {
             "never verified"
         );
 
-        let (s, w) = State::load(&path, "/root-b");
+        let (s, w) = State::load(&path, "/root-b").expect("load");
         assert!(w.expect("warning").contains("belongs to storage"));
         assert!(s.is_empty());
 
         std::fs::write(&path, b"{not json").expect("write");
-        let (s, w) = State::load(&path, "/root-a");
+        let (s, w) = State::load(&path, "/root-a").expect("load");
         assert!(w.expect("warning").contains("corrupt"));
         assert!(s.is_empty());
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn special_or_huge_state_files_are_errors() {
+        let err = State::load(Path::new("/dev/zero"), "/r")
+            .err()
+            .expect("refused");
+        assert!(err.contains("/dev/zero") && err.contains("2 GiB"), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn state_text() -> impl Strategy<Value = String> {
+            let blob = proptest::sample::select(vec![
+                format!(
+                    "\"sha256:{}\":{{\"size\":1,\"modified\":-5,\"verified_at\":2}}",
+                    "a".repeat(64)
+                ),
+                "\"sha256:zz\":{\"size\":1,\"modified\":0,\"verified_at\":0}".to_string(),
+                format!("\"sha256:{}\":{{\"size\":-1}}", "b".repeat(64)),
+                "\"x\":[]".to_string(),
+            ]);
+            (
+                proptest::sample::select(vec![FORMAT, "other", ""]),
+                0..3u32,
+                proptest::sample::select(vec!["/r", "/s"]),
+                proptest::collection::vec(blob, 0..4),
+            )
+                .prop_map(|(format, version, root, blobs)| {
+                    format!(
+                        "{{\"format\":\"{format}\",\"version\":{version},\"storage_root\":\"{root}\",\"blobs\":{{{}}}}}",
+                        blobs.join(",")
+                    )
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Arbitrary bytes: no entries and a warning naming the file, never a panic.
+            #[test]
+            fn arbitrary_bytes_are_distrusted(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let (entries, warning) = parse(Path::new("s"), &bytes, "/r");
+                if warning.is_some() {
+                    prop_assert!(entries.is_empty());
+                }
+            }
+
+            /// State-shaped input: trusted only when sound and of this root.
+            #[test]
+            fn state_shaped_input(text in state_text()) {
+                let (entries, warning) = parse(Path::new("s"), text.as_bytes(), "/r");
+                match warning {
+                    Some(w) => {
+                        prop_assert!(entries.is_empty());
+                        prop_assert!(w.contains("state s"), "{w}");
+                    }
+                    None => prop_assert!(text.contains(FORMAT) && text.contains("\"/r\"")),
+                }
+            }
+        }
     }
 }
