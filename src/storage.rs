@@ -635,24 +635,12 @@ pub fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
 }
 
 fn not_regular(meta: &Metadata) -> io::Error {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    let what = if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else if t.is_symlink() {
-        "a symlink"
-    } else {
-        "not a regular file"
-    };
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("{what}, not a regular file"),
+        format!(
+            "a {}, not a regular file",
+            crate::files::kind_of(&meta.file_type())
+        ),
     )
 }
 
