@@ -12,6 +12,7 @@ pub mod config;
 pub mod digest;
 pub mod finding;
 pub mod gc;
+pub mod live_probe;
 pub mod lock;
 pub mod merge;
 pub mod metrics;
