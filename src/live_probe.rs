@@ -104,6 +104,12 @@ impl Endpoint {
         let addr = http.addr.as_deref().filter(|a| !a.is_empty()).ok_or(
             "its config gives no http.addr (the registry then listens on a random port), so where it listens is unknown: pass --registry-url URL, or --storage-only",
         )?;
+        if addr.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "http.addr '{}' holds control characters",
+                addr.escape_debug()
+            ));
+        }
         match http.net.as_deref().unwrap_or("tcp") {
             "unix" if http.tls => Err(format!(
                 "it serves TLS on the unix socket {addr}, which registry-audit does not speak: pass --registry-url URL, or --storage-only"
@@ -311,6 +317,9 @@ pub fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audi
             )),
         },
     }
+    if !asked && let Some(why) = audit.incomplete.last() {
+        tracing::warn!("{why}");
+    }
     audit.summary.probe = Some(counts);
     finding::sort(&mut audit.findings);
     audit.summary.tally(&audit.findings);
@@ -401,6 +410,7 @@ mod tests {
                 prefix: Some("/a b".into()),
                 ..http(":5000")
             },
+            http("re\u{1b}[2Jg:5000"),
         ] {
             assert!(Endpoint::from_config(&bad).is_err(), "{bad:?}");
         }
