@@ -468,3 +468,75 @@ fn in_memory_configs_check_cannot_use_exit_2_with_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn check_config_behind_basic_auth() {
+    let dir = Scratch::new("ckmemauth");
+    let registry = Registry::start_with(&dir, Cache::InMemory, true);
+    let (_, app2, app2_manifest) = push_two_apps(&registry, &dir, [20_000, 5_000, 6_000]);
+    registry.delete_manifest("team/app2", &app2_manifest);
+    registry.garbage_collect();
+    let expected = served_along(&registry, "team/app2", &app2.blobs());
+    assert!(!expected.is_empty());
+    let config = registry.config.display().to_string();
+    let run = |extra: &[&str], stdin: &str| {
+        let mut child = Command::new(BIN)
+            .args(["check", "--config", &config, "--format", "json"])
+            .args(extra)
+            .env("DOCKER_CONFIG", dir.path("no-docker-config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code().unwrap_or(-1),
+            json_or_null(&String::from_utf8_lossy(&out.stdout)),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Without credentials: refused, so incomplete, and the note says what to give.
+    let (code, r, err) = run(&[], "");
+    assert_eq!(code, 1, "{err}\n{r:#}");
+    assert_eq!(r["complete"], false);
+    let n = notes(&r);
+    assert!(
+        n.contains("refused access") && n.contains("--username"),
+        "{n}"
+    );
+    assert!(!pairs(&r, "dangling-layer-link").is_empty());
+
+    // With --username and --password-stdin, or a Docker config.json for its address.
+    let (code, r, err) = run(
+        &["--username", HTPASSWD_USER, "--password-stdin"],
+        &format!("{HTPASSWD_PASSWORD}\n"),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(pairs(&r, "live-phantom"), expected, "{r:#}");
+    assert_eq!(r["complete"], true);
+    let text = format!("{r}{err}");
+    assert!(!text.contains(HTPASSWD_PASSWORD));
+    let docker = dir.path("docker-config.json");
+    let auth = registry_audit::registry_client::base64_encode(
+        format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes(),
+    );
+    fs::write(
+        &docker,
+        format!(
+            r#"{{"auths":{{"127.0.0.1:{}":{{"auth":"{auth}"}}}}}}"#,
+            registry.port
+        ),
+    )
+    .expect("write");
+    let d = docker.display().to_string();
+    let (code, r, err) = run(&["--docker-config", &d], "");
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(pairs(&r, "live-phantom"), expected);
+}
