@@ -48,7 +48,8 @@ pub struct Summary {
     pub live: u64,
     /// What the storage verification covered; `None` when it did not run.
     pub storage: Option<VerifyCounts>,
-    /// What `probe` asked the registry; `None` for other commands.
+    /// What the running registry was asked (`probe`, and `check` on an in-memory cache);
+    /// `None` otherwise.
     pub probe: Option<crate::live_probe::ProbeCounts>,
     /// What `gc` ran, freed and purged; `None` for other commands.
     pub gc: Option<crate::gc::GcCounts>,
