@@ -48,8 +48,9 @@ pub struct Summary {
     pub live: u64,
     /// What the storage verification covered; `None` when it did not run.
     pub storage: Option<VerifyCounts>,
-    /// What `probe` asked the registry; `None` for other commands.
-    pub probe: Option<crate::probe::ProbeCounts>,
+    /// What the running registry was asked (`probe`, and `check` on an in-memory cache);
+    /// `None` otherwise.
+    pub probe: Option<crate::live_probe::ProbeCounts>,
     /// What `gc` ran, freed and purged; `None` for other commands.
     pub gc: Option<crate::gc::GcCounts>,
     /// Requests and bytes of object storage; `None` on a filesystem.
@@ -74,6 +75,13 @@ impl Summary {
             (a, b) => a.or(b),
         };
         self.storage = match (self.storage.take(), o.storage) {
+            (Some(mut a), Some(b)) => {
+                a.add(&b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
+        self.probe = match (self.probe.take(), o.probe) {
             (Some(mut a), Some(b)) => {
                 a.add(&b);
                 Some(a)

@@ -1,13 +1,15 @@
 //! The `check` command: take the run lock, open storage, read the cache (Redis or a
-//! dump), audit it, verify storage, and write the report. It wires the modules together
-//! in order and decides the exit status; it changes nothing but its own state, lock and
-//! report files.
+//! dump), audit it, verify storage - and with an in-memory cache ask the running registry
+//! about every blob storage lost (`live_probe`) - and write the report. It wires the
+//! modules together in order and decides the exit status; it changes nothing but its own
+//! state, lock and report files.
 
 use std::time::{Instant, SystemTime};
 
 use crate::audit::{self, AuditOptions};
 use crate::cache_dump;
 use crate::cache_index::CacheIndex;
+use crate::live_probe;
 use crate::lock::Lock;
 use crate::progress;
 use crate::redis_cache;
@@ -52,7 +54,8 @@ pub fn audit_with(
         CacheSource::Dump(path) => {
             dump_incomplete = cache_dump::read(path, &mut index)?.incomplete;
         }
-        CacheSource::None => {}
+        // Its entries are asked about after the storage walk (`live_probe`).
+        CacheSource::Registry(_) | CacheSource::None => {}
     }
     keys.finish();
     tracing::info!(
@@ -70,14 +73,19 @@ pub fn source_info(source: &Source) -> SourceInfo {
     let (cache, redis, cache_dump) = match &source.cache {
         CacheSource::Redis(t) => ("redis", Some(t.display()), None),
         CacheSource::Dump(p) => ("dump", None, Some(p.display().to_string())),
+        CacheSource::Registry(_) => ("inmemory", None, None),
         CacheSource::None => ("none", None, None),
+    };
+    let registry_url = match &source.cache {
+        CacheSource::Registry(t) => Some(t.endpoint.describe()),
+        _ => None,
     };
     SourceInfo {
         storage_root: source.storage.describe(),
         cache: cache.into(),
         redis,
         cache_dump,
-        registry_url: None,
+        registry_url,
         config: source.config.as_ref().map(|p| p.display().to_string()),
     }
 }
@@ -87,7 +95,13 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let clock = Instant::now();
     let _lock = settings.lock.as_deref().map(Lock::acquire).transpose()?;
     let storage = Storage::open(&settings.source.storage)?;
+    // The running registry's client, made (its flags checked) before the storage walk.
+    let registry = match &settings.source.cache {
+        CacheSource::Registry(t) => Some((t.endpoint.client(&t.options)?, t.concurrency)),
+        _ => None,
+    };
     let mut notes = settings.notes.clone();
+    notes.extend(settings.source.notes.iter().cloned());
     let state = match settings.state.as_deref() {
         Some(path) => {
             let (state, warning) = State::load(path, &storage.describe())?;
@@ -111,8 +125,12 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         verify_storage: settings.verify_storage,
         shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
     };
-    let (audit, scan_notes) = audit_with(&storage, &settings.source, settings.scan_count, opts)?;
+    let (mut audit, scan_notes) =
+        audit_with(&storage, &settings.source, settings.scan_count, opts)?;
     notes.extend(scan_notes);
+    let probed = registry
+        .as_ref()
+        .map(|(client, concurrency)| live_probe::probe_audit(client, *concurrency, &mut audit));
     if let Some(state) = &state {
         state.save()?;
     }
@@ -124,7 +142,12 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
             audit.summary.hashing.blobs_not_reached
         ));
     }
-    let verdict = report::verdict(&audit.summary, &audit.findings, complete);
+    let verdict = match (&registry, probed) {
+        (Some((client, _)), Some(asked)) => {
+            live_probe::verdict(&audit, &client.describe(), asked, complete)
+        }
+        _ => report::verdict(&audit.summary, &audit.findings, complete),
+    };
     let mut code = report::exit_code(&audit.findings, settings.report.fail_on);
     if !audit.incomplete.is_empty() {
         code = code.max(1);

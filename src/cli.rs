@@ -26,11 +26,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Compare the cache (Redis, or a dump) with storage, verify storage itself, and
-    /// report every wrong entry (read-only).
+    /// Compare the cache with storage, verify storage itself, and report every wrong
+    /// entry (read-only). The cache is Redis, a dump, or - when the config's cache is
+    /// inmemory - the running registry, asked (HEAD only) about every blob storage lost.
     ///
-    /// Exit status: 0 nothing at or above --fail-on, 1 findings at or above it,
-    /// 2 could not run.
+    /// Exit status: 0 nothing at or above --fail-on, 1 findings at or above it (or the
+    /// run is incomplete, e.g. the registry did not answer), 2 could not run.
     Check(CheckArgs),
     /// Remove exactly the cache entries `check` proves wrong, safely, while the registry
     /// serves: shows the plan, asks (or needs --yes), re-checks storage before each
@@ -174,6 +175,13 @@ pub struct CheckArgs {
     /// Audit the cache only; skip the walk of repositories, tags and manifests.
     #[arg(long)]
     pub skip_storage: bool,
+    /// The running registry whose in-memory cache to probe (HEAD only), e.g.
+    /// http://127.0.0.1:5000, https://reg.example or unix:///run/registry.sock
+    /// [default: where the config's http section says it listens].
+    #[arg(long, value_name = "URL", conflicts_with_all = ["redis", "cache_dump", "storage_only"])]
+    pub registry_url: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryAccessArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -271,6 +279,15 @@ pub struct ProbeArgs {
     /// Seconds before one request is given up.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub access: RegistryAccessArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+/// How to talk to a running registry's API: credentials and TLS.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryAccessArgs {
     /// User for basic auth or the token service (password from --password-stdin).
     #[arg(long, value_name = "USER", requires = "password_stdin")]
     pub username: Option<String>,
@@ -286,8 +303,6 @@ pub struct ProbeArgs {
     /// Do not verify the registry's TLS certificate.
     #[arg(long)]
     pub insecure: bool,
-    #[command(flatten)]
-    pub report: ReportArgs,
 }
 
 #[derive(Debug, Clone, Args)]

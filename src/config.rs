@@ -1,5 +1,6 @@
 //! The registry's own `config.yml`, read the way the registry reads it: the storage
-//! driver and its root, the blob-descriptor cache kind, and the `redis:` section in both
+//! driver and its root, the blob-descriptor cache kind (`blobdescriptor`, else the older
+//! `layerinfo`), where the registry listens (`http:`), and the `redis:` section in both
 //! dialects (v2.8 `addr`/`password`/`db`, v3 `addrs`/`username`/`password`/`db`/`tls`),
 //! with the registry's `REGISTRY_<SECTION>_<KEY>` environment overrides applied on top.
 //! It only reads the file and the environment given to it; it decides nothing about
@@ -20,11 +21,32 @@ pub struct RegistryConfig {
     pub driver: Option<String>,
     /// `storage.filesystem.rootdirectory`, defaulted as the registry does.
     pub root: PathBuf,
-    /// `storage.cache.blobdescriptor`, if set.
+    /// The cache kind as the registry takes it: `storage.cache.blobdescriptor` when that
+    /// key is there at all (an empty value then means no cache), else the older
+    /// `storage.cache.layerinfo` (Harbor's configs use it). `None`: no cache.
     pub cache: Option<String>,
+    /// The key `cache` came from, for messages.
+    pub cache_key: &'static str,
+    /// Where the registry listens.
+    pub http: HttpConfig,
     pub redis: Option<RedisConfig>,
     /// `storage.s3`, `storage.gcs` or `storage.azure`, when the registry uses that driver.
     pub objects: Option<ObjectSpec>,
+}
+
+/// The `http:` section: where the registry listens.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpConfig {
+    /// `http.addr`: `host:port`, `:port`, or a socket path when `net` is `unix`.
+    pub addr: Option<String>,
+    /// `http.net`: `tcp` (the default) or `unix`.
+    pub net: Option<String>,
+    /// `http.prefix`: the path before `/v2/`.
+    pub prefix: Option<String>,
+    /// `http.host`: the registry's external URL (it builds redirect URLs from it).
+    pub host: Option<String>,
+    /// TLS is on: `http.tls.certificate` or `http.tls.letsencrypt.cachefile` is set.
+    pub tls: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -190,7 +212,23 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
     let root = opt_string(doc, &["storage", "filesystem", "rootdirectory"])
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
-    let cache = opt_string(doc, &["storage", "cache", "blobdescriptor"]);
+    // As the registry does: the blobdescriptor key, when present, decides even if empty.
+    let (cache, cache_key) = match get(doc, &["storage", "cache", "blobdescriptor"]) {
+        Some(v) => (scalar_string(v), "blobdescriptor"),
+        None => (
+            opt_string(doc, &["storage", "cache", "layerinfo"]),
+            "layerinfo",
+        ),
+    };
+    let cache = cache.filter(|s| !s.is_empty());
+    let http = HttpConfig {
+        addr: opt_string(doc, &["http", "addr"]),
+        net: opt_string(doc, &["http", "net"]),
+        prefix: opt_string(doc, &["http", "prefix"]),
+        host: opt_string(doc, &["http", "host"]),
+        tls: opt_string(doc, &["http", "tls", "certificate"]).is_some()
+            || opt_string(doc, &["http", "tls", "letsencrypt", "cachefile"]).is_some(),
+    };
     let objects = match driver.as_deref() {
         Some(name @ ("s3" | "gcs" | "azure")) => match get(doc, &["storage", name]) {
             Some(v) if v.is_mapping() => Some(object_section(name, v)?),
@@ -206,6 +244,8 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         driver,
         root,
         cache,
+        cache_key,
+        http,
         redis,
         objects,
     })
@@ -491,6 +531,81 @@ mod tests {
         ] {
             assert!(parse(bad, env(&[])).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reads_the_cache_kind_as_the_registry_does() {
+        let kind = |text: &str, vars: &[(&str, &str)]| {
+            let c = parse(text, env(vars)).expect("parse");
+            (c.cache, c.cache_key)
+        };
+        // Harbor's older key.
+        assert_eq!(
+            kind("storage:\n  cache:\n    layerinfo: redis\n", &[]),
+            (Some("redis".into()), "layerinfo")
+        );
+        // blobdescriptor wins over layerinfo; present but empty, it means no cache.
+        assert_eq!(
+            kind(
+                "storage:\n  cache:\n    layerinfo: redis\n    blobdescriptor: inmemory\n",
+                &[]
+            ),
+            (Some("inmemory".into()), "blobdescriptor")
+        );
+        for empty in ["\"\"", ""] {
+            let text =
+                format!("storage:\n  cache:\n    layerinfo: redis\n    blobdescriptor: {empty}\n");
+            assert_eq!(kind(&text, &[]), (None, "blobdescriptor"), "{text}");
+        }
+        // No cache section: no cache at all.
+        assert_eq!(
+            kind("storage:\n  filesystem: {}\n", &[]),
+            (None, "layerinfo")
+        );
+        // The environment sets either key; the precedence stays the registry's.
+        assert_eq!(
+            kind(
+                "storage:\n  filesystem: {}\n",
+                &[("REGISTRY_STORAGE_CACHE_LAYERINFO", "redis")]
+            ),
+            (Some("redis".into()), "layerinfo")
+        );
+        assert_eq!(
+            kind(
+                "storage:\n  cache:\n    blobdescriptor: inmemory\n",
+                &[("REGISTRY_STORAGE_CACHE_LAYERINFO", "redis")]
+            ),
+            (Some("inmemory".into()), "blobdescriptor")
+        );
+        assert_eq!(
+            kind(
+                "storage:\n  cache:\n    layerinfo: inmemory\n",
+                &[("REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR", "redis")]
+            ),
+            (Some("redis".into()), "blobdescriptor")
+        );
+    }
+
+    #[test]
+    fn reads_where_the_registry_listens() {
+        let c = parse(
+            "http:\n  addr: :5000\n  prefix: /reg/\n  host: https://reg.example\n  tls:\n    certificate: /c.pem\n    key: /k.pem\n",
+            env(&[("REGISTRY_HTTP_ADDR", "0.0.0.0:5443")]),
+        )
+        .expect("parse");
+        assert_eq!(
+            c.http,
+            HttpConfig {
+                addr: Some("0.0.0.0:5443".into()),
+                net: None,
+                prefix: Some("/reg/".into()),
+                host: Some("https://reg.example".into()),
+                tls: true,
+            }
+        );
+        let c = parse("http:\n  net: unix\n  addr: /run/reg.sock\n", env(&[])).expect("parse");
+        assert_eq!(c.http.net.as_deref(), Some("unix"));
+        assert!(!c.http.tls);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod files;
 pub mod finding;
 pub mod gc;
+pub mod live_probe;
 pub mod lock;
 pub mod merge;
 pub mod metrics;

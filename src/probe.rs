@@ -2,37 +2,24 @@
 //! (repository, digest) pairs whose blob storage no longer has - from links GC left
 //! behind and from a GC log - and each is asked with HEAD of the blob: a registry that
 //! answers 200 serves the blob from its cache. It works whatever the cache is (the
-//! in-memory one included), reads storage only, and changes nothing anywhere.
+//! in-memory one included), reads storage only, and changes nothing anywhere. The
+//! shared step (candidates, HEAD each, findings) is `live_probe`'s.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
-
-use serde::Serialize;
 
 use crate::audit::Summary;
 use crate::cli::{ProbeArgs, SourceArgs};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::registry_client::{self, Answer, ClientOptions, Credentials, RegistryClient};
-use crate::rehash;
+pub use crate::live_probe::ProbeCounts;
+use crate::live_probe::{self, Endpoint};
+use crate::registry_client::ClientOptions;
 use crate::report::{self, Options, Report};
 use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::verify;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ProbeCounts {
-    /// (repository, digest) pairs asked.
-    pub probed: u64,
-    pub live_phantoms: u64,
-    pub answered_unknown: u64,
-    pub failed: u64,
-    /// Digests the GC log names.
-    pub gc_log_digests: u64,
-    /// Of those, digests linked in no repository and so not tried (see --all-repositories).
-    pub gc_log_digests_untried: u64,
-}
 
 pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
@@ -55,16 +42,19 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         Want::Nothing,
     )?;
     let report_settings = ReportSettings::from_args(&args.report)?;
-    let credentials = credentials(args)?;
-    let client = RegistryClient::new(
-        &args.registry_url,
-        &ClientOptions {
-            timeout: Duration::from_secs(args.timeout.max(1)),
-            ca_cert: args.ca_cert.clone(),
-            insecure: args.insecure,
-            credentials,
-        },
+    let endpoint = Endpoint::parse(&args.registry_url)?;
+    let access = &args.access;
+    let credentials = live_probe::credentials(
+        access.username.as_deref(),
+        access.docker_config.as_deref(),
+        std::slice::from_ref(&args.registry_url),
     )?;
+    let client = endpoint.client(&ClientOptions {
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        ca_cert: access.ca_cert.clone(),
+        insecure: access.insecure,
+        credentials,
+    })?;
     client.check_reachable()?;
     let storage = Storage::open(&source.storage)?;
 
@@ -84,46 +74,13 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let mut counts = ProbeCounts::default();
     let candidates = candidates(&storage, &storage_findings, &repos, args, &mut counts)?;
 
-    let answers = rehash::parallel_map(&candidates, args.concurrency, |(repo, d)| {
-        client.head_blob(repo, &d.to_string())
-    })?;
     let mut findings = storage_findings;
-    for ((repo, d), answer) in candidates.iter().zip(answers) {
-        counts.probed += 1;
-        match answer {
-            Answer::Exists(status) => {
-                counts.live_phantoms += 1;
-                findings.push(Finding::answer(
-                    Kind::LivePhantom,
-                    Severity::Error,
-                    true,
-                    *d,
-                    repo,
-                    format!(
-                        "HEAD /v2/{repo}/blobs/{d} answered {status} although storage has no such blob: the registry serves it from its cache"
-                    ),
-                ));
-            }
-            Answer::Unknown => counts.answered_unknown += 1,
-            Answer::Denied(status) => {
-                return Err(format!(
-                    "the registry at {} refused access ({status}) to {repo}: give credentials with --username and --password-stdin, or --docker-config",
-                    args.registry_url
-                ));
-            }
-            Answer::Failed(why) => {
-                counts.failed += 1;
-                findings.push(Finding::answer(
-                    Kind::ProbeFailed,
-                    Severity::Warning,
-                    false,
-                    *d,
-                    repo,
-                    format!("HEAD /v2/{repo}/blobs/{d}: {why}"),
-                ));
-            }
-        }
-    }
+    findings.extend(live_probe::head_each(
+        &client,
+        &candidates,
+        args.concurrency,
+        &mut counts,
+    )?);
     finding::sort(&mut findings);
     let mut summary = Summary {
         storage: Some(storage_counts),
@@ -147,7 +104,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let code = report::exit_code(&findings, report_settings.fail_on);
     let mut info = crate::check::source_info(&source);
     info.cache = "registry".into();
-    info.registry_url = Some(args.registry_url.trim_end_matches('/').to_string());
+    info.registry_url = Some(endpoint.describe());
     let mut report = Report::new(
         "probe",
         started,
@@ -163,43 +120,6 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     Ok(code)
 }
 
-/// Credentials from the flags (password from stdin) or the Docker config, if any.
-fn credentials(args: &ProbeArgs) -> Result<Option<Credentials>, String> {
-    if let Some(user) = &args.username {
-        // One line, of at most MAX_PASSWORD_BYTES: stdin may be anything.
-        let mut lines = crate::files::Lines::new(
-            std::io::stdin().lock(),
-            "--password-stdin",
-            "(stdin)",
-            crate::files::MAX_PASSWORD_BYTES as u64,
-            crate::files::MAX_PASSWORD_BYTES,
-        );
-        let line = lines.next_line()?.unwrap_or_default();
-        let password = String::from_utf8(line.to_vec())
-            .map_err(|_| "--password-stdin: the password is not UTF-8")?
-            .trim_end_matches('\r')
-            .to_string();
-        if password.is_empty() {
-            return Err("--password-stdin: stdin held no password".into());
-        }
-        return Ok(Some(Credentials {
-            username: user.clone(),
-            password,
-        }));
-    }
-    let path = match &args.docker_config {
-        Some(p) => p.clone(),
-        None => match std::env::var_os("DOCKER_CONFIG") {
-            Some(dir) => PathBuf::from(dir).join("config.json"),
-            None => match std::env::var_os("HOME") {
-                Some(home) => PathBuf::from(home).join(".docker/config.json"),
-                None => return Ok(None),
-            },
-        },
-    };
-    registry_client::docker_config_credentials(&path, &args.registry_url)
-}
-
 /// (repository, digest) pairs to ask about, sorted: blobs absent from storage that a
 /// repository links (dangling links), plus the GC log's deleted blobs.
 fn candidates(
@@ -209,16 +129,7 @@ fn candidates(
     args: &ProbeArgs,
     counts: &mut ProbeCounts,
 ) -> Result<Vec<(String, Digest)>, String> {
-    let mut linked: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
-    for f in storage_findings {
-        if matches!(
-            f.kind,
-            Kind::DanglingLayerLink | Kind::DanglingManifestRevision
-        ) && let (Some(d), Some(r)) = (f.digest, &f.repository)
-        {
-            linked.entry(d).or_default().insert(r.clone());
-        }
-    }
+    let linked = live_probe::dangling_links(storage_findings);
     let mut digests: BTreeSet<Digest> = linked.keys().copied().collect();
     if let Some(log) = &args.gc_log {
         for d in gc_log_digests(log)? {

@@ -1,11 +1,12 @@
 //! A read-only client of a running registry's HTTP API: HEAD of blobs, and the token
 //! endpoint when the registry asks for a bearer token. It authenticates as real
 //! registries expect (anonymous, basic, bearer from a `WWW-Authenticate` challenge, with
-//! credentials given or from a Docker `config.json`), and never sends anything that
+//! credentials given or from a Docker `config.json`), over TCP (HTTP or HTTPS) or the
+//! unix socket a registry with `http.net: unix` listens on, and never sends anything that
 //! changes the registry: no GET of content, no DELETE, no upload, no mount.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,7 +48,11 @@ pub enum Answer {
 }
 
 pub struct RegistryClient {
+    /// `http(s)://host:port[/prefix]`, or only `[/prefix]` over a unix socket.
     base: String,
+    /// The unix socket the registry listens on, when it does.
+    socket: Option<PathBuf>,
+    timeout: Duration,
     agent: Agent,
     credentials: Option<Credentials>,
     /// Authorization header per repository, once a challenge has been answered.
@@ -92,10 +97,40 @@ impl RegistryClient {
             .into();
         Ok(RegistryClient {
             base,
+            socket: None,
+            timeout: opts.timeout,
             agent,
             credentials: opts.credentials.clone(),
             auth: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A client of the registry listening on the unix socket `socket` (plain HTTP), its
+    /// API under `prefix` (`""` or `/path`). A token service, if the registry names one,
+    /// is still asked over TCP with `opts`.
+    pub fn unix(
+        socket: &Path,
+        prefix: &str,
+        opts: &ClientOptions,
+    ) -> Result<RegistryClient, String> {
+        let prefix = prefix.trim_end_matches('/');
+        if !(prefix.is_empty() || prefix.starts_with('/'))
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("http.prefix '{prefix}' is not a URL path"));
+        }
+        let mut client = RegistryClient::new("http://localhost", opts)?;
+        client.base = prefix.to_string();
+        client.socket = Some(socket.to_path_buf());
+        Ok(client)
+    }
+
+    /// The registry's address, for messages: its base URL, or `unix://<socket>[prefix]`.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            Some(s) => format!("unix://{}{}", s.display(), self.base),
+            None => self.base.clone(),
+        }
     }
 
     /// HEAD `/v2/`: that the registry answers at all (TLS and address right), before
@@ -106,11 +141,11 @@ impl RegistryClient {
             Ok((200 | 401, _)) => Ok(()),
             Ok((status, _)) => Err(format!(
                 "{} answered {status} to HEAD /v2/: is --registry-url the registry's base URL?",
-                self.base
+                self.describe()
             )),
             Err(e) => Err(format!(
                 "cannot reach the registry at {} ({e}): check --registry-url, and --ca-cert or --insecure for TLS",
-                self.base
+                self.describe()
             )),
         }
     }
@@ -145,6 +180,10 @@ impl RegistryClient {
     }
 
     fn head(&self, url: &str, auth: Option<&str>) -> Result<(u16, Option<String>), String> {
+        if let Some(socket) = &self.socket {
+            return head_unix(socket, url, auth, self.timeout)
+                .map_err(|e| format!("HEAD {url} on unix://{}: {e}", socket.display()));
+        }
         let mut req = self.agent.head(url);
         if let Some(a) = auth {
             req = req.header("Authorization", a);
@@ -203,6 +242,71 @@ impl RegistryClient {
             _ => Ok(None),
         }
     }
+}
+
+/// The most of an answer's head read from a unix socket.
+const MAX_ANSWER_HEAD: usize = 64 * 1024;
+
+/// One HEAD request over a unix socket (HTTP/1.1, one connection each): the status and
+/// any `WWW-Authenticate` header. A HEAD answer has no body, so its head is all there is.
+fn head_unix(
+    socket: &Path,
+    path: &str,
+    auth: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Option<String>), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    let mut request = format!(
+        "HEAD {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: registry-audit/{}\r\nConnection: close\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(a) = auth {
+        request.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if head.len() > MAX_ANSWER_HEAD {
+            return Err(format!("the answer's head exceeds {MAX_ANSWER_HEAD} bytes"));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("the connection closed before the answer's head ended".into()),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    parse_answer_head(&String::from_utf8_lossy(&head[..end]))
+}
+
+/// `HTTP/1.1 200 OK` and headers: the status and the `WWW-Authenticate` value.
+fn parse_answer_head(head: &str) -> Result<(u16, Option<String>), String> {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP answer: '{}'", status_line.escape_debug()))?;
+    let challenge = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("www-authenticate")
+            .then(|| value.trim().to_string())
+    });
+    Ok((status, challenge))
 }
 
 fn classify(status: u16) -> Answer {
@@ -431,6 +535,22 @@ mod tests {
                 .expect("ok")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn parses_answer_heads() {
+        assert_eq!(
+            parse_answer_head("HTTP/1.1 200 OK\r\nContent-Length: 5"),
+            Ok((200, None))
+        );
+        assert_eq!(
+            parse_answer_head(
+                "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"r\"\r\nX: y"
+            ),
+            Ok((401, Some("Basic realm=\"r\"".into())))
+        );
+        assert!(parse_answer_head("SSH-2.0-OpenSSH").is_err());
+        assert!(parse_answer_head("HTTP/1.1 2x0 OK").is_err());
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
-use crate::cli::{CheckArgs, FailOn, Format, ReportArgs, SourceArgs};
+use crate::cli::{CheckArgs, FailOn, Format, RegistryAccessArgs, ReportArgs, SourceArgs};
 use crate::config::{self, RedisConfig};
+use crate::live_probe::{self, Endpoint, ProbeTarget};
 use crate::object_storage::{ObjectSpec, Service};
 use crate::redis_cache::RedisTarget;
 use crate::report::SourceInfo;
@@ -22,6 +23,8 @@ pub struct Source {
     pub cache: CacheSource,
     /// The config file the values came from, if any.
     pub config: Option<PathBuf>,
+    /// What the operator should know about how the source was read (for the report).
+    pub notes: Vec<String>,
 }
 
 /// Where the cache entries to audit come from.
@@ -30,6 +33,8 @@ pub enum CacheSource {
     Redis(Box<RedisTarget>),
     /// A dump written by `export-cache` (or anything that writes the format).
     Dump(PathBuf),
+    /// The registry's in-memory cache, asked through the running registry (HEAD only).
+    Registry(Box<ProbeTarget>),
     /// Storage verification only.
     None,
 }
@@ -40,6 +45,12 @@ pub enum Want<'a> {
     Redis,
     Dump(&'a Path),
     Nothing,
+    /// `check`: the cache the config names - Redis, the in-memory cache of the running
+    /// registry (`--registry-url`, else the config's `http:`), or none - unless flags say.
+    Check {
+        registry_url: Option<&'a str>,
+        access: &'a RegistryAccessArgs,
+    },
 }
 
 impl Source {
@@ -88,7 +99,10 @@ impl CheckSettings {
             }
             (Some(p), false) => Want::Dump(p),
             (None, true) => Want::Nothing,
-            (None, false) => Want::Redis,
+            (None, false) => Want::Check {
+                registry_url: args.registry_url.as_deref(),
+                access: &args.registry,
+            },
         };
         if args.storage_only && args.skip_storage {
             return Err("--storage-only and --skip-storage exclude each other".into());
@@ -118,6 +132,9 @@ impl CheckSettings {
         }
         let report = ReportSettings::from_args(&args.report)?;
         let source = Source::resolve(&args.source, None, want)?;
+        if args.skip_storage && matches!(source.cache, CacheSource::Registry(_)) {
+            return Err("--skip-storage: an in-memory cache is probed for the blobs the storage walk finds gone; drop --skip-storage".into());
+        }
         if let Some(dump) = &args.cache_dump {
             // Refused now if it is not a regular file within the limit, before any work.
             crate::files::open("cache dump", dump, crate::files::MAX_DUMP_BYTES)?;
@@ -327,7 +344,12 @@ impl Source {
                 );
             }
         };
+        let mut notes = Vec::new();
         let cache = match want {
+            Want::Check {
+                registry_url,
+                access,
+            } => check_cache(args, file.as_ref(), registry_url, access, &mut notes)?,
             Want::Redis => {
                 let mut target = redis_target(args.redis.as_deref(), file.as_ref(), recorded)?;
                 target.expect_cluster |= args.redis_cluster;
@@ -340,8 +362,90 @@ impl Source {
             storage,
             cache,
             config: config_path,
+            notes,
         })
     }
+}
+
+/// The cache `check` audits: Redis when `--redis` says so or the config's cache is
+/// redis; the running registry when `--registry-url` says so or the config's cache is
+/// inmemory (at the address its `http:` section gives); none when the config enables no
+/// cache the registry knows (a note says so: the registry then caches nothing).
+fn check_cache(
+    args: &SourceArgs,
+    file: Option<&config::RegistryConfig>,
+    registry_url: Option<&str>,
+    access: &RegistryAccessArgs,
+    notes: &mut Vec<String>,
+) -> Result<CacheSource, String> {
+    let redis = |file| {
+        let mut target = redis_target(args.redis.as_deref(), file, None)?;
+        target.expect_cluster |= args.redis_cluster;
+        Ok::<_, String>(CacheSource::Redis(Box::new(target)))
+    };
+    if args.redis.is_some() {
+        return redis(file);
+    }
+    let kind = file.and_then(|c| c.cache.as_deref());
+    let key = file.map_or("blobdescriptor", |c| c.cache_key);
+    let external = file.and_then(|c| c.http.host.clone());
+    if let Some(url) = registry_url {
+        if kind == Some("redis") {
+            return Err(format!(
+                "the config's cache (storage.cache.{key}) is redis, which check audits directly: drop --registry-url (or use `registry-audit probe`)"
+            ));
+        }
+        return probe_target(Endpoint::parse(url)?, access, external);
+    }
+    let Some(c) = file else {
+        return Err(
+            "say where the cache is: --redis URL, --registry-url URL (an in-memory cache), or --config the registry's config.yml".into(),
+        );
+    };
+    match kind {
+        Some("redis") => redis(file),
+        Some("inmemory") => {
+            let endpoint = Endpoint::from_config(&c.http)
+                .map_err(|e| format!("the registry's cache is inmemory, but {e}"))?;
+            probe_target(endpoint, access, external)
+        }
+        other => {
+            notes.push(match other {
+                None => "the registry's config enables no blob descriptor cache (storage.cache.blobdescriptor and layerinfo are unset or empty), so the registry caches no descriptor that could go stale: storage was verified alone".into(),
+                Some(k) => format!(
+                    "the registry does not know the cache kind '{}' of storage.cache.{key} (it knows redis and inmemory) and caches nothing: storage was verified alone",
+                    k.escape_debug()
+                ),
+            });
+            Ok(CacheSource::None)
+        }
+    }
+}
+
+/// The running registry at `endpoint`, with the access flags; credentials from a Docker
+/// config are looked up for its address, then for the config's external `http.host`.
+fn probe_target(
+    endpoint: Endpoint,
+    access: &RegistryAccessArgs,
+    external: Option<String>,
+) -> Result<CacheSource, String> {
+    let mut urls = vec![endpoint.describe()];
+    urls.extend(external);
+    let credentials = live_probe::credentials(
+        access.username.as_deref(),
+        access.docker_config.as_deref(),
+        &urls,
+    )?;
+    Ok(CacheSource::Registry(Box::new(ProbeTarget {
+        endpoint,
+        options: crate::registry_client::ClientOptions {
+            timeout: live_probe::CHECK_TIMEOUT,
+            ca_cert: access.ca_cert.clone(),
+            insecure: access.insecure,
+            credentials,
+        },
+        concurrency: live_probe::CHECK_CONCURRENCY,
+    })))
 }
 
 /// The Redis to use: `--redis`, else the config's, else the recorded URL when it needs
@@ -368,7 +472,7 @@ pub fn redis_target(
                     kind
                 };
                 Err(format!(
-                    "the registry's blob descriptor cache is {what}, not redis: an in-memory cache lives inside the registry process; audit it with `registry-audit probe --registry-url URL`, a dump with `check --cache-dump FILE`, or storage alone with `check --storage-only`"
+                    "the registry's blob descriptor cache is {what}, not redis: an in-memory cache lives inside the registry process, where only a restart clears it; `registry-audit check --config` finds its live phantoms through the running registry"
                 ))
             }
         };

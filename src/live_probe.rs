@@ -1,0 +1,443 @@
+//! Live phantoms of a running registry, the step `probe` and `check` (on an in-memory
+//! cache) share: where the registry's config says it listens, which (repository, digest)
+//! pairs to ask about - the links storage verification found dangling - and one HEAD per
+//! pair through `registry_client`, turned into findings and counts. It reads no storage
+//! and writes nothing; deciding exit statuses and writing reports is the commands' job.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::audit::Audit;
+use crate::config::HttpConfig;
+use crate::digest::Digest;
+use crate::finding::{self, Finding, Kind, Severity};
+use crate::registry_client::{self, Answer, ClientOptions, Credentials, RegistryClient};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ProbeCounts {
+    /// (repository, digest) pairs asked.
+    pub probed: u64,
+    pub live_phantoms: u64,
+    pub answered_unknown: u64,
+    pub failed: u64,
+    /// Digests the GC log names.
+    pub gc_log_digests: u64,
+    /// Of those, digests linked in no repository and so not tried (see --all-repositories).
+    pub gc_log_digests_untried: u64,
+}
+
+impl ProbeCounts {
+    /// Adds another run's counts (a shard's).
+    pub fn add(&mut self, o: &ProbeCounts) {
+        self.probed += o.probed;
+        self.live_phantoms += o.live_phantoms;
+        self.answered_unknown += o.answered_unknown;
+        self.failed += o.failed;
+        self.gc_log_digests += o.gc_log_digests;
+        self.gc_log_digests_untried += o.gc_log_digests_untried;
+    }
+}
+
+/// HEAD requests in flight at once when `check` probes.
+pub const CHECK_CONCURRENCY: usize = 8;
+/// Seconds before `check` gives one request up.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the registry's API answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `http(s)://host:port[/prefix]`.
+    Url(String),
+    /// A unix socket (`http.net: unix`), the API under `prefix` (`""` or `/path`).
+    Unix { socket: PathBuf, prefix: String },
+}
+
+impl Endpoint {
+    /// `--registry-url`: `http://`, `https://`, or `unix:///path/to.sock`.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        if let Some(path) = url.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "--registry-url {url}: a unix socket is unix:///absolute/path.sock"
+                ));
+            }
+            return Ok(Endpoint::Unix {
+                socket: PathBuf::from(path),
+                prefix: String::new(),
+            });
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "--registry-url {url} must start with http://, https:// or unix://"
+            ));
+        }
+        Ok(Endpoint::Url(url.trim_end_matches('/').to_string()))
+    }
+
+    /// Where the registry listens by its `http:` section, asked from this machine: the
+    /// local address (`http.addr`; an unspecified host such as `:5000` or `[::]:5000` is
+    /// 127.0.0.1), https when TLS is on, under `http.prefix`; or its unix socket.
+    /// `http.host`, the external URL, is not used: behind a load balancer it may reach
+    /// another replica, whose in-memory cache is another one.
+    pub fn from_config(http: &HttpConfig) -> Result<Endpoint, String> {
+        let raw = http.prefix.as_deref().unwrap_or("");
+        if raw
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return Err(format!(
+                "http.prefix '{}' is not a URL path",
+                raw.escape_debug()
+            ));
+        }
+        let trimmed = raw.trim_matches('/');
+        let prefix = if trimmed.is_empty() {
+            String::new()
+        } else {
+            format!("/{trimmed}")
+        };
+        let addr = http.addr.as_deref().filter(|a| !a.is_empty()).ok_or(
+            "its config gives no http.addr (the registry then listens on a random port), so where it listens is unknown: pass --registry-url URL, or --storage-only",
+        )?;
+        if addr.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "http.addr '{}' holds control characters",
+                addr.escape_debug()
+            ));
+        }
+        match http.net.as_deref().unwrap_or("tcp") {
+            "unix" if http.tls => Err(format!(
+                "it serves TLS on the unix socket {addr}, which registry-audit does not speak: pass --registry-url URL, or --storage-only"
+            )),
+            "unix" => Ok(Endpoint::Unix {
+                socket: PathBuf::from(addr),
+                prefix,
+            }),
+            "tcp" | "" => {
+                let (host, port) = split_listen_addr(addr)?;
+                let host = match host.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+                    Ok(IpAddr::V6(ip)) => format!("[{ip}]"),
+                    _ if host.is_empty() => "127.0.0.1".to_string(),
+                    _ => host.to_string(),
+                };
+                let scheme = if http.tls { "https" } else { "http" };
+                Ok(Endpoint::Url(format!("{scheme}://{host}:{port}{prefix}")))
+            }
+            other => Err(format!(
+                "http.net '{other}' is not a network the registry listens on (tcp or unix)"
+            )),
+        }
+    }
+
+    /// The address, for reports and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Url(u) => u.clone(),
+            Endpoint::Unix { socket, prefix } => format!("unix://{}{prefix}", socket.display()),
+        }
+    }
+
+    pub fn client(&self, opts: &ClientOptions) -> Result<RegistryClient, String> {
+        match self {
+            Endpoint::Url(u) => RegistryClient::new(u, opts),
+            Endpoint::Unix { socket, prefix } => RegistryClient::unix(socket, prefix, opts),
+        }
+    }
+}
+
+/// `host:port`, `:port` or `[v6]:port`, as Go's net.Listen takes them for tcp.
+fn split_listen_addr(addr: &str) -> Result<(&str, u16), String> {
+    let bad = || format!("http.addr '{addr}' is not host:port");
+    let (host, port) = match addr.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            (host, after.strip_prefix(':').ok_or_else(bad)?)
+        }
+        None => addr.rsplit_once(':').ok_or_else(bad)?,
+    };
+    Ok((host, port.parse().map_err(|_| bad())?))
+}
+
+/// How `check` reaches the registry whose in-memory cache it probes.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    pub endpoint: Endpoint,
+    pub options: ClientOptions,
+    pub concurrency: usize,
+}
+
+/// Credentials from `--username` (the password from the first line of stdin) or, for
+/// the first of `urls` it has any for, from a Docker `config.json`
+/// (`--docker-config`, else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+pub fn credentials(
+    username: Option<&str>,
+    docker_config: Option<&Path>,
+    urls: &[String],
+) -> Result<Option<Credentials>, String> {
+    if let Some(user) = username {
+        // One line, of at most MAX_PASSWORD_BYTES: stdin may be anything.
+        let mut lines = crate::files::Lines::new(
+            std::io::stdin().lock(),
+            "--password-stdin",
+            "(stdin)",
+            crate::files::MAX_PASSWORD_BYTES as u64,
+            crate::files::MAX_PASSWORD_BYTES,
+        );
+        let line = lines.next_line()?.unwrap_or_default();
+        let password = String::from_utf8(line.to_vec())
+            .map_err(|_| "--password-stdin: the password is not UTF-8")?
+            .trim_end_matches('\r')
+            .to_string();
+        if password.is_empty() {
+            return Err("--password-stdin: stdin held no password".into());
+        }
+        return Ok(Some(Credentials {
+            username: user.to_string(),
+            password,
+        }));
+    }
+    let path = match docker_config {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("DOCKER_CONFIG") {
+            Some(dir) => PathBuf::from(dir).join("config.json"),
+            None => match std::env::var_os("HOME") {
+                Some(home) => PathBuf::from(home).join(".docker/config.json"),
+                None => return Ok(None),
+            },
+        },
+    };
+    for url in urls {
+        if let Some(c) = registry_client::docker_config_credentials(&path, url)? {
+            return Ok(Some(c));
+        }
+    }
+    Ok(None)
+}
+
+/// Digests storage no longer has, with the repositories that still link them: the
+/// `dangling-layer-link` and `dangling-manifest-revision` findings.
+pub fn dangling_links(findings: &[Finding]) -> BTreeMap<Digest, BTreeSet<String>> {
+    let mut linked: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
+    for f in findings {
+        if matches!(
+            f.kind,
+            Kind::DanglingLayerLink | Kind::DanglingManifestRevision
+        ) && let (Some(d), Some(r)) = (f.digest, &f.repository)
+        {
+            linked.entry(d).or_default().insert(r.clone());
+        }
+    }
+    linked
+}
+
+/// One HEAD per (repository, digest), `concurrency` at once: a blob the registry says
+/// exists is a `live-phantom` (error, live); 404 is counted; anything else is a
+/// `probe-failed` warning. Stops at the first refusal (401 or 403 with the credentials
+/// there are), with a message that says what to give.
+pub fn head_each(
+    client: &RegistryClient,
+    candidates: &[(String, Digest)],
+    concurrency: usize,
+    counts: &mut ProbeCounts,
+) -> Result<Vec<Finding>, String> {
+    let answers = crate::rehash::parallel_map(candidates, concurrency, |(repo, d)| {
+        client.head_blob(repo, &d.to_string())
+    })?;
+    let mut findings = Vec::new();
+    for ((repo, d), answer) in candidates.iter().zip(answers) {
+        counts.probed += 1;
+        match answer {
+            Answer::Exists(status) => {
+                counts.live_phantoms += 1;
+                findings.push(Finding::answer(
+                    Kind::LivePhantom,
+                    Severity::Error,
+                    true,
+                    *d,
+                    repo,
+                    format!(
+                        "HEAD /v2/{repo}/blobs/{d} answered {status} although storage has no such blob: the registry serves it from its cache"
+                    ),
+                ));
+            }
+            Answer::Unknown => counts.answered_unknown += 1,
+            Answer::Denied(status) => {
+                return Err(format!(
+                    "the registry at {} refused access ({status}) to {repo}: give credentials with --username and --password-stdin, or --docker-config",
+                    client.describe()
+                ));
+            }
+            Answer::Failed(why) => {
+                counts.failed += 1;
+                findings.push(Finding::answer(
+                    Kind::ProbeFailed,
+                    Severity::Warning,
+                    false,
+                    *d,
+                    repo,
+                    format!("HEAD /v2/{repo}/blobs/{d}: {why}"),
+                ));
+            }
+        }
+    }
+    Ok(findings)
+}
+
+/// `check` on an in-memory cache, after the audit verified storage: asks the running
+/// registry about every dangling link found, adds the live phantoms (and failed probes)
+/// to the findings and the counts to the summary. What could not be asked - the registry
+/// did not answer, refused access, or some requests failed - makes the audit incomplete,
+/// with a note naming the address tried. Returns whether every candidate was asked.
+pub fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audit) -> bool {
+    let linked = dangling_links(&audit.findings);
+    let candidates: Vec<(String, Digest)> = linked
+        .iter()
+        .flat_map(|(d, repos)| repos.iter().map(move |r| (r.clone(), *d)))
+        .collect();
+    let mut counts = ProbeCounts::default();
+    let mut asked = false;
+    match client.check_reachable() {
+        Err(e) => audit.incomplete.push(format!(
+            "the registry's in-memory cache was not probed: {e}"
+        )),
+        Ok(()) => match head_each(client, &candidates, concurrency, &mut counts) {
+            Ok(found) => {
+                audit.findings.extend(found);
+                asked = counts.failed == 0;
+                if counts.failed > 0 {
+                    audit.incomplete.push(format!(
+                        "{} of {} HEAD requests to {} failed (probe-failed): whether the registry still serves those blobs is unknown",
+                        counts.failed,
+                        candidates.len(),
+                        client.describe()
+                    ));
+                }
+            }
+            Err(why) => audit.incomplete.push(format!(
+                "the registry's in-memory cache was not probed: {why}"
+            )),
+        },
+    }
+    if !asked && let Some(why) = audit.incomplete.last() {
+        tracing::warn!("{why}");
+    }
+    audit.summary.probe = Some(counts);
+    finding::sort(&mut audit.findings);
+    audit.summary.tally(&audit.findings);
+    asked
+}
+
+/// The verdict of `check` on an in-memory cache.
+pub fn verdict(audit: &Audit, registry: &str, asked: bool, complete: bool) -> String {
+    let probed = audit.summary.probe.map_or(0, |c| c.probed);
+    let mut v = if !audit.findings.is_empty() || !complete {
+        crate::report::verdict(&audit.summary, &audit.findings, complete)
+    } else if !asked {
+        "Storage verified: nothing wrong.".to_string()
+    } else if probed == 0 {
+        format!(
+            "OK: storage holds every blob its links name, so the in-memory cache of the registry at {registry} has no deleted blob to vouch for."
+        )
+    } else {
+        format!(
+            "OK: the registry at {registry} answered 404 for all {probed} blobs storage no longer has."
+        )
+    };
+    if !asked {
+        v.push_str(&format!(
+            " The in-memory cache of the registry at {registry} was not fully probed: see the notes."
+        ));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(addr: &str) -> HttpConfig {
+        HttpConfig {
+            addr: Some(addr.into()),
+            ..HttpConfig::default()
+        }
+    }
+
+    fn url(h: &HttpConfig) -> String {
+        Endpoint::from_config(h).expect("endpoint").describe()
+    }
+
+    #[test]
+    fn the_local_address_of_a_config() {
+        assert_eq!(url(&http(":5000")), "http://127.0.0.1:5000");
+        assert_eq!(url(&http("0.0.0.0:5000")), "http://127.0.0.1:5000");
+        assert_eq!(url(&http("[::]:5000")), "http://127.0.0.1:5000");
+        assert_eq!(url(&http("[::1]:5000")), "http://[::1]:5000");
+        assert_eq!(url(&http("10.1.2.3:443")), "http://10.1.2.3:443");
+        assert_eq!(url(&http("reg.local:5000")), "http://reg.local:5000");
+        let tls = HttpConfig {
+            tls: true,
+            prefix: Some("/registry/".into()),
+            host: Some("https://reg.example".into()),
+            ..http(":5443")
+        };
+        assert_eq!(url(&tls), "https://127.0.0.1:5443/registry");
+        let unix = HttpConfig {
+            net: Some("unix".into()),
+            prefix: Some("/r".into()),
+            ..http("/run/reg.sock")
+        };
+        assert_eq!(
+            Endpoint::from_config(&unix),
+            Ok(Endpoint::Unix {
+                socket: PathBuf::from("/run/reg.sock"),
+                prefix: "/r".into()
+            })
+        );
+        assert_eq!(url(&unix), "unix:///run/reg.sock/r");
+        for bad in [
+            HttpConfig::default(),
+            http("5000"),
+            http("host:http"),
+            http("[::1]5000"),
+            HttpConfig {
+                net: Some("udp".into()),
+                ..http(":5000")
+            },
+            HttpConfig {
+                tls: true,
+                ..unix.clone()
+            },
+            HttpConfig {
+                prefix: Some("/a b".into()),
+                ..http(":5000")
+            },
+            http("re\u{1b}[2Jg:5000"),
+        ] {
+            assert!(Endpoint::from_config(&bad).is_err(), "{bad:?}");
+        }
+        let err = Endpoint::from_config(&HttpConfig::default()).expect_err("no addr");
+        assert!(
+            err.contains("http.addr") && err.contains("--registry-url"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn registry_urls() {
+        assert_eq!(
+            Endpoint::parse("https://reg.example/"),
+            Ok(Endpoint::Url("https://reg.example".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("unix:///run/reg.sock").map(|e| e.describe()),
+            Ok("unix:///run/reg.sock".into())
+        );
+        assert!(Endpoint::parse("reg.example:5000").is_err());
+        assert!(Endpoint::parse("unix://relative.sock").is_err());
+    }
+}
