@@ -1,10 +1,13 @@
 //! Removing exactly the wrong cache entries, and putting them back. This module owns
 //! every write registry-audit ever makes, and only to Redis keys of the registry's
 //! shapes: it turns audit findings into a plan (with a snapshot of each entry's current
-//! value), re-checks storage just before acting, removes each digest's entries in one
-//! Lua script that first verifies they still hold the audited values, and journals what
-//! it removed (fsync'd before each removal) so `restore` can put it back. It never
-//! touches storage.
+//! value), validates a plan read back, asks Redis up front whether the user may run
+//! every command the writes need, re-checks storage (each entry against its own digest)
+//! just before acting, removes each digest's entries in one Lua script that first
+//! verifies they still hold the audited values - global descriptor first, so a script
+//! Redis fails part-way leaves nothing served - reads back and reports such a failure,
+//! and journals what it removed (fsync'd before each removal) so `restore` can put it
+//! back. It never touches storage.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -875,7 +878,7 @@ fn check_node(
             _ => (name, check.get(1)),
         };
         format!(
-            "Redis user '{}' may not run {command}{}{} ({}): nothing was {verb}; grant the user the commands purge and restore need (README: purge permissions) or use one that has them",
+            "Redis user '{}' may not run {command}{}{} ({}): nothing was {verb}; grant the user the commands purge and restore need (listed in the README's purge section) or use one that has them",
             finding::escape(user.as_deref().unwrap_or("(unknown)").as_bytes()),
             key.map(|k| format!(" on key {}", finding::escape(k)))
                 .unwrap_or_default(),

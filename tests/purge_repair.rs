@@ -80,7 +80,10 @@ fn a_user_refused_one_command_removes_nothing() {
         );
         assert!(line.contains("nothing was removed"), "{line}");
         assert!(!line.contains("pw@"), "no password: {line}");
-        assert!(!journal.exists(), "{user}: no journal before the check passed");
+        assert!(
+            !journal.exists(),
+            "{user}: no journal before the check passed"
+        );
         assert_eq!(s.redis.dump(), before, "{user}: Redis changed");
     }
     assert_eq!(s.registry.head_blob("team/app2", &layer), Some(200));
@@ -88,7 +91,11 @@ fn a_user_refused_one_command_removes_nothing() {
     // A user allowed everything purge needs purges; the report says how it was checked.
     let url = add_user(&s, "purger", &["-flushall", "-config"]);
     let journal = s.dir.path("ok.jsonl").display().to_string();
-    let (code, out, err) = purge_as(&s, &url, &["--yes", "--journal", &journal, "--format", "json"]);
+    let (code, out, err) = purge_as(
+        &s,
+        &url,
+        &["--yes", "--journal", &journal, "--format", "json"],
+    );
     assert_eq!(code, 0, "{err}");
     let result = &json(&out)["result"];
     assert_eq!(result["permissions"]["method"], "acl-dryrun");
@@ -103,7 +110,9 @@ fn a_user_refused_one_command_removes_nothing() {
     assert_eq!(code, 2, "{err}\n{out}");
     let line = one_line(&err);
     assert!(
-        line.contains("may not run SADD") && line.contains("'nosadd'") && line.contains("nothing was restored"),
+        line.contains("may not run SADD")
+            && line.contains("'nosadd'")
+            && line.contains("nothing was restored"),
         "{line}"
     );
     assert_eq!(s.redis.dump(), purged);
@@ -136,21 +145,25 @@ fn a_removal_that_fails_part_way_leaves_nothing_served_and_says_so() {
         .expect("pause");
     let root = s.registry.root.display().to_string();
     let mut cmd = Command::new(BIN);
-    cmd.args(["purge", "--root", &root, "--redis", &url, "--yes", "--format", "json"])
-        .arg("--journal")
-        .arg(&journal)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "purge", "--root", &root, "--redis", &url, "--yes", "--format", "json",
+    ])
+    .arg("--journal")
+    .arg(&journal)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("REGISTRY_") {
             cmd.env_remove(k);
         }
     }
     let child = cmd.spawn().expect("purge");
-    wait_until("the first removal journalled", Duration::from_secs(60), || {
-        std::fs::read_to_string(&journal).is_ok_and(|t| t.contains("\"type\":\"remove\""))
-    });
+    wait_until(
+        "the first removal journalled",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&journal).is_ok_and(|t| t.contains("\"type\":\"remove\"")),
+    );
     redis::cmd("ACL")
         .arg("SETUSER")
         .arg("purger")
@@ -179,7 +192,11 @@ fn a_removal_that_fails_part_way_leaves_nothing_served_and_says_so() {
     let result = &report["result"];
     // Digests before the first that needs SREM (a descriptor alone) go as planned.
     assert_eq!(result["digests_failed"], 1, "{result:#}");
-    assert!(result["failure"].as_str().is_some_and(|f| f.contains("part-way")));
+    assert!(
+        result["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("part-way"))
+    );
     let failed = result["results"]
         .as_array()
         .expect("results")
@@ -249,7 +266,11 @@ fn a_removal_that_fails_part_way_leaves_nothing_served_and_says_so() {
         .arg("+srem")
         .query::<()>(&mut admin)
         .expect("acl");
-    let (code, _, err) = purge_as(&s, &url, &["--yes", "--journal", &journal.display().to_string()]);
+    let (code, _, err) = purge_as(
+        &s,
+        &url,
+        &["--yes", "--journal", &journal.display().to_string()],
+    );
     assert_eq!(code, 0, "{err}");
     for d in &phantoms {
         assert_eq!(s.registry.head_blob("team/app2", d), Some(404), "{d}");
@@ -259,7 +280,10 @@ fn a_removal_that_fails_part_way_leaves_nothing_served_and_says_so() {
 /// The registry's current descriptor fields of `key`, as a plan entry holds them.
 fn hash_fields(s: &Scenario, key: &str) -> serde_json::Value {
     let mut c = s.redis.conn();
-    let all: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(&mut c).expect("hgetall");
+    let all: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(key)
+        .query(&mut c)
+        .expect("hgetall");
     assert!(!all.is_empty(), "{key} is cached");
     serde_json::Value::Object(
         all.into_iter()
@@ -276,7 +300,13 @@ fn a_hand_edited_plan_cannot_remove_the_entries_of_a_blob_in_storage() {
     let url = s.redis.url();
     let root = s.registry.root.display().to_string();
     let (code, _, err) = run_tool(&[
-        "purge", "--root", &root, "--redis", &url, "--plan-out", &plan_path,
+        "purge",
+        "--root",
+        &root,
+        "--redis",
+        &url,
+        "--plan-out",
+        &plan_path,
     ]);
     assert_eq!(code, 1, "{err}");
     let saved = json(&std::fs::read_to_string(&plan_path).expect("plan"));
@@ -306,8 +336,18 @@ fn a_hand_edited_plan_cannot_remove_the_entries_of_a_blob_in_storage() {
         std::fs::write(&path, plan.to_string()).expect("write plan");
         let journal = s.dir.path(&format!("{name}.jsonl")).display().to_string();
         run_tool(&[
-            "purge", "--apply", &path, "--redis", &url, "--root", &root, "--yes", "--journal",
-            &journal, "--format", "json",
+            "purge",
+            "--apply",
+            &path,
+            "--redis",
+            &url,
+            "--root",
+            &root,
+            "--yes",
+            "--journal",
+            &journal,
+            "--format",
+            "json",
         ])
     };
     let before = s.redis.dump();
@@ -341,11 +381,14 @@ fn a_hand_edited_plan_cannot_remove_the_entries_of_a_blob_in_storage() {
     .enumerate()
     {
         let mut plan = saved.clone();
-        plan["groups"].as_array_mut().expect("groups").push(serde_json::json!({
-            "digest": base,
-            "blob": blob,
-            "entries": [global_entry, member_entry],
-        }));
+        plan["groups"]
+            .as_array_mut()
+            .expect("groups")
+            .push(serde_json::json!({
+                "digest": base,
+                "blob": blob,
+                "entries": [global_entry, member_entry],
+            }));
         let (code, out, err) = apply(&plan, &format!("own{i}.json"));
         assert_eq!(code, 0, "{blob}: {err}\n{out}");
         let result = &json(&out)["result"];
@@ -360,7 +403,10 @@ fn a_hand_edited_plan_cannot_remove_the_entries_of_a_blob_in_storage() {
         for (k, v) in &before {
             let key = String::from_utf8_lossy(k);
             if key.ends_with(&base) {
-                assert!(after.iter().any(|(a, b)| a == k && b == v), "{blob}: {key} touched");
+                assert!(
+                    after.iter().any(|(a, b)| a == k && b == v),
+                    "{blob}: {key} touched"
+                );
             }
         }
         let mut c = s.redis.conn();
