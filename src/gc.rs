@@ -314,6 +314,9 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                     report::rfc3339(started),
                     |_| {},
                 )?;
+                if let Some(failure) = summary.failure {
+                    return Err(failure);
+                }
                 counts.cache_entries_purged = summary.entries_removed;
                 counts.journal = Some(summary.journal);
             }

@@ -80,6 +80,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     let (source, storage, plan) = match &args.apply {
         Some(path) => {
             let plan = Plan::load(path)?;
+            plan.validate()?;
             let source = Source::resolve(&args.source, Some(&plan.source), settings::Want::Redis)?;
             let storage = Storage::open(&source.storage)?;
             (source, storage, plan)
@@ -163,6 +164,20 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
                             "kept: the registry changed these entries since the audit".into()
                         }
                         Outcome::AlreadyGone => "nothing to do: already removed".into(),
+                        Outcome::Failed => match &r.failure {
+                            Some(f) => format!(
+                                "FAILED ({}): removed [{}], left [{}]{}",
+                                f.error,
+                                f.removed.join(", "),
+                                f.left.join(", "),
+                                match &f.still_served {
+                                    Some(v) if v.is_empty() => "; nothing served any more".into(),
+                                    Some(v) => format!("; still served: {}", v.join(", ")),
+                                    None => "; could not read what is still served".into(),
+                                }
+                            ),
+                            None => "FAILED".into(),
+                        },
                     };
                     println!("  {what}: {outcome}");
                     let _ = std::io::stdout().flush();
@@ -172,6 +187,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         result = Some(summary);
     }
 
+    let failure = result.as_ref().and_then(|r| r.failure.clone());
     let code = exit_code(&plan, mode, result.as_ref(), s.fail_on);
     if table {
         print!(
@@ -194,6 +210,10 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
     }
     if mode == Mode::NotConfirmed {
         return Err("not on a terminal and --yes not given: nothing was changed; review the plan above, then run again with --yes".into());
+    }
+    // A removal that failed part-way never ends as a success, whatever was printed.
+    if let Some(failure) = failure {
+        return Err(failure);
     }
     Ok(code)
 }
@@ -341,6 +361,9 @@ fn render_outcome(
                 plan.entry_count(),
                 r.digests_removed
             );
+            if let Some(note) = &r.permissions.note {
+                out.push_str(&format!("Note: {note}.\n"));
+            }
             for (kind, n) in &r.entries_removed_by_kind {
                 if *n > 0 {
                     out.push_str(&format!("  {}: {n}\n", kind.name()));
@@ -362,6 +385,12 @@ fn render_outcome(
                 out.push_str(&format!(
                     "Kept {} digests whose entries the registry changed since the audit: run purge again.\n",
                     r.digests_skipped_changed
+                ));
+            }
+            if r.digests_failed > 0 {
+                out.push_str(&format!(
+                    "FAILED on {} digest (see above); {} digests not attempted.\n",
+                    r.digests_failed, r.digests_not_attempted
                 ));
             }
             out.push_str(&format!(
@@ -413,6 +442,9 @@ pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
                     String::new()
                 }
             );
+            if let Some(note) = &summary.permissions.note {
+                println!("Note: {note}.");
+            }
         }
         Format::Json => {
             let report = RestoreReport {

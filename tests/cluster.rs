@@ -371,3 +371,75 @@ fn comparable_without_notes(out: &str) -> serde_json::Value {
     v.as_object_mut().expect("object").remove("notes");
     v
 }
+
+#[test]
+fn purge_asks_every_master_for_the_users_permissions() {
+    // Each node has its own ACL: the user may do everything on two masters, but not
+    // SREM on the third. Purge must find out before it removes anything.
+    let (dir, _single, cluster) = registry("clusteracl", 60);
+    let root = dir.path("root").display().to_string();
+    for (i, p) in cluster.ports.iter().enumerate() {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER")
+            .arg("purger")
+            .arg("on")
+            .arg(">pw")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all");
+        if i == 2 {
+            cmd.arg("-srem");
+        }
+        cmd.query::<()>(&mut cluster.node(*p)).expect("acl setuser");
+    }
+    let url = format!("redis://purger:pw@127.0.0.1:{}/", cluster.ports[0]);
+    let before = cluster.dump();
+    let journal = dir.path("j.jsonl");
+    let (code, out, err) = run_tool(&[
+        "purge",
+        "--root",
+        &root,
+        "--redis",
+        &url,
+        "--yes",
+        "--journal",
+        &journal.display().to_string(),
+    ]);
+    assert_eq!(code, 2, "{err}\n{out}");
+    assert!(
+        err.contains("may not run SREM")
+            && err.contains("'purger'")
+            && err.contains(&format!("on node 127.0.0.1:{}", cluster.ports[2]))
+            && err.contains("nothing was removed"),
+        "{err}"
+    );
+    assert!(!journal.exists());
+    assert_eq!(cluster.dump(), before);
+
+    // Granted on every node, the same purge runs.
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("purger")
+        .arg("+srem")
+        .query::<()>(&mut cluster.node(cluster.ports[2]))
+        .expect("acl setuser");
+    let (code, out, err) = run_tool(&[
+        "purge",
+        "--root",
+        &root,
+        "--redis",
+        &url,
+        "--yes",
+        "--journal",
+        &journal.display().to_string(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        json(&out)["result"]["permissions"]["method"],
+        "acl-dryrun",
+        "{out}"
+    );
+    assert_ne!(cluster.dump(), before);
+}
