@@ -32,7 +32,6 @@ pub mod settings;
 pub mod shard;
 pub mod state;
 pub mod storage;
-pub mod synth;
 pub mod verify;
 
 /// Exit status when the tool could not do its job.

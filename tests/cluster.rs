@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use registry_audit::synth::{Spec, generate};
+use registry_audit_synth::{Spec, generate};
 
 struct ClusterNodes {
     ports: Vec<u16>,

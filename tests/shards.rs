@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 
 use common::*;
-use registry_audit::synth::{Spec, generate};
+use registry_audit_synth::{Spec, generate};
 
 fn without_timings(mut v: serde_json::Value) -> serde_json::Value {
     let o = v.as_object_mut().expect("object");

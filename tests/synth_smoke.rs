@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use registry_audit::synth::{Spec, generate};
+use registry_audit_synth::{Spec, generate};
 
 #[test]
 fn generated_registry_is_audited_exactly() {

@@ -501,7 +501,7 @@ pub fn http_status_auth(method: &str, url: &str, creds: Option<&(String, String)
     let auth = creds.map(|(u, p)| {
         format!(
             "Basic {}",
-            registry_audit::registry_client::base64_encode(format!("{u}:{p}").as_bytes())
+            base64_encode(format!("{u}:{p}").as_bytes())
         )
     });
     macro_rules! send {
@@ -1176,7 +1176,7 @@ impl TokenServer {
 }
 
 fn b64url(data: &[u8]) -> String {
-    registry_audit::registry_client::base64_encode(data)
+    base64_encode(data)
         .trim_end_matches('=')
         .replace('+', "-")
         .replace('/', "_")
@@ -1215,7 +1215,7 @@ fn serve_token(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [registry_audit::registry_client::base64_encode(cert_der)]});
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [base64_encode(cert_der)]});
     let claims = serde_json::json!({"iss": TOKEN_ISSUER, "sub": "audit", "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}"), "access": access});
     let signing = format!(
         "{}.{}",
@@ -1809,7 +1809,7 @@ pub fn http_date(t: std::time::SystemTime) -> String {
         .expect("after 1970")
         .as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = registry_audit::report::civil_date(days as i64);
+    let (year, month, day) = civil_date(days as i64);
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -1822,4 +1822,24 @@ pub fn http_date(t: std::time::SystemTime) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// Standard base64 with padding.
+pub fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
