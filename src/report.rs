@@ -180,6 +180,7 @@ fn judge(summary: &Summary, findings: &[Finding]) -> String {
     }
     // Each finding counts in the first group it fits.
     let (mut live_phantoms, mut corrupt, mut broken, mut other_live, mut rest) = (0, 0, 0, 0, 0);
+    let mut unread = 0;
     for f in findings {
         match f.kind {
             Kind::PhantomBlobDescriptor | Kind::PhantomRepositoryBlob | Kind::LivePhantom
@@ -187,7 +188,8 @@ fn judge(summary: &Summary, findings: &[Finding]) -> String {
             {
                 live_phantoms += 1
             }
-            Kind::DigestMismatch | Kind::UnreadableBlob | Kind::UnreadableStorage => corrupt += 1,
+            Kind::DigestMismatch | Kind::UnreadableBlob => corrupt += 1,
+            Kind::UnreadableStorage => unread += 1,
             Kind::DanglingTag
             | Kind::MissingReferencedBlob
             | Kind::BadManifest
@@ -212,6 +214,13 @@ fn judge(summary: &Summary, findings: &[Finding]) -> String {
         parts.push(format!(
             "{live_phantoms} live phantom {}: clients are told deleted blobs exist, so re-pushes skip uploads and pulls fail; {fix}.",
             plural(live_phantoms, "entry", "entries")
+        ));
+    }
+    if unread > 0 {
+        parts.push(format!(
+            "{unread} {} in storage could not be read (permissions or I/O errors): what is below {} was not checked; run as a user that can read the whole storage root.",
+            plural(unread, "place", "places"),
+            plural(unread, "it", "them")
         ));
     }
     if corrupt > 0 {

@@ -146,7 +146,7 @@ impl FsStorage {
             Ok(_) => BlobStat::Unreadable {
                 reason: format!("{} is not a regular file", self.relative(&path)),
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BlobStat::Absent,
+            Err(e) if is_absent(&e) => BlobStat::Absent,
             Err(e) => {
                 // An I/O error (not a symlink refused above) means storage was not read.
                 if e.raw_os_error().is_some() {
@@ -189,7 +189,7 @@ impl FsStorage {
     fn exists_path(&self, p: &Path) -> bool {
         match fs::symlink_metadata(p) {
             Ok(_) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) if is_absent(&e) => false,
             Err(e) => {
                 self.unread.record(self.relative(p), e.to_string());
                 true
@@ -215,40 +215,49 @@ impl FsStorage {
 
     /// Every repository, sorted: directories under `repositories/` that hold
     /// `_layers`, `_manifests` or `_uploads`. Names that are not valid repository names
-    /// are returned apart (escaped losslessly), so the caller can report them. A
-    /// directory that cannot be listed is recorded as unread.
+    /// are returned apart (escaped losslessly), so the caller can report them. Symlinked
+    /// directories are followed as the registry follows them, but only inside the root;
+    /// a directory that cannot be listed is recorded as unread, once.
     pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
         let base = self.v2.join("repositories");
         let mut good = Vec::new();
         let mut bad = Vec::new();
-        let walker = walkdir::WalkDir::new(&base)
-            .follow_links(false)
+        let mut walker = walkdir::WalkDir::new(&base)
+            .follow_links(true)
             .min_depth(1)
             .into_iter()
             .filter_entry(|e| {
                 e.file_type().is_dir() && !e.file_name().as_bytes().starts_with(b"_")
             });
-        for entry in walker {
+        while let Some(entry) = walker.next() {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
                     let at = e.path().unwrap_or(&base).to_path_buf();
-                    if e.io_error()
-                        .is_some_and(|io| io.kind() == io::ErrorKind::NotFound)
-                    {
-                        continue;
+                    if !e.io_error().is_some_and(is_absent) {
+                        self.unread.record(self.relative(&at), e.to_string());
                     }
-                    self.unread.record(self.relative(&at), e.to_string());
                     continue;
                 }
             };
             let dir = entry.path();
+            if entry.path_is_symlink() && !self.inside(dir) {
+                walker.skip_current_dir();
+                continue;
+            }
+            if let Err(e) = fs::read_dir(dir) {
+                if !is_absent(&e) {
+                    self.unread.record(self.relative(dir), e.to_string());
+                }
+                walker.skip_current_dir();
+                continue;
+            }
             let mut marked = false;
             for c in ["_layers", "_manifests", "_uploads"] {
-                match fs::symlink_metadata(dir.join(c)) {
+                match fs::metadata(dir.join(c)) {
                     Ok(m) if m.is_dir() => marked = true,
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) if is_absent(&e) => {}
                     Err(e) => self
                         .unread
                         .record(self.relative(&dir.join(c)), e.to_string()),
@@ -272,14 +281,36 @@ impl FsStorage {
         (good, bad)
     }
 
+    /// Whether symlinked `p` resolves inside the root; one that leaves it (or leads
+    /// nowhere) is recorded as unread: it is never followed out of the root.
+    fn inside(&self, p: &Path) -> bool {
+        match fs::canonicalize(p) {
+            Ok(real) if real.starts_with(&self.root) => true,
+            Ok(real) => {
+                self.unread.record(
+                    self.relative(p),
+                    format!(
+                        "a symlink that leads outside the storage root, to {}",
+                        crate::finding::escape(real.as_os_str().as_bytes())
+                    ),
+                );
+                false
+            }
+            Err(e) => {
+                self.unread.record(self.relative(p), e.to_string());
+                false
+            }
+        }
+    }
+
     /// Every blob in storage with its size: `blobs/<alg>/<xx>/<hex>/data`. Directories
     /// whose names are not a digest are skipped.
     pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
         let base = self.v2.join("blobs");
         let mut out = Vec::new();
-        for alg in self.dir_names(&base) {
-            for prefix in self.dir_names(&base.join(&alg)) {
-                for hex in self.dir_names(&base.join(&alg).join(&prefix)) {
+        for (alg, alg_dir) in self.dir_entries(&base) {
+            for (_, prefix_dir) in self.dir_entries(&alg_dir) {
+                for (hex, _) in self.dir_entries(&prefix_dir) {
                     let Some(d) = Digest::parse(format!("{alg}:{hex}").as_bytes()) else {
                         continue;
                     };
@@ -297,9 +328,9 @@ impl FsStorage {
     pub fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
         let base = self.repository_path(repo).join(sub);
         let mut out = Vec::new();
-        for alg in self.dir_names(&base) {
-            for hex in self.dir_names(&base.join(&alg)) {
-                let link = base.join(&alg).join(&hex).join("link");
+        for (alg, alg_dir) in self.dir_entries(&base) {
+            for (hex, hex_dir) in self.dir_entries(&alg_dir) {
+                let link = hex_dir.join("link");
                 if self.exists_path(&link) {
                     out.push((link, alg.clone(), hex));
                 }
@@ -311,22 +342,27 @@ impl FsStorage {
     /// The tags of a repository, sorted (a name that is not UTF-8 comes escaped, and so
     /// is never a valid tag).
     pub fn tags(&self, repo: &str) -> Vec<String> {
-        self.dir_names(&self.repository_path(repo).join("_manifests/tags"))
+        self.dir_entries(&self.repository_path(repo).join("_manifests/tags"))
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
     }
 
-    /// The names of the directories in `dir`, sorted; names that are not UTF-8 come
-    /// escaped losslessly. A missing `dir` has none; one that cannot be listed (or an
-    /// entry whose type cannot be read) is recorded as unread.
-    fn dir_names(&self, dir: &Path) -> Vec<String> {
+    /// The directories in `dir` as (name, path), sorted by name; a name that is not
+    /// UTF-8 comes escaped losslessly (the path keeps its bytes). A symlink to a
+    /// directory inside the root counts, as the registry follows it. A missing `dir` has
+    /// none; one that cannot be listed, an entry whose type cannot be read, or a symlink
+    /// out of the root is recorded as unread.
+    fn dir_entries(&self, dir: &Path) -> Vec<(String, PathBuf)> {
         let rd = match fs::read_dir(dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) if is_absent(&e) => return Vec::new(),
             Err(e) => {
                 self.unread.record(self.relative(dir), e.to_string());
                 return Vec::new();
             }
         };
-        let mut names = Vec::new();
+        let mut out = Vec::new();
         for entry in rd {
             let entry = match entry {
                 Ok(e) => e,
@@ -335,18 +371,24 @@ impl FsStorage {
                     continue;
                 }
             };
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => {
-                    names.push(crate::finding::escape(entry.file_name().as_bytes()))
+            let path = entry.path();
+            let is_dir = match entry.file_type() {
+                Ok(t) if t.is_dir() => true,
+                Ok(t) if t.is_symlink() => {
+                    self.inside(&path) && fs::metadata(&path).is_ok_and(|m| m.is_dir())
                 }
-                Ok(_) => {}
-                Err(e) => self
-                    .unread
-                    .record(self.relative(&entry.path()), e.to_string()),
+                Ok(_) => false,
+                Err(e) => {
+                    self.unread.record(self.relative(&path), e.to_string());
+                    false
+                }
+            };
+            if is_dir {
+                out.push((crate::finding::escape(entry.file_name().as_bytes()), path));
             }
         }
-        names.sort();
-        names
+        out.sort();
+        out
     }
 
     /// `<repo>/_manifests/tags/<tag>/current/link`
@@ -607,6 +649,14 @@ impl Storage {
 pub fn blob_loc(d: &Digest) -> String {
     let hex = d.hex();
     format!("blobs/{}/{}/{hex}/data", d.algorithm().name(), &hex[..2])
+}
+
+/// Whether an error means "nothing there": not found, or a path through a file.
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// Opens a file for reading only if it is a regular file: the open never blocks (a FIFO

@@ -29,6 +29,10 @@ const PREFETCH: usize = 1024;
 /// image manifest). Every level is still followed; a longer chain is a `bad-manifest`
 /// finding, since clients give up long before (and only corrupt content nests so).
 pub const MAX_NESTING: u32 = 8;
+/// Problems listed one by one under a tag; past it one more finding says how many
+/// were left out, so a hostile manifest naming a million missing layers under many
+/// tags cannot flood memory or the report.
+pub const MAX_PROBLEMS_PER_TAG: usize = 1000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerifyCounts {
@@ -59,7 +63,8 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
     let mut v = Verifier {
         storage,
         present: HashMap::new(),
-        below: HashMap::new(),
+        nodes: HashMap::new(),
+        under: HashMap::new(),
         findings: Vec::new(),
         counts: VerifyCounts::default(),
         followed: HashSet::new(),
@@ -134,14 +139,27 @@ enum Problem {
     },
 }
 
-/// What following a manifest found, memoised per digest.
+/// One manifest as followed, memoised per digest: why it cannot be used, or its own
+/// problems (references to blobs that are gone or unreadable, child manifests that
+/// cannot be used, a cycle) and the child manifests below it. Problems are kept where
+/// they are found, never copied up the graph, so memory is linear in the distinct
+/// manifests and their references.
 #[derive(Debug, Default)]
-struct Below {
+struct Node {
     /// Why the manifest itself cannot be used; `None` when it can.
     bad: Option<String>,
-    problems: BTreeSet<Problem>,
+    own: Vec<Problem>,
+    children: Vec<Digest>,
     /// Manifests on the longest chain from this one down (1 for an image manifest).
     height: u32,
+}
+
+/// What is wrong below a tagged manifest: the first [`MAX_PROBLEMS_PER_TAG`] problems,
+/// in the order of a depth-first walk, and how many there are in all.
+#[derive(Debug, Default)]
+struct Under {
+    first: Vec<Problem>,
+    total: usize,
 }
 
 /// A manifest being followed: its references and how far through them.
@@ -149,23 +167,30 @@ struct Frame {
     digest: Digest,
     refs: Vec<Reference>,
     next: usize,
-    found: Below,
+    node: Node,
 }
 
 impl Frame {
-    /// Adds what was found below child manifest `child`.
-    fn absorb(&mut self, child: Digest, below: &Below) {
-        match &below.bad {
-            Some(why) => {
-                self.found.problems.insert(Problem::BadChild {
-                    via: self.digest,
-                    child,
-                    why: why.clone(),
-                });
-            }
+    fn new(digest: Digest, refs: Vec<Reference>) -> Frame {
+        Frame {
+            digest,
+            refs,
+            next: 0,
+            node: Node::default(),
+        }
+    }
+
+    /// Records child manifest `child`, already followed.
+    fn child(&mut self, child: Digest, node: &Node) {
+        match &node.bad {
+            Some(why) => self.node.own.push(Problem::BadChild {
+                via: self.digest,
+                child,
+                why: why.clone(),
+            }),
             None => {
-                self.found.problems.extend(below.problems.iter().cloned());
-                self.found.height = self.found.height.max(below.height);
+                self.node.children.push(child);
+                self.node.height = self.node.height.max(node.height);
             }
         }
     }
@@ -204,8 +229,10 @@ struct Verifier<'a> {
     storage: &'a Storage,
     /// Blob presence, checked once per digest.
     present: HashMap<Digest, Presence>,
-    /// For each manifest already followed, what is wrong below it.
-    below: HashMap<Digest, Rc<Below>>,
+    /// Each manifest already followed.
+    nodes: HashMap<Digest, Rc<Node>>,
+    /// What is wrong below each tagged manifest already checked.
+    under: HashMap<Digest, Rc<Under>>,
     findings: Vec<Finding>,
     counts: VerifyCounts,
     /// (repository, manifest) followed from a tag (for the count).
@@ -260,13 +287,26 @@ impl Verifier<'_> {
                 continue;
             }
             let path = storage.tag_link(repo, &tag);
-            // A tag directory without current/link is not a tag the registry lists.
             if storage.exists(&path) {
                 out.push(Read {
                     repo: repo.to_string(),
                     path,
                     what: LinkKind::Tag(tag),
                 });
+            } else {
+                // The registry lists the tag (its directory) yet answers 404 for it.
+                let mut f = Finding::storage(
+                    Kind::DanglingTag,
+                    Severity::Error,
+                    None,
+                    Some(repo.to_string()),
+                    storage.relative(&path),
+                    format!(
+                        "tag {tag} has no current/link: the registry lists it but cannot serve it"
+                    ),
+                );
+                f.tag = Some(tag);
+                self.findings.push(f);
             }
         }
         out
@@ -308,7 +348,8 @@ impl Verifier<'_> {
                         what,
                     } => {
                         self.counts.links_checked += 1;
-                        let Some(d) = self.read_link(&r.repo, &r.path, Some(*expected)) else {
+                        let Some(d) = self.read_link(&r.repo, &r.path, Some(*expected), None)
+                        else {
                             continue;
                         };
                         if !self.has_blob(&d) {
@@ -332,7 +373,7 @@ impl Verifier<'_> {
                         }
                     }
                     LinkKind::Tag(tag) => {
-                        if let Some(manifest) = self.read_link(&r.repo, &r.path, None) {
+                        if let Some(manifest) = self.read_link(&r.repo, &r.path, None, Some(tag)) {
                             tags.push((r, tag, manifest));
                         }
                     }
@@ -343,7 +384,7 @@ impl Verifier<'_> {
             let unread: BTreeSet<Digest> = window
                 .iter()
                 .map(|t| t.2)
-                .filter(|m| !self.below.contains_key(m))
+                .filter(|m| !self.nodes.contains_key(m))
                 .collect();
             let locs: Vec<String> = unread.iter().map(|m| self.storage.blob_loc(m)).collect();
             self.storage.prefetch(&locs, MAX_MANIFEST);
@@ -374,6 +415,7 @@ impl Verifier<'_> {
             self.counts.tagged_manifests_checked += 1;
         }
         let below = self.follow(manifest);
+        let under = self.under(manifest);
         let storage = self.storage;
         let finding = |kind, digest, via: Option<Digest>, detail: String| {
             let mut f = Finding::storage(
@@ -411,7 +453,7 @@ impl Verifier<'_> {
             ));
         }
         let mut found = Vec::new();
-        for p in &below.problems {
+        for p in &under.first {
             found.push(match p {
                 Problem::Missing { via, blob } => finding(
                     Kind::MissingReferencedBlob,
@@ -439,59 +481,84 @@ impl Verifier<'_> {
                 ),
             });
         }
+        if under.total > under.first.len() {
+            let mut f = finding(
+                Kind::MissingReferencedBlob,
+                manifest,
+                Some(manifest),
+                format!(
+                    "tag {tag}: {} more problems below manifest {manifest} are not listed (the first {MAX_PROBLEMS_PER_TAG} are): the image cannot be pulled",
+                    under.total - under.first.len()
+                ),
+            );
+            f.digest = None;
+            found.push(f);
+        }
         self.findings.extend(found);
     }
 
-    /// Reads a link; reports it as `bad-link` when it is not a digest or not the one its
-    /// path names.
+    /// Reads a link; reports it as `bad-link` when it is not exactly a digest (the
+    /// registry does not trim a link: whitespace around the digest makes it answer 500),
+    /// or not the one its path names. A link that cannot be read for an I/O reason is
+    /// unread storage (the run is incomplete), not a bad link.
     fn read_link(
         &mut self,
         repo: &str,
         path: &str,
         expected: Option<Option<Digest>>,
+        tag: Option<&str>,
     ) -> Option<Digest> {
         let bad = |v: &mut Self, why: String| {
-            v.findings.push(Finding::storage(
+            let mut f = Finding::storage(
                 Kind::BadLink,
                 Severity::Error,
                 expected.flatten(),
                 Some(repo.to_string()),
                 v.storage.relative(path),
                 why,
-            ));
+            );
+            f.tag = tag.map(str::to_string);
+            v.findings.push(f);
             None
         };
-        let content = match self.storage.read_small(path, MAX_LINK) {
-            Ok(c) => c,
-            Err(e) => return bad(self, format!("link cannot be read: {e}")),
-        };
-        let Some(d) = Digest::parse(content.trim_ascii()) else {
+        if expected == Some(None) {
             return bad(
                 self,
-                format!(
-                    "link holds '{}', not a digest",
-                    crate::finding::escape(&content)
-                ),
+                "the link's directory is not named after a valid digest".into(),
+            );
+        }
+        let content = match self.storage.read_small(path, MAX_LINK) {
+            Ok(c) => c,
+            Err(e) if e.raw_os_error().is_some() => {
+                self.storage
+                    .record_unread(self.storage.relative(path), e.to_string());
+                return None;
+            }
+            Err(e) => return bad(self, format!("link cannot be read: {e}")),
+        };
+        let Some(d) = Digest::parse(&content) else {
+            let why = if Digest::parse(content.trim_ascii()).is_some() {
+                "a digest with white space around it, which the registry cannot parse"
+            } else {
+                "not a digest"
+            };
+            return bad(
+                self,
+                format!("link holds '{}', {why}", crate::finding::escape(&content)),
             );
         };
         match expected {
-            Some(None) => bad(
-                self,
-                "the link's directory is not named after a valid digest".into(),
-            ),
             Some(Some(e)) if e != d => bad(self, format!("link holds {d} but its path names {e}")),
             _ => Some(d),
         }
     }
 
-    /// What is wrong at and below `root`, following child manifests depth first with
-    /// an explicit stack (no recursion, so no depth overflows). Each manifest is loaded
-    /// once per run and its result memoised, so work and memory are linear in the
-    /// distinct manifests, whatever the fan-out; a manifest met again on its own path is
-    /// a cycle, which only corrupt content can form.
-    fn follow(&mut self, root: Digest) -> Rc<Below> {
-        if let Some(b) = self.below.get(&root) {
-            return b.clone();
+    /// Follows `root` and every manifest below it, depth first with an explicit stack
+    /// (no recursion, so no depth overflows), loading each manifest once per run. A
+    /// manifest met again on its own path is a cycle, which only corrupt content forms.
+    fn follow(&mut self, root: Digest) -> Rc<Node> {
+        if let Some(n) = self.nodes.get(&root) {
+            return n.clone();
         }
         let mut stack = match self.load(root) {
             Ok(refs) => vec![Frame::new(root, refs)],
@@ -504,52 +571,45 @@ impl Verifier<'_> {
                     break;
                 };
                 on_path.remove(&done.digest);
-                done.found.height += 1;
-                let below = Rc::new(done.found);
-                self.below.insert(done.digest, below.clone());
+                done.node.height += 1;
+                let node = Rc::new(done.node);
+                self.nodes.insert(done.digest, node.clone());
                 match stack.last_mut() {
-                    Some(parent) => parent.absorb(done.digest, &below),
-                    None => return below,
+                    Some(parent) => parent.child(done.digest, &node),
+                    None => return node,
                 }
                 continue;
             };
             top.next += 1;
             let via = top.digest;
-            match self.presence(&r.digest) {
-                Presence::Absent => {
-                    if let Some(top) = stack.last_mut() {
-                        top.found.problems.insert(Problem::Missing {
-                            via,
-                            blob: r.digest,
-                        });
-                    }
-                }
-                Presence::Unreadable(why) => {
-                    if let Some(top) = stack.last_mut() {
-                        top.found.problems.insert(Problem::Unreadable {
-                            via,
-                            blob: r.digest,
-                            why,
-                        });
-                    }
-                }
+            let presence = self.presence(&r.digest);
+            let Some(top) = stack.last_mut() else {
+                break;
+            };
+            match presence {
+                Presence::Absent => top.node.own.push(Problem::Missing {
+                    via,
+                    blob: r.digest,
+                }),
+                Presence::Unreadable(why) => top.node.own.push(Problem::Unreadable {
+                    via,
+                    blob: r.digest,
+                    why,
+                }),
                 Presence::Present if !r.is_manifest => {}
+                Presence::Present if on_path.contains(&r.digest) => {
+                    top.node.own.push(Problem::BadChild {
+                        via,
+                        child: r.digest,
+                        why: format!(
+                            "it references {} again, a cycle only corrupt content can form",
+                            r.digest
+                        ),
+                    })
+                }
                 Presence::Present => {
-                    if on_path.contains(&r.digest) {
-                        let cycle = Below {
-                            bad: Some(format!(
-                                "it references {} again, a cycle only corrupt content can form",
-                                r.digest
-                            )),
-                            ..Below::default()
-                        };
-                        if let Some(top) = stack.last_mut() {
-                            top.absorb(r.digest, &cycle);
-                        }
-                    } else if let Some(known) = self.below.get(&r.digest).cloned() {
-                        if let Some(top) = stack.last_mut() {
-                            top.absorb(r.digest, &known);
-                        }
+                    if let Some(known) = self.nodes.get(&r.digest).cloned() {
+                        top.child(r.digest, &known);
                     } else {
                         match self.load(r.digest) {
                             Ok(refs) => {
@@ -557,9 +617,9 @@ impl Verifier<'_> {
                                 stack.push(Frame::new(r.digest, refs));
                             }
                             Err(bad) => {
-                                let below = self.remember(r.digest, bad);
+                                let node = self.remember(r.digest, bad);
                                 if let Some(top) = stack.last_mut() {
-                                    top.absorb(r.digest, &below);
+                                    top.child(r.digest, &node);
                                 }
                             }
                         }
@@ -567,17 +627,46 @@ impl Verifier<'_> {
                 }
             }
         }
-        self.below.get(&root).cloned().unwrap_or_default()
+        self.nodes.get(&root).cloned().unwrap_or_default()
+    }
+
+    /// The problems below followed manifest `root`, each manifest visited once: the
+    /// first [`MAX_PROBLEMS_PER_TAG`] in walk order, and the count of all.
+    fn under(&mut self, root: Digest) -> Rc<Under> {
+        if let Some(u) = self.under.get(&root) {
+            return u.clone();
+        }
+        let mut under = Under::default();
+        let mut seen: HashSet<Digest> = HashSet::from([root]);
+        let mut todo = vec![root];
+        while let Some(d) = todo.pop() {
+            let Some(node) = self.nodes.get(&d) else {
+                continue;
+            };
+            under.total += node.own.len();
+            let room = MAX_PROBLEMS_PER_TAG.saturating_sub(under.first.len());
+            under.first.extend(node.own.iter().take(room).cloned());
+            for c in node.children.iter().rev() {
+                if seen.insert(*c) {
+                    todo.push(*c);
+                }
+            }
+        }
+        under.first.sort();
+        under.first.dedup();
+        let under = Rc::new(under);
+        self.under.insert(root, under.clone());
+        under
     }
 
     /// Memoises a manifest that cannot be used.
-    fn remember(&mut self, d: Digest, why: String) -> Rc<Below> {
-        let below = Rc::new(Below {
+    fn remember(&mut self, d: Digest, why: String) -> Rc<Node> {
+        let node = Rc::new(Node {
             bad: Some(why),
-            ..Below::default()
+            ..Node::default()
         });
-        self.below.insert(d, below.clone());
-        below
+        self.nodes.insert(d, node.clone());
+        node
     }
 
     /// Reads manifest `d` (at most [`MAX_MANIFEST`] bytes, a regular file only), checks
@@ -609,21 +698,23 @@ impl Verifier<'_> {
     }
 }
 
-impl Frame {
-    fn new(digest: Digest, refs: Vec<Reference>) -> Frame {
-        Frame {
-            digest,
-            refs,
-            next: 0,
-            found: Below::default(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
     pub digest: Digest,
     pub is_manifest: bool,
+}
+
+/// A field of a JSON object as Go's decoder (the registry's, and clients') finds it:
+/// the exact key, else any key equal to it ignoring ASCII case.
+fn field<'a>(
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a serde_json::Value> {
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
 }
 
 /// Media types of the manifests the registry serves (distribution 2.8 and 3).
@@ -645,14 +736,14 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
     let Some(obj) = doc.as_object() else {
         return not("not a JSON object".into());
     };
-    let media = match obj.get("mediaType") {
+    let media = match field(obj, "mediaType") {
         None => "",
         Some(Value::String(m)) => m.as_str(),
         Some(_) => return not("mediaType is not a string".into()),
     };
     let mut out = Vec::new();
     let mut descriptors = |field: &str, is_manifest: bool, required: bool| -> Result<(), String> {
-        let list: Vec<&Value> = match (field, obj.get(field)) {
+        let list: Vec<&Value> = match (field, self::field(obj, field)) {
             ("config", Some(v)) => vec![v],
             (_, Some(Value::Array(a))) => a.iter().collect(),
             (_, None) if !required => Vec::new(),
@@ -668,17 +759,17 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
             let Some(desc) = v.as_object() else {
                 return Err(format!("not a manifest: {field}[{i}] is not an object"));
             };
-            let kind = desc.get("mediaType").and_then(Value::as_str).unwrap_or("");
+            let kind = self::field(desc, "mediaType")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let foreign = kind.contains("foreign") || kind.contains("nondistributable");
-            let has_urls = desc
-                .get("urls")
+            let has_urls = self::field(desc, "urls")
                 .and_then(Value::as_array)
                 .is_some_and(|u| !u.is_empty());
             if foreign || has_urls {
                 continue;
             }
-            let Some(digest) = desc
-                .get(key)
+            let Some(digest) = self::field(desc, key)
                 .and_then(Value::as_str)
                 .and_then(Digest::parse_str)
             else {
@@ -691,13 +782,13 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
         }
         Ok(())
     };
-    match obj.get("schemaVersion").and_then(Value::as_i64) {
+    match field(obj, "schemaVersion").and_then(Value::as_i64) {
         Some(1) => descriptors("fsLayers", false, true)?,
         Some(2) => {
             let index = match media {
                 DOCKER_LIST | OCI_INDEX => true,
                 DOCKER_MANIFEST | OCI_MANIFEST => false,
-                "" => obj.contains_key("manifests"),
+                "" => field(obj, "manifests").is_some(),
                 other => {
                     return not(format!(
                         "unknown mediaType '{}'",

@@ -450,11 +450,15 @@ fn unreadable_directories_make_the_run_incomplete() {
         .expect("chmod");
     assert!(status.success());
     let v2 = store.v2();
+    let locked = good_image(&store, "locked", "locked");
+    manifest(&store, "locked", Some("v1"), &locked);
+    let closed_link = v2.join("repositories/locked/_manifests/tags/v1/current/link");
     let closed_layers = v2.join("repositories/closed/_layers/sha256");
     let closed_tags = v2.join("repositories/tags/_manifests/tags");
     for dir in [&closed_layers, &closed_tags] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).expect("chmod");
     }
+    fs::set_permissions(&closed_link, fs::Permissions::from_mode(0o600)).expect("chmod");
     // nobody:nogroup
     let user = root.then_some("65534");
 
@@ -484,6 +488,12 @@ fn unreadable_directories_make_the_run_incomplete() {
         unread.contains(&"docker/registry/v2/repositories/tags/_manifests/tags"),
         "{run}"
     );
+    assert!(
+        unread.contains(&"docker/registry/v2/repositories/locked/_manifests/tags/v1/current/link"),
+        "{run}"
+    );
+    // Not being allowed to read a link is not a broken link.
+    assert!(findings(&report, "bad-link").is_empty(), "{run}");
     assert!(
         !report["verdict"].as_str().unwrap_or("").starts_with("OK"),
         "{run}"
@@ -633,4 +643,190 @@ fn hostile_link_files_are_bad_links() {
     assert!(detail(&layer).contains("FIFO"), "{run}");
     assert!(detail(&other).contains("larger than 1024 bytes"), "{run}");
     assert!(run.max_rss_kib < 100 * 1024, "{}", run.max_rss_kib);
+}
+
+/// Links the registry cannot parse (white space around the digest: it answers 500),
+/// tags it lists but cannot serve (no current/link), manifests whose keys differ in
+/// case (Go's decoder, the registry's and the clients', ignores case): each is reported
+/// as the registry sees it.
+#[test]
+fn links_tags_and_keys_are_read_as_the_registry_reads_them() {
+    let store = Store::new("as-registry");
+    let image = good_image(&store, "demo", "ws");
+    let d = manifest(&store, "demo", Some("ok"), &image);
+    for (tag, content) in [
+        ("nl", format!("{d}\n")),
+        ("sp", format!(" {d} ")),
+        ("tab", format!("{d}\t\r\n")),
+    ] {
+        link(&store, "demo", Some(tag), &d);
+        let cur = store
+            .v2()
+            .join("repositories/demo/_manifests/tags")
+            .join(tag)
+            .join("current/link");
+        fs::write(cur, content).expect("write");
+    }
+    fs::create_dir_all(
+        store
+            .v2()
+            .join("repositories/demo/_manifests/tags/nocurrent"),
+    )
+    .expect("mkdir");
+    // "Layers", not "layers": clients still need the missing layer.
+    let config = store.blob("demo", b"cased config");
+    let missing = sha256(b"cased layer, gone");
+    let cased = format!(
+        r#"{{"SchemaVersion":2,"MediaType":"application/vnd.oci.image.manifest.v1+json","Config":{{"Digest":"{config}"}},"Layers":[{{"Digest":"{missing}"}}]}}"#
+    );
+    manifest(&store, "demo", Some("cased"), cased.as_bytes());
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let bad = findings(&report, "bad-link");
+    for tag in ["nl", "sp", "tab"] {
+        let f = bad
+            .iter()
+            .find(|f| f["tag"] == tag)
+            .unwrap_or_else(|| panic!("no bad-link for tag {tag}: {run}"));
+        assert!(
+            f["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("white space")),
+            "{run}"
+        );
+    }
+    assert!(
+        findings(&report, "dangling-tag")
+            .iter()
+            .any(|f| f["tag"] == "nocurrent"),
+        "{run}"
+    );
+    let m = findings(&report, "missing-referenced-blob");
+    assert!(
+        m.iter()
+            .any(|f| f["tag"] == "cased" && f["digest"] == missing.as_str()),
+        "{run}"
+    );
+    assert!(
+        !findings(&report, "bad-link")
+            .iter()
+            .any(|f| f["tag"] == "ok")
+    );
+}
+
+/// Symlinked repositories and tags are followed as the registry follows them, inside
+/// the root; one that leads out of the root is never followed, and the run says so.
+#[test]
+fn symlinked_repositories_are_followed_inside_the_root_only() {
+    let store = Store::new("symlinks");
+    let outside = Store::new("symlinks-outside");
+    // A repository kept elsewhere in the root, reached through a symlink, with a tag
+    // whose manifest is gone.
+    let stash = store.v2().join("repositories/stash-repo");
+    let gone = sha256(b"a manifest GC took");
+    link(&store, "stash-repo", Some("broken"), &gone);
+    std::os::unix::fs::symlink(&stash, store.v2().join("repositories/team")).expect("symlink");
+    // A tag directory that is a symlink to another tag of the same repository.
+    let image = good_image(&store, "linked", "linked");
+    manifest(&store, "linked", Some("v1"), &image);
+    let tags = store.v2().join("repositories/linked/_manifests/tags");
+    std::os::unix::fs::symlink(tags.join("v1"), tags.join("alias")).expect("symlink");
+    // A repository that is a symlink out of the root.
+    link(&outside, "away", Some("v1"), &sha256(b"elsewhere"));
+    std::os::unix::fs::symlink(
+        outside.v2().join("repositories/away"),
+        store.v2().join("repositories/escape"),
+    )
+    .expect("symlink");
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    assert_eq!(report["complete"], false, "{run}");
+    let dangling = findings(&report, "dangling-tag");
+    assert!(
+        dangling
+            .iter()
+            .any(|f| f["repository"] == "team" && f["tag"] == "broken"),
+        "{run}"
+    );
+    assert!(
+        report["summary"]["storage"]["tags_checked"].as_u64() >= Some(4),
+        "{run}"
+    );
+    let unread = findings(&report, "unreadable-storage");
+    assert!(
+        unread
+            .iter()
+            .any(|f| f["path"] == "docker/registry/v2/repositories/escape"
+                && f["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("outside the storage root"))),
+        "{run}"
+    );
+    assert!(
+        !dangling.iter().any(|f| f["repository"] == "escape"),
+        "{run}"
+    );
+}
+
+/// A manifest graph built to blow up: 40 indexes each naming the same 40 images, each
+/// image missing 50 layers (2,000 problems), tagged at the root and at every index.
+/// Problems are never copied up the graph, and a tag lists at most
+/// MAX_PROBLEMS_PER_TAG of them plus one finding that counts the rest.
+#[test]
+fn problems_are_bounded_per_tag_and_never_copied_up_the_graph() {
+    let store = Store::new("wide");
+    let repo = "wide";
+    let config = store.blob(repo, b"config");
+    let images: Vec<String> = (0..40)
+        .map(|i| {
+            let layers: Vec<String> = (0..50)
+                .map(|k| sha256(format!("gone {i} {k}").as_bytes()))
+                .collect();
+            let refs: Vec<&str> = layers.iter().map(String::as_str).collect();
+            manifest(&store, repo, None, &image_manifest(&config, &refs))
+        })
+        .collect();
+    let middles: Vec<String> = (0..40)
+        .map(|i| {
+            manifest(
+                &store,
+                repo,
+                Some(&format!("mid{i}")),
+                &index_manifest(&images, &format!("mid {i}")),
+            )
+        })
+        .collect();
+    manifest(
+        &store,
+        repo,
+        Some("root"),
+        &index_manifest(&middles, "root"),
+    );
+
+    let run = check(&store);
+    assert_eq!(run.code, 1, "{run}");
+    let report = run.report();
+    let m = findings(&report, "missing-referenced-blob");
+    for tag in ["root", "mid0", "mid39"] {
+        let under: Vec<_> = m.iter().filter(|f| f["tag"] == tag).collect();
+        assert_eq!(under.len(), 1001, "tag {tag}");
+        let more: Vec<_> = under.iter().filter(|f| f["digest"].is_null()).collect();
+        assert_eq!(more.len(), 1, "tag {tag}");
+        assert!(
+            more[0]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("1000 more problems")),
+            "{}",
+            more[0]
+        );
+    }
+    assert!(
+        run.max_rss_kib < 200 * 1024,
+        "peak memory {} KiB",
+        run.max_rss_kib
+    );
 }
