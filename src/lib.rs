@@ -61,6 +61,19 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
     }
 }
 
+/// Logs (at -v) the run's peak resident memory, as the kernel counts it for this
+/// process (`VmHWM`): the figure benchmarks and the memory-bound tests read.
+pub fn log_peak_memory() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kib) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    {
+        tracing::info!("peak memory: {kib} KiB");
+    }
+}
+
 /// Sets up logging on stderr, so stdout carries only the report.
 /// Logs of the libraries below (TLS, HTTP, Redis) show only with -vv: their errors are
 /// reported once, as this tool's one-line error.

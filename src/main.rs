@@ -5,7 +5,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = registry_audit::cli::Cli::parse();
     registry_audit::init_logging(cli.verbose, cli.quiet);
-    match registry_audit::run(cli) {
+    let result = registry_audit::run(cli);
+    registry_audit::log_peak_memory();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(message) => {
             eprintln!(

@@ -4,7 +4,7 @@
 //! phantoms; a corrupted object is a digest-mismatch; purge re-checks S3 before
 //! removing; a bucket that does not exist is exit 2 with one line.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -3,7 +3,7 @@
 //! check, export-cache, purge and restore give the same results on both, and a
 //! resharding during the scan loses no key.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

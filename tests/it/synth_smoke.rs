@@ -1,7 +1,7 @@
 //! A small run of the benchmark generator against a real Redis, audited by `check`:
 //! the generator builds what it says, and the audit finds exactly its phantoms.
 
-mod common;
+use crate::common;
 
 use common::*;
 use registry_audit_synth::{Spec, generate};

@@ -3,7 +3,7 @@
 //! links, and the same from a copy in Azure; `export-cache` then `check --cache-dump`
 //! reports what `check --redis` does.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

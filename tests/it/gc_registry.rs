@@ -2,7 +2,7 @@
 //! leaving no phantom behind, with what it freed reported; a GC that breaks a tagged
 //! image is caught; a failing GC leaves the cache alone.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

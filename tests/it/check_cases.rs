@@ -2,7 +2,7 @@
 //! hostile and malformed keys, other applications' keys, huge sets, and every way the
 //! tool can fail to run (exit 2 with one line that says what to fix).
 
-mod common;
+use crate::common;
 
 use std::fs;
 

@@ -2,7 +2,7 @@
 //! merged report equals a single full run (timings apart), the shards' work is balanced,
 //! and merge refuses reports that do not belong together.
 
-mod common;
+use crate::common;
 
 use std::fs;
 

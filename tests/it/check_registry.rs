@@ -2,7 +2,7 @@
 //! Redis cache), images pushed and pulled with skopeo, and the registry's own garbage
 //! collection: the bug this project exists for, reproduced and reported exactly.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! lock, and progress bars on a terminal only. A real Redis and a storage root written
 //! by the test.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;

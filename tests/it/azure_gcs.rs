@@ -7,7 +7,7 @@
 //! filesystem; in Azure also a corrupted object, purge's re-check, throttling and a
 //! dropped connection, a missing container, a wrong key and an endpoint nobody answers.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 //! entries left by GC are removed exactly, re-push then pull works, nothing else in Redis
 //! changes, a saved plan re-checks storage before acting, and restore undoes a purge.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -6,7 +6,7 @@
 //! kind is read as the registry reads it: Harbor's `layerinfo: redis` (Redis in database
 //! 3), and a config with no cache at all, where the registry caches nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -2,7 +2,7 @@
 //! delete and GC the running registry still vouches for deleted blobs; probe finds
 //! exactly those, read-only, and finds none after a restart. The same behind basic auth.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -4,7 +4,7 @@
 //! SCAN never ends is stopped, --jobs is capped, and no output ever replaces a device,
 //! FIFO, directory or symlink.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};

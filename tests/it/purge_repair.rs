@@ -4,7 +4,7 @@
 //! leaves nothing the registry still serves, is read back and reported truthfully and
 //! ends non-zero; a hand-edited plan cannot remove the entries of a blob in storage.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -1,0 +1,24 @@
+//! The integration tests, as one binary (compiled and linked once): each module
+//! proves a capability against the real servers - `redis-server`, the registry
+//! (`docker-registry`), `skopeo`, `moto_server`, Azurite - started by `common` on
+//! 127.0.0.1 with ports picked at run time. A failing assertion prints the command, its
+//! exit status and its output.
+
+mod common;
+
+mod azure_gcs;
+mod check_cases;
+mod check_inmemory;
+mod check_registry;
+mod cluster;
+mod gc_registry;
+mod hostile_inputs;
+mod hostile_storage;
+mod monitoring;
+mod probe_registry;
+mod purge_registry;
+mod purge_repair;
+mod s3;
+mod shards;
+mod storage_and_dumps;
+mod synth_smoke;
