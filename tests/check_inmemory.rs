@@ -524,9 +524,7 @@ fn check_config_behind_basic_auth() {
     let text = format!("{r}{err}");
     assert!(!text.contains(HTPASSWD_PASSWORD));
     let docker = dir.path("docker-config.json");
-    let auth = common::base64_encode(
-        format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes(),
-    );
+    let auth = common::base64_encode(format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes());
     fs::write(
         &docker,
         format!(

@@ -212,9 +212,7 @@ fn probe_behind_basic_auth() {
 
     // With a Docker config.json.
     let cfg = m.dir.path("docker-config.json");
-    let auth = common::base64_encode(
-        format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes(),
-    );
+    let auth = common::base64_encode(format!("{HTPASSWD_USER}:{HTPASSWD_PASSWORD}").as_bytes());
     fs::write(
         &cfg,
         format!(

@@ -498,12 +498,8 @@ pub fn http_status_auth(method: &str, url: &str, creds: Option<&(String, String)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
         .into();
-    let auth = creds.map(|(u, p)| {
-        format!(
-            "Basic {}",
-            base64_encode(format!("{u}:{p}").as_bytes())
-        )
-    });
+    let auth =
+        creds.map(|(u, p)| format!("Basic {}", base64_encode(format!("{u}:{p}").as_bytes())));
     macro_rules! send {
         ($req:expr) => {{
             let mut req = $req;
@@ -1215,7 +1211,8 @@ fn serve_token(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [base64_encode(cert_der)]});
+    let header =
+        serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [base64_encode(cert_der)]});
     let claims = serde_json::json!({"iss": TOKEN_ISSUER, "sub": "audit", "aud": TOKEN_SERVICE, "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}"), "access": access});
     let signing = format!(
         "{}.{}",
