@@ -538,3 +538,53 @@ fn check_config_behind_basic_auth() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(pairs(&r, "live-phantom"), expected);
 }
+
+/// After a manifest delete, GC and `DELETE /v2/<repo>/blobs/<digest>` for every blob the
+/// repository linked, storage has no dangling link and every HEAD answers 404; yet the
+/// registry's global in-memory descriptors still vouch for the deleted manifest, so a
+/// re-push "succeeds" and the pull fails. check cannot see those descriptors: it says so
+/// (verdict and notes) and never calls the cache clean; the exit status stays 0.
+#[test]
+fn a_clean_probe_never_vouches_for_the_global_in_memory_descriptors() {
+    let dir = Scratch::new("ckglobal");
+    let registry = Registry::start(&dir, Cache::InMemory);
+    let image = make_image(&dir.path("img"), "solo", &[bytes(41, 30_000)]);
+    let manifest = push(&registry, &image, "solo/app:v1");
+    let (ok, err) = pull(&registry, "solo/app:v1", &dir.path("pulled"));
+    assert!(ok, "{err}");
+    registry.delete_manifest("solo/app", &manifest);
+    registry.garbage_collect();
+    for d in image.blobs() {
+        if !registry.has_blob(&d) && d != manifest {
+            let status = registry.http("DELETE", &format!("/v2/solo/app/blobs/{d}"));
+            assert_eq!(status, Some(202), "DELETE blob {d}");
+            assert_eq!(registry.head_blob("solo/app", &d), Some(404));
+        }
+    }
+
+    let config = registry.config.clone();
+    let (code, r, err) = check_config(&config, &dir, &[]);
+    assert_eq!(code, 0, "{err}\n{r:#}");
+    assert_eq!(r["findings"], serde_json::json!([]), "{r:#}");
+    assert_eq!(r["complete"], true);
+    let verdict = r["verdict"].as_str().expect("verdict");
+    assert!(
+        !verdict.contains("no deleted blob to vouch for")
+            && verdict.contains("cannot be seen")
+            && verdict.contains("restart"),
+        "{verdict}"
+    );
+    let n = notes(&r);
+    assert!(
+        n.contains("global in-memory blob descriptors cannot be audited") && n.contains("restart"),
+        "{n}"
+    );
+
+    // What the note warns of, as a client meets it.
+    push(&registry, &image, "solo/app:v1");
+    let (ok, _) = pull(&registry, "solo/app:v1", &dir.path("pulled-again"));
+    assert!(
+        !ok,
+        "the pull after a re-push worked: the global descriptors were gone"
+    );
+}
