@@ -588,3 +588,81 @@ fn a_clean_probe_never_vouches_for_the_global_in_memory_descriptors() {
         "the pull after a re-push worked: the global descriptors were gone"
     );
 }
+
+/// Answers every request on `listener` with 200 and no `Docker-Distribution-Api-Version`
+/// header, as any web server with a `v2/` directory does.
+fn serve_plain_200<L, S>(accept: L)
+where
+    L: Fn() -> Option<S> + Send + 'static,
+    S: Read + Write,
+{
+    std::thread::spawn(move || {
+        while let Some(mut conn) = accept() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nServer: SimpleHTTP/0.6\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+}
+
+/// A web server that answers 200 on /v2/ is not the registry: without the registry's API
+/// version header `probe` exits 2 with one line, and `check --config` on an in-memory
+/// cache verifies storage but is incomplete with a note saying so - over TCP and over a
+/// unix socket.
+#[test]
+fn a_web_server_answering_200_on_v2_is_not_taken_for_the_registry() {
+    let store = Store::new("notreg");
+    let root = store.root();
+    let dir = Scratch::new("notregcfg");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = tcp.local_addr().expect("addr").port();
+    serve_plain_200(move || tcp.accept().ok().map(|(s, _)| s));
+    let sock = dir.path("web.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&sock).expect("bind unix");
+    serve_plain_200(move || unix.accept().ok().map(|(s, _)| s));
+    let url = format!("http://127.0.0.1:{port}");
+    assert_eq!(http_status("HEAD", &format!("{url}/v2/")), Some(200));
+
+    let (code, out, err) = run_tool(&["probe", "--registry-url", &url, "--root", &root]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not a container registry") && err.contains("Docker-Distribution-Api-Version"),
+        "{err}"
+    );
+
+    for (name, http) in [
+        ("tcp.yml", format!("http:\n  addr: 127.0.0.1:{port}\n")),
+        (
+            "unix.yml",
+            format!("http:\n  net: unix\n  addr: {}\n", sock.display()),
+        ),
+    ] {
+        let config = dir.path(name);
+        fs::write(
+            &config,
+            format!("storage:\n  filesystem:\n    rootdirectory: {root}\n  cache:\n    blobdescriptor: inmemory\n{http}"),
+        )
+        .expect("write");
+        let (code, r, err) = check_config(&config, &dir, &[]);
+        assert_eq!(code, 1, "{name}: {err}\n{r:#}");
+        assert_eq!(r["complete"], false, "{name}: {r:#}");
+        let n = notes(&r);
+        assert!(
+            n.contains("not probed") && n.contains("not a container registry"),
+            "{name}: {n}"
+        );
+        assert!(
+            !r["verdict"].as_str().expect("v").starts_with("OK"),
+            "{r:#}"
+        );
+    }
+}
