@@ -555,7 +555,7 @@ mod tests {
             global(&d),
             trailer(2, 0)
         );
-        let err = dump(&copied).err().expect("refused");
+        let err = dump(&copied).expect_err("refused");
         assert!(
             err.contains("line 3")
                 && err.contains(&format!("blobs::{d}"))
@@ -575,7 +575,7 @@ mod tests {
             set(&e),
             trailer(2, 2)
         );
-        let err = dump(&apart).err().expect("refused");
+        let err = dump(&apart).expect_err("refused");
         assert!(
             err.contains("line 4") && err.contains("repository::a::blobs"),
             "{err}"
