@@ -16,6 +16,10 @@
 //! {"end":"registry-audit-cache-dump","keys":3,"set_members":2}
 //! ```
 //!
+//! Each key appears once; a set's lines follow each other. A key on a second line
+//! anywhere else is an error naming the key and both lines, since the second line would
+//! silently override the first.
+//!
 //! The last line, the trailer, records how many keys (a set spanning several lines
 //! counts once) and set members the dump holds. A dump without it, or whose counts
 //! disagree with what was read, is incomplete: a dump cut at a line boundary would
@@ -26,7 +30,7 @@
 //! Keys, members, field names and values use the lossless escaping of
 //! `finding::escape` (`\\` for a backslash, `\xNN` for control and non-UTF-8 bytes).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
 
@@ -382,8 +386,11 @@ pub fn read_lines<R: BufRead>(
     let at = |line: u64, col: usize, what: &str| {
         format!("cache dump {name}: line {line}, column {col}: {what}")
     };
-    // Set keys seen so far: a large set spans several lines but is one key.
-    let mut seen_sets: HashSet<Vec<u8>> = HashSet::new();
+    // Keys seen so far, with the line each first appeared on. Export writes each key
+    // once; only a large set spans several lines, and those lines follow each other.
+    let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+    // The set whose lines are being read, so that its next line may continue it.
+    let mut open_set: Option<Vec<u8>> = None;
     let mut header_seen = false;
     let mut trailer: Option<(u64, Trailer)> = None;
     let (mut keys, mut members) = (0u64, 0u64);
@@ -456,7 +463,26 @@ pub fn read_lines<R: BufRead>(
             length: get("length"),
             mediatype: get("mediatype"),
         };
-        let continued = entry.redis_type == "set" && !seen_sets.insert(key.clone());
+        let continued = match seen.get(&key) {
+            None => {
+                seen.insert(key.clone(), n);
+                false
+            }
+            Some(_) if entry.redis_type == "set" && open_set.as_ref() == Some(&key) => true,
+            Some(first) => {
+                // A second line for a key would override the first (a live entry could
+                // turn inert) and a copied line keeps the trailer's count: refuse it.
+                return Err(at(
+                    n,
+                    1,
+                    &format!(
+                        "key {} appears again (first on line {first}); a dump holds each key once (a set's members only on lines that follow each other): it is damaged or was edited; re-export it",
+                        finding::escape(&key)
+                    ),
+                ));
+            }
+        };
+        open_set = (entry.redis_type == "set").then(|| key.clone());
         keys += u64::from(!continued);
         members += entry.members.as_ref().map_or(0, |m| m.len() as u64);
         let repo = match (&shape, continued) {
@@ -504,6 +530,67 @@ mod tests {
 
     const HEADER: &str =
         r#"{"format":"registry-audit-cache-dump","version":1,"source":"x","created_at":"y"}"#;
+
+    #[test]
+    fn a_key_on_a_second_line_is_refused_unless_it_continues_a_set() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let e = format!("sha256:{}", "cd".repeat(32));
+        let global = |x: &str| {
+            format!(
+                "{{\"key\":\"blobs::{x}\",\"type\":\"hash\",\"fields\":{{\"digest\":\"{x}\",\"size\":\"3\"}}}}"
+            )
+        };
+        let set = |x: &str| {
+            format!("{{\"key\":\"repository::a::blobs\",\"type\":\"set\",\"members\":[\"{x}\"]}}")
+        };
+        let trailer = |keys: u64, members: u64| {
+            format!(
+                "{{\"end\":\"registry-audit-cache-dump\",\"keys\":{keys},\"set_members\":{members}}}"
+            )
+        };
+        // The same hash line twice (a copy replacing another, trailer unchanged).
+        let copied = format!(
+            "{HEADER}\n{}\n{}\n{}\n",
+            global(&d),
+            global(&d),
+            trailer(2, 0)
+        );
+        let err = dump(&copied).expect_err("refused");
+        assert!(
+            err.contains("line 3")
+                && err.contains(&format!("blobs::{d}"))
+                && err.contains("first on line 2"),
+            "{err}"
+        );
+        // A hash key again as a set, and a set's lines apart: refused too.
+        let retyped = format!(
+            "{HEADER}\n{}\n{{\"key\":\"blobs::{d}\",\"type\":\"set\",\"members\":[]}}\n",
+            global(&d)
+        );
+        assert!(dump(&retyped).is_err());
+        let apart = format!(
+            "{HEADER}\n{}\n{}\n{}\n{}\n",
+            set(&d),
+            global(&e),
+            set(&e),
+            trailer(2, 2)
+        );
+        let err = dump(&apart).expect_err("refused");
+        assert!(
+            err.contains("line 4") && err.contains("repository::a::blobs"),
+            "{err}"
+        );
+        // A set continued on the following lines is one key, as export writes it.
+        let split = format!(
+            "{HEADER}\n{}\n{}\n{}\n{}\n",
+            global(&e),
+            set(&d),
+            set(&e),
+            trailer(2, 2)
+        );
+        let idx = dump(&split).expect("split set");
+        assert_eq!(idx.counts.keys, 2);
+    }
 
     #[test]
     fn reads_entries_and_live_the_same_way() {

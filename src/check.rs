@@ -131,6 +131,9 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let probed = registry
         .as_ref()
         .map(|(client, concurrency)| live_probe::probe_audit(client, *concurrency, &mut audit));
+    if probed.is_some() {
+        notes.push(live_probe::GLOBAL_DESCRIPTORS_NOTE.to_string());
+    }
     if let Some(state) = &state {
         state.save()?;
     }

@@ -5,9 +5,19 @@
 //! with the registry's `REGISTRY_<SECTION>_<KEY>` environment overrides applied on top.
 //! It only reads the file and the environment given to it; it decides nothing about
 //! which source wins over command-line flags - that is `settings`.
+//!
+//! Scalars are read as the registry reads them. The `redis:` and `http:` sections are Go
+//! structs with string fields, which yaml.v2 fills with a scalar's source text: `password:
+//! 0x1F` is the password `0x1F`, not `31`, and `True`, `1e3`, `.5`, `+1`, `0o17` stay as
+//! written. Those settings come from a second reading of the document (`raw_parse`) that
+//! keeps every plain scalar's text. Storage driver options are a `map[string]interface{}`
+//! in the registry, formatted with `fmt.Sprint` after YAML typing, so they keep the typed
+//! reading; `redis.db` is an integer field and must be one.
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use yaml_serde::{Mapping, Value};
 
 use crate::object_storage::{AzureClient, ObjectSpec, Service};
@@ -96,11 +106,14 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {
     let mut doc: Value = yaml_serde::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
-    if doc.is_null() {
-        doc = Value::Mapping(Mapping::new());
-    }
-    if !doc.is_mapping() {
-        return Err("the document is not a mapping".into());
+    let mut raw = raw_parse(text, &doc).map_err(|e| format!("not valid YAML: {e}"))?;
+    for d in [&mut doc, &mut raw] {
+        if d.is_null() {
+            *d = Value::Mapping(Mapping::new());
+        }
+        if !d.is_mapping() {
+            return Err("the document is not a mapping".into());
+        }
     }
     let mut overrides: Vec<(String, String)> = env
         .into_iter()
@@ -109,13 +122,82 @@ pub fn parse(
     // Shorter paths first, so REGISTRY_STORAGE=s3 replaces the driver before its options land.
     overrides.sort_by_key(|(k, _)| k.len());
     for (name, value) in overrides {
-        apply_override(&mut doc, &name, &value)?;
+        let parsed: Value =
+            yaml_serde::from_str(&value).unwrap_or_else(|_| Value::String(value.clone()));
+        let parsed_raw = raw_parse(&value, &parsed).unwrap_or_else(|_| parsed.clone());
+        apply_override(&mut doc, &name, parsed)?;
+        apply_override(&mut raw, &name, parsed_raw)?;
     }
-    interpret(&doc)
+    interpret(&doc, &raw)
 }
 
-/// `REGISTRY_A_B_C=v` sets `a.b.c` to `v` parsed as YAML, as the registry does.
-fn apply_override(doc: &mut Value, name: &str, value: &str) -> Result<(), String> {
+/// The document again, with every number and boolean replaced by its source text: what
+/// yaml.v2 puts in a string field. `typed` is the same text's ordinary reading; it guides
+/// the second pass (a scalar it typed is read as a string, everything else as before).
+fn raw_parse(text: &str, typed: &Value) -> Result<Value, String> {
+    Guided(typed)
+        .deserialize(yaml_serde::Deserializer::from_str(text))
+        .map_err(|e| e.to_string())
+}
+
+struct Guided<'a>(&'a Value);
+
+impl<'de> DeserializeSeed<'de> for Guided<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        match self.0 {
+            Value::Number(_) | Value::Bool(_) => String::deserialize(d).map(Value::String),
+            Value::Mapping(m) => d.deserialize_map(GuidedMap(m)),
+            Value::Sequence(s) => d.deserialize_seq(GuidedSeq(s)),
+            _ => Value::deserialize(d),
+        }
+    }
+}
+
+struct GuidedMap<'a>(&'a Mapping);
+
+impl<'de> Visitor<'de> for GuidedMap<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a mapping")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Mapping::new();
+        while let Some(key) = map.next_key::<Value>()? {
+            let value = match self.0.get(&key) {
+                Some(guide) => map.next_value_seed(Guided(guide))?,
+                None => map.next_value::<Value>()?,
+            };
+            out.insert(key, value);
+        }
+        Ok(Value::Mapping(out))
+    }
+}
+
+struct GuidedSeq<'a>(&'a [Value]);
+
+impl<'de> Visitor<'de> for GuidedSeq<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            let next = match self.0.get(out.len()) {
+                Some(guide) => seq.next_element_seed(Guided(guide))?,
+                None => seq.next_element::<Value>()?,
+            };
+            match next {
+                Some(v) => out.push(v),
+                None => return Ok(Value::Sequence(out)),
+            }
+        }
+    }
+}
+
+/// `REGISTRY_A_B_C=v` sets `a.b.c` to `v` (already parsed as YAML, as the registry does).
+fn apply_override(doc: &mut Value, name: &str, parsed: Value) -> Result<(), String> {
     let path: Vec<String> = name["REGISTRY_".len()..]
         .split('_')
         .map(|s| s.to_ascii_lowercase())
@@ -123,7 +205,6 @@ fn apply_override(doc: &mut Value, name: &str, value: &str) -> Result<(), String
     if path.iter().any(|p| p.is_empty()) {
         return Ok(());
     }
-    let parsed: Value = yaml_serde::from_str(value).unwrap_or_else(|_| Value::String(value.into()));
     // REGISTRY_STORAGE=<driver> selects a driver: keep the options, drop the other drivers.
     if path.len() == 1 && path[0] == "storage" {
         if let Some(driver) = scalar_string(&parsed) {
@@ -201,7 +282,7 @@ fn opt_string(v: &Value, path: &[&str]) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
+fn interpret(doc: &Value, raw: &Value) -> Result<RegistryConfig, String> {
     let storage = get(doc, &["storage"]);
     let driver = storage.and_then(Value::as_mapping).and_then(|m| {
         m.keys()
@@ -222,12 +303,12 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
     };
     let cache = cache.filter(|s| !s.is_empty());
     let http = HttpConfig {
-        addr: opt_string(doc, &["http", "addr"]),
-        net: opt_string(doc, &["http", "net"]),
-        prefix: opt_string(doc, &["http", "prefix"]),
-        host: opt_string(doc, &["http", "host"]),
-        tls: opt_string(doc, &["http", "tls", "certificate"]).is_some()
-            || opt_string(doc, &["http", "tls", "letsencrypt", "cachefile"]).is_some(),
+        addr: opt_string(raw, &["http", "addr"]),
+        net: opt_string(raw, &["http", "net"]),
+        prefix: opt_string(raw, &["http", "prefix"]),
+        host: opt_string(raw, &["http", "host"]),
+        tls: opt_string(raw, &["http", "tls", "certificate"]).is_some()
+            || opt_string(raw, &["http", "tls", "letsencrypt", "cachefile"]).is_some(),
     };
     let objects = match driver.as_deref() {
         Some(name @ ("s3" | "gcs" | "azure")) => match get(doc, &["storage", name]) {
@@ -236,8 +317,8 @@ fn interpret(doc: &Value) -> Result<RegistryConfig, String> {
         },
         _ => None,
     };
-    let redis = match get(doc, &["redis"]) {
-        Some(r) if r.is_mapping() => Some(redis_section(r)?),
+    let redis = match (get(doc, &["redis"]), get(raw, &["redis"])) {
+        (Some(r), Some(text)) if r.is_mapping() => Some(redis_section(r, text)?),
         _ => None,
     };
     Ok(RegistryConfig {
@@ -335,9 +416,11 @@ fn object_section(driver: &str, v: &Value) -> Result<ObjectSpec, String> {
     })
 }
 
-fn redis_section(r: &Value) -> Result<RedisConfig, String> {
+/// `r` is the section as typed YAML (for `db` and `tls.enabled`), `text` the same section
+/// with scalars as written (for every string field).
+fn redis_section(r: &Value, text: &Value) -> Result<RedisConfig, String> {
     let mut addrs = Vec::new();
-    match get(r, &["addrs"]) {
+    match get(text, &["addrs"]) {
         Some(Value::Sequence(items)) => addrs.extend(items.iter().filter_map(scalar_string)),
         Some(v) => {
             if let Some(s) = scalar_string(v) {
@@ -351,7 +434,7 @@ fn redis_section(r: &Value) -> Result<RedisConfig, String> {
         None => {}
     }
     if addrs.is_empty()
-        && let Some(a) = opt_string(r, &["addr"])
+        && let Some(a) = opt_string(text, &["addr"])
     {
         addrs.push(a);
     }
@@ -362,9 +445,9 @@ fn redis_section(r: &Value) -> Result<RedisConfig, String> {
             .filter(|n| *n >= 0)
             .ok_or("redis.db must be a non-negative integer")?,
     };
-    let tls = match get(r, &["tls"]) {
-        Some(t) if t.is_mapping() => {
-            let enabled = get(t, &["enabled"]).and_then(Value::as_bool);
+    let tls = match (get(r, &["tls"]), get(text, &["tls"])) {
+        (Some(typed), Some(t)) if t.is_mapping() => {
+            let enabled = get(typed, &["enabled"]).and_then(Value::as_bool);
             let mut root_cas: Vec<PathBuf> = Vec::new();
             for key in ["rootcas", "clientcas"] {
                 match get(t, &[key]) {
@@ -392,8 +475,8 @@ fn redis_section(r: &Value) -> Result<RedisConfig, String> {
     };
     Ok(RedisConfig {
         addrs,
-        username: opt_string(r, &["username"]),
-        password: opt_string(r, &["password"]),
+        username: opt_string(text, &["username"]),
+        password: opt_string(text, &["password"]),
         db,
         tls,
     })
@@ -606,6 +689,53 @@ mod tests {
         let c = parse("http:\n  net: unix\n  addr: /run/reg.sock\n", env(&[])).expect("parse");
         assert_eq!(c.http.net.as_deref(), Some("unix"));
         assert!(!c.http.tls);
+    }
+
+    #[test]
+    fn string_settings_keep_the_scalar_as_written() {
+        for written in [
+            "0x1F", "True", "1e3", ".5", "+1", "0o17", "yes", "12345", "0.50",
+        ] {
+            let c = parse(
+                &format!(
+                    "redis:\n  addr: {written}\n  username: {written}\n  password: {written}\n  db: 0x1F\nhttp:\n  addr: {written}\n  prefix: {written}\n"
+                ),
+                env(&[]),
+            )
+            .expect("parse");
+            let r = c.redis.expect("redis");
+            assert_eq!(r.password.as_deref(), Some(written), "{written}");
+            assert_eq!(r.username.as_deref(), Some(written), "{written}");
+            assert_eq!(r.addrs, vec![written.to_string()], "{written}");
+            assert_eq!(r.db, 31);
+            assert_eq!(c.http.addr.as_deref(), Some(written), "{written}");
+            assert_eq!(c.http.prefix.as_deref(), Some(written), "{written}");
+            // v3's list form, TLS paths, and the environment (parsed as YAML, then read
+            // as a string field: the text again).
+            let c = parse(
+                &format!("redis:\n  addrs: [{written}, b:2]\n  tls:\n    enabled: true\n    rootcas: [{written}]\n"),
+                env(&[("REGISTRY_REDIS_PASSWORD", written), ("REGISTRY_REDIS_DB", "2")]),
+            )
+            .expect("parse");
+            let r = c.redis.expect("redis");
+            assert_eq!(r.addrs, vec![written.to_string(), "b:2".to_string()]);
+            assert_eq!(r.password.as_deref(), Some(written), "{written}");
+            assert_eq!(r.db, 2);
+            let tls = r.tls.expect("tls");
+            assert_eq!(tls.root_cas, vec![PathBuf::from(written)]);
+        }
+        // Quoted, null and empty values read as before; db must still be an integer.
+        let c = parse(
+            "redis:\n  addr: \"0x1F\"\n  password: ~\n  username: ''\n  db: 3\n",
+            env(&[]),
+        )
+        .expect("parse");
+        let r = c.redis.expect("redis");
+        assert_eq!(r.addrs, vec!["0x1F"]);
+        assert_eq!((r.password, r.username, r.db), (None, None, 3));
+        // An alias to a number is its text too.
+        let c = parse("x: &pw 0x1F\nredis:\n  password: *pw\n", env(&[])).expect("alias");
+        assert_eq!(c.redis.expect("redis").password.as_deref(), Some("0x1F"));
     }
 
     #[test]

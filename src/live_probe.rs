@@ -332,20 +332,29 @@ pub fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audi
     asked
 }
 
-/// The verdict of `check` on an in-memory cache.
+/// The note every `check` on an in-memory cache carries: what no request can show.
+pub const GLOBAL_DESCRIPTORS_NOTE: &str = "the registry's global in-memory blob descriptors cannot be audited: no request shows them (HEAD answers from the repository's entries, and DELETE /v2/<repo>/blobs/<digest> clears only those), yet a global descriptor of a deleted manifest makes a re-push skip writing it and the pull fail; only a restart clears them, so restart the registry after every garbage collection (`registry-audit gc` says when one is needed)";
+
+/// The verdict of `check` on an in-memory cache. It never calls the cache clean: HEAD
+/// shows the repository entries only, never the global descriptors (see
+/// `GLOBAL_DESCRIPTORS_NOTE`), so a clean run says what HEAD showed and that a restart
+/// after a GC is still needed.
 pub fn verdict(audit: &Audit, registry: &str, asked: bool, complete: bool) -> String {
     let probed = audit.summary.probe.map_or(0, |c| c.probed);
+    let unseen = format!(
+        " The registry's global in-memory descriptors cannot be seen through its API (see the notes): if a garbage collection ran since the registry at {registry} started, restart it, or a re-push of a deleted image can \"succeed\" and its pull fail."
+    );
     let mut v = if !audit.findings.is_empty() || !complete {
         crate::report::verdict(&audit.summary, &audit.findings, complete)
     } else if !asked {
         "Storage verified: nothing wrong.".to_string()
     } else if probed == 0 {
         format!(
-            "OK: storage holds every blob its links name, so the in-memory cache of the registry at {registry} has no deleted blob to vouch for."
+            "OK as far as storage and HEAD show: storage holds every blob its links name, so there was no deleted blob to ask the registry at {registry} about.{unseen}"
         )
     } else {
         format!(
-            "OK: the registry at {registry} answered 404 for all {probed} blobs storage no longer has."
+            "OK as far as HEAD shows: the registry at {registry} answered 404 for all {probed} blobs storage no longer has.{unseen}"
         )
     };
     if !asked {

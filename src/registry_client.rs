@@ -134,12 +134,26 @@ impl RegistryClient {
     }
 
     /// HEAD `/v2/`: that the registry answers at all (TLS and address right), before
-    /// anything is probed. 200 and 401 both mean a registry is there.
+    /// anything is probed. 200 and 401 both mean a registry is there - when the answer
+    /// carries `Docker-Distribution-Api-Version: registry/2.0`, as the registry's does on
+    /// both: any web server can answer 200 on `/v2/`, and its 404s would read as "no such
+    /// blob".
     pub fn check_reachable(&self) -> Result<(), String> {
         let url = format!("{}/v2/", self.base);
         match self.head(&url, None) {
-            Ok((200 | 401, _)) => Ok(()),
-            Ok((status, _)) => Err(format!(
+            Ok(h)
+                if matches!(h.status, 200 | 401) && !is_registry_api(h.api_version.as_deref()) =>
+            {
+                Err(format!(
+                    "{} answered {} to HEAD /v2/ without the header {API_VERSION_HEADER}: {API_VERSION}, so it is not a container registry: point --registry-url (or http.addr) at the registry",
+                    self.describe(),
+                    h.status
+                ))
+            }
+            Ok(Head {
+                status: 200 | 401, ..
+            }) => Ok(()),
+            Ok(Head { status, .. }) => Err(format!(
                 "{} answered {status} to HEAD /v2/: is --registry-url the registry's base URL?",
                 self.describe()
             )),
@@ -158,7 +172,9 @@ impl RegistryClient {
             Ok(r) => r,
             Err(e) => return Answer::Failed(e),
         };
-        let (status, challenge) = first;
+        let Head {
+            status, challenge, ..
+        } = first;
         if status != 401 {
             return classify(status);
         }
@@ -174,12 +190,12 @@ impl RegistryClient {
             m.insert(repo.to_string(), header.clone());
         }
         match self.head(&url, Some(&header)) {
-            Ok((status, _)) => classify(status),
+            Ok(h) => classify(h.status),
             Err(e) => Answer::Failed(e),
         }
     }
 
-    fn head(&self, url: &str, auth: Option<&str>) -> Result<(u16, Option<String>), String> {
+    fn head(&self, url: &str, auth: Option<&str>) -> Result<Head, String> {
         if let Some(socket) = &self.socket {
             return head_unix(socket, url, auth, self.timeout)
                 .map_err(|e| format!("HEAD {url} on unix://{}: {e}", socket.display()));
@@ -189,12 +205,17 @@ impl RegistryClient {
             req = req.header("Authorization", a);
         }
         let resp = req.call().map_err(|e| format!("HEAD {url}: {e}"))?;
-        let challenge = resp
-            .headers()
-            .get("www-authenticate")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        Ok((resp.status().as_u16(), challenge))
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(Head {
+            status: resp.status().as_u16(),
+            challenge: header("www-authenticate"),
+            api_version: header(API_VERSION_HEADER),
+        })
     }
 
     /// The Authorization header that answers `challenge`, if there is one.
@@ -244,17 +265,37 @@ impl RegistryClient {
     }
 }
 
+/// The header the registry sets on every API answer, `/v2/` included (200 and 401).
+const API_VERSION_HEADER: &str = "Docker-Distribution-Api-Version";
+const API_VERSION: &str = "registry/2.0";
+
+/// Whether an `API_VERSION_HEADER` value is the registry API's (`registry/2.0`; a later
+/// `registry/2.x` too).
+fn is_registry_api(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim().starts_with("registry/2."))
+}
+
+/// What a HEAD answered: the status and the headers the client uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Head {
+    status: u16,
+    /// `WWW-Authenticate`.
+    challenge: Option<String>,
+    /// `API_VERSION_HEADER`.
+    api_version: Option<String>,
+}
+
 /// The most of an answer's head read from a unix socket.
 const MAX_ANSWER_HEAD: usize = 64 * 1024;
 
 /// One HEAD request over a unix socket (HTTP/1.1, one connection each): the status and
-/// any `WWW-Authenticate` header. A HEAD answer has no body, so its head is all there is.
+/// the headers `Head` keeps. A HEAD answer has no body, so its head is all there is.
 fn head_unix(
     socket: &Path,
     path: &str,
     auth: Option<&str>,
     timeout: Duration,
-) -> Result<(u16, Option<String>), String> {
+) -> Result<Head, String> {
     use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
     stream
@@ -291,8 +332,8 @@ fn head_unix(
     parse_answer_head(&String::from_utf8_lossy(&head[..end]))
 }
 
-/// `HTTP/1.1 200 OK` and headers: the status and the `WWW-Authenticate` value.
-fn parse_answer_head(head: &str) -> Result<(u16, Option<String>), String> {
+/// `HTTP/1.1 200 OK` and headers: the status, `WWW-Authenticate` and the API version.
+fn parse_answer_head(head: &str) -> Result<Head, String> {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let status = status_line
@@ -300,13 +341,23 @@ fn parse_answer_head(head: &str) -> Result<(u16, Option<String>), String> {
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse::<u16>().ok())
         .ok_or_else(|| format!("not an HTTP answer: '{}'", status_line.escape_debug()))?;
-    let challenge = lines.find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("www-authenticate")
-            .then(|| value.trim().to_string())
-    });
-    Ok((status, challenge))
+    let (mut challenge, mut api_version) = (None, None);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("www-authenticate") && challenge.is_none() {
+            challenge = Some(value.trim().to_string());
+        } else if name.eq_ignore_ascii_case(API_VERSION_HEADER) && api_version.is_none() {
+            api_version = Some(value.trim().to_string());
+        }
+    }
+    Ok(Head {
+        status,
+        challenge,
+        api_version,
+    })
 }
 
 fn classify(status: u16) -> Answer {
@@ -539,16 +590,28 @@ mod tests {
 
     #[test]
     fn parses_answer_heads() {
+        let status_and_challenge =
+            |head: &str| parse_answer_head(head).map(|h| (h.status, h.challenge));
         assert_eq!(
-            parse_answer_head("HTTP/1.1 200 OK\r\nContent-Length: 5"),
+            status_and_challenge("HTTP/1.1 200 OK\r\nContent-Length: 5"),
             Ok((200, None))
         );
         assert_eq!(
-            parse_answer_head(
+            status_and_challenge(
                 "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"r\"\r\nX: y"
             ),
             Ok((401, Some("Basic realm=\"r\"".into())))
         );
+        // The registry's API version, which tells the registry from any web server.
+        let h = parse_answer_head(
+            "HTTP/1.1 200 OK\r\ndocker-distribution-api-version: registry/2.0\r\nContent-Length: 2",
+        )
+        .expect("head");
+        assert!(is_registry_api(h.api_version.as_deref()));
+        let h = parse_answer_head("HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6").expect("head");
+        assert_eq!(h.api_version, None);
+        assert!(!is_registry_api(h.api_version.as_deref()));
+        assert!(!is_registry_api(Some("nginx")));
         assert!(parse_answer_head("SSH-2.0-OpenSSH").is_err());
         assert!(parse_answer_head("HTTP/1.1 2x0 OK").is_err());
     }

@@ -538,3 +538,131 @@ fn check_config_behind_basic_auth() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(pairs(&r, "live-phantom"), expected);
 }
+
+/// After a manifest delete, GC and `DELETE /v2/<repo>/blobs/<digest>` for every blob the
+/// repository linked, storage has no dangling link and every HEAD answers 404; yet the
+/// registry's global in-memory descriptors still vouch for the deleted manifest, so a
+/// re-push "succeeds" and the pull fails. check cannot see those descriptors: it says so
+/// (verdict and notes) and never calls the cache clean; the exit status stays 0.
+#[test]
+fn a_clean_probe_never_vouches_for_the_global_in_memory_descriptors() {
+    let dir = Scratch::new("ckglobal");
+    let registry = Registry::start(&dir, Cache::InMemory);
+    let image = make_image(&dir.path("img"), "solo", &[bytes(41, 30_000)]);
+    let manifest = push(&registry, &image, "solo/app:v1");
+    let (ok, err) = pull(&registry, "solo/app:v1", &dir.path("pulled"));
+    assert!(ok, "{err}");
+    registry.delete_manifest("solo/app", &manifest);
+    registry.garbage_collect();
+    for d in image.blobs() {
+        if !registry.has_blob(&d) && d != manifest {
+            let status = registry.http("DELETE", &format!("/v2/solo/app/blobs/{d}"));
+            assert_eq!(status, Some(202), "DELETE blob {d}");
+            assert_eq!(registry.head_blob("solo/app", &d), Some(404));
+        }
+    }
+
+    let config = registry.config.clone();
+    let (code, r, err) = check_config(&config, &dir, &[]);
+    assert_eq!(code, 0, "{err}\n{r:#}");
+    assert_eq!(r["findings"], serde_json::json!([]), "{r:#}");
+    assert_eq!(r["complete"], true);
+    let verdict = r["verdict"].as_str().expect("verdict");
+    assert!(
+        !verdict.contains("no deleted blob to vouch for")
+            && verdict.contains("cannot be seen")
+            && verdict.contains("restart"),
+        "{verdict}"
+    );
+    let n = notes(&r);
+    assert!(
+        n.contains("global in-memory blob descriptors cannot be audited") && n.contains("restart"),
+        "{n}"
+    );
+
+    // What the note warns of, as a client meets it.
+    push(&registry, &image, "solo/app:v1");
+    let (ok, _) = pull(&registry, "solo/app:v1", &dir.path("pulled-again"));
+    assert!(
+        !ok,
+        "the pull after a re-push worked: the global descriptors were gone"
+    );
+}
+
+/// Answers every request on `listener` with 200 and no `Docker-Distribution-Api-Version`
+/// header, as any web server with a `v2/` directory does.
+fn serve_plain_200<L, S>(accept: L)
+where
+    L: Fn() -> Option<S> + Send + 'static,
+    S: Read + Write,
+{
+    std::thread::spawn(move || {
+        while let Some(mut conn) = accept() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nServer: SimpleHTTP/0.6\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+}
+
+/// A web server that answers 200 on /v2/ is not the registry: without the registry's API
+/// version header `probe` exits 2 with one line, and `check --config` on an in-memory
+/// cache verifies storage but is incomplete with a note saying so - over TCP and over a
+/// unix socket.
+#[test]
+fn a_web_server_answering_200_on_v2_is_not_taken_for_the_registry() {
+    let store = Store::new("notreg");
+    let root = store.root();
+    let dir = Scratch::new("notregcfg");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = tcp.local_addr().expect("addr").port();
+    serve_plain_200(move || tcp.accept().ok().map(|(s, _)| s));
+    let sock = dir.path("web.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&sock).expect("bind unix");
+    serve_plain_200(move || unix.accept().ok().map(|(s, _)| s));
+    let url = format!("http://127.0.0.1:{port}");
+    assert_eq!(http_status("HEAD", &format!("{url}/v2/")), Some(200));
+
+    let (code, out, err) = run_tool(&["probe", "--registry-url", &url, "--root", &root]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not a container registry") && err.contains("Docker-Distribution-Api-Version"),
+        "{err}"
+    );
+
+    for (name, http) in [
+        ("tcp.yml", format!("http:\n  addr: 127.0.0.1:{port}\n")),
+        (
+            "unix.yml",
+            format!("http:\n  net: unix\n  addr: {}\n", sock.display()),
+        ),
+    ] {
+        let config = dir.path(name);
+        fs::write(
+            &config,
+            format!("storage:\n  filesystem:\n    rootdirectory: {root}\n  cache:\n    blobdescriptor: inmemory\n{http}"),
+        )
+        .expect("write");
+        let (code, r, err) = check_config(&config, &dir, &[]);
+        assert_eq!(code, 1, "{name}: {err}\n{r:#}");
+        assert_eq!(r["complete"], false, "{name}: {r:#}");
+        let n = notes(&r);
+        assert!(
+            n.contains("not probed") && n.contains("not a container registry"),
+            "{name}: {n}"
+        );
+        assert!(
+            !r["verdict"].as_str().expect("v").starts_with("OK"),
+            "{r:#}"
+        );
+    }
+}

@@ -149,3 +149,27 @@ fn the_same_through_the_registry_config() {
     );
     let _ = Path::new(&config);
 }
+
+/// The registry reads `redis.password: 0x1F` (unquoted) as the text `0x1F`, as yaml.v2 does
+/// for a string field; so must the tool, or it is refused by a Redis the registry uses.
+#[test]
+fn an_unquoted_number_like_password_is_read_as_written() {
+    let dir = Scratch::new("numpw");
+    let redis = Redis::start_with(Some("0x1F"));
+    let registry = Registry::start(&dir, Cache::Redis(&redis));
+    let config = registry.config.display().to_string();
+    let text = std::fs::read_to_string(&config).expect("config");
+    assert!(text.contains("password: 0x1F\n"), "{text}");
+    let image = make_image(&dir.path("img"), "numpw", &[bytes(7, 5_000)]);
+    // The registry authenticates with that text: a push fills its Redis cache.
+    push(&registry, &image, "num/pw:v1");
+    assert!(
+        !redis.dump().is_empty(),
+        "the registry wrote no cache entry"
+    );
+    let (code, out, err) = run_tool(&["check", "--config", &config, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let report = json(&out);
+    assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
+    assert!(report["summary"]["keys_scanned"].as_u64().expect("keys") > 0);
+}

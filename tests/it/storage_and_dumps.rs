@@ -222,4 +222,30 @@ fn a_cache_dump_audits_exactly_like_redis() {
     let (code, _, err) = run_tool(&["check", "--root", &root, "--cache-dump", &b]);
     assert_eq!(code, 2);
     assert!(err.contains("line 3, column"), "{err}");
+
+    // One hash line replaced by a copy of another: the trailer's count still agrees, and
+    // the copy would override the first line of its key. It is refused, naming the key.
+    let hashes: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"type\":\"hash\""))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(hashes.len() >= 2, "{text}");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[hashes[1]] = lines[hashes[0]];
+    let copied = s.dir.path("copied.jsonl");
+    fs::write(&copied, lines.join("\n")).expect("write");
+    let c = copied.display().to_string();
+    let (code, _, err) = run_tool(&["check", "--root", &root, "--cache-dump", &c]);
+    assert_eq!(code, 2, "{err}");
+    let key: serde_json::Value = serde_json::from_str(lines[hashes[0]]).expect("line");
+    let key = key["key"].as_str().expect("key");
+    assert!(
+        err.contains(key)
+            && err.contains(&format!("line {}", hashes[1] + 1))
+            && err.contains("appears again"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
