@@ -4,35 +4,22 @@
 //! call.
 
 pub mod audit;
-pub mod cache_dump;
-pub mod cache_index;
-pub mod check;
+pub mod cache;
 pub mod cli;
-pub mod config;
+pub mod commands;
 pub mod digest;
 pub mod files;
 pub mod finding;
-pub mod gc;
-pub mod live_probe;
 pub mod lock;
-pub mod merge;
-pub mod metrics;
-pub mod object_storage;
-pub mod probe;
+pub mod output;
 pub mod progress;
-pub mod purge;
-pub mod purge_command;
-pub mod redis_cache;
-pub mod redis_cluster;
-pub mod registry_client;
-pub mod rehash;
+pub mod registry;
+pub mod registry_config;
+pub mod repair;
 pub mod repo_name;
-pub mod report;
 pub mod settings;
 pub mod shard;
-pub mod state;
 pub mod storage;
-pub mod verify;
 
 /// Exit status when the tool could not do its job.
 pub const EXIT_CANNOT_RUN: u8 = 2;
@@ -42,22 +29,23 @@ pub const EXIT_CANNOT_RUN: u8 = 2;
 pub fn run(cli: cli::Cli) -> Result<u8, String> {
     match cli.command {
         cli::Command::Check(args) => {
-            let result = settings::CheckSettings::from_args(&args).and_then(|s| check::run(&s));
+            let result =
+                settings::CheckSettings::from_args(&args).and_then(|s| commands::check::run(&s));
             // A run that could not run still updates the failure metrics it can write.
             if let (Err(message), Some(cli::Format::Prometheus), Some(path)) =
                 (&result, args.report.format, &args.report.output)
-                && let Err(e) = metrics::write_failure(path, message)
+                && let Err(e) = output::metrics::write_failure(path, message)
             {
                 tracing::warn!("{e}");
             }
             result
         }
-        cli::Command::Purge(args) => purge_command::run(&args),
-        cli::Command::Restore(args) => purge_command::run_restore(&args),
-        cli::Command::ExportCache(args) => cache_dump::run_export(&args),
-        cli::Command::Probe(args) => probe::run(&args),
-        cli::Command::Gc(args) => gc::run(&args),
-        cli::Command::Merge(args) => merge::run(&args),
+        cli::Command::Purge(args) => commands::purge::run(&args),
+        cli::Command::Restore(args) => commands::restore::run(&args),
+        cli::Command::ExportCache(args) => commands::export::run(&args),
+        cli::Command::Probe(args) => commands::probe::run(&args),
+        cli::Command::Gc(args) => commands::gc::run(&args),
+        cli::Command::Merge(args) => commands::merge::run(&args),
     }
 }
 

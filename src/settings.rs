@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
+use crate::cache::redis::RedisTarget;
 use crate::cli::{CheckArgs, FailOn, Format, RegistryAccessArgs, ReportArgs, SourceArgs};
-use crate::config::{self, RedisConfig};
-use crate::live_probe::{self, Endpoint, ProbeTarget};
-use crate::object_storage::{ObjectSpec, Service};
-use crate::redis_cache::RedisTarget;
-use crate::report::SourceInfo;
+use crate::commands::live_probe::{self, Endpoint, ProbeTarget};
+use crate::output::report::SourceInfo;
+use crate::registry_config::{self as config, RedisConfig};
 use crate::storage::StorageSpec;
+use crate::storage::object::{ObjectSpec, Service};
 
 /// Where the storage and the cache are.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ pub struct CheckSettings {
     pub verify_storage: bool,
     pub state: Option<PathBuf>,
     pub reverify_after: std::time::Duration,
-    pub sample: Option<crate::rehash::Sample>,
+    pub sample: Option<crate::audit::rehash::Sample>,
     /// `--sample` as given, for the report.
     pub sample_spec: Option<String>,
     pub max_duration: Option<std::time::Duration>,
@@ -147,18 +147,18 @@ impl CheckSettings {
             notes: jobs_note.into_iter().collect(),
             verify_storage: !args.skip_storage,
             state: args.state.clone(),
-            reverify_after: crate::state::parse_duration(&args.reverify_after)
+            reverify_after: crate::audit::state::parse_duration(&args.reverify_after)
                 .map_err(|e| format!("--reverify-after: {e}"))?,
             sample_spec: args.sample.clone(),
             sample: args
                 .sample
                 .as_deref()
-                .map(crate::rehash::Sample::parse)
+                .map(crate::audit::rehash::Sample::parse)
                 .transpose()?,
             max_duration: args
                 .max_duration
                 .as_deref()
-                .map(crate::state::parse_duration)
+                .map(crate::audit::state::parse_duration)
                 .transpose()
                 .map_err(|e| format!("--max-duration: {e}"))?,
             lock,
@@ -438,7 +438,7 @@ fn probe_target(
     )?;
     Ok(CacheSource::Registry(Box::new(ProbeTarget {
         endpoint,
-        options: crate::registry_client::ClientOptions {
+        options: crate::registry::client::ClientOptions {
             timeout: live_probe::CHECK_TIMEOUT,
             ca_cert: access.ca_cert.clone(),
             insecure: access.insecure,

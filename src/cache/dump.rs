@@ -37,11 +37,11 @@ use std::path::Path;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 
-use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::cache::cluster as redis_cluster;
+use crate::cache::index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::cache::redis::{self as redis_cache, CacheConn, brief};
 use crate::files::{self, MAX_DUMP_LINE};
 use crate::finding;
-use crate::redis_cache::{self, CacheConn, brief};
-use crate::redis_cluster;
 
 pub const FORMAT: &str = "registry-audit-cache-dump";
 pub const VERSION: u32 = 1;
@@ -312,49 +312,6 @@ impl LineKey for Trailer {
     fn key(&self) -> &str {
         "(trailer)"
     }
-}
-
-/// The `export-cache` command.
-pub fn run_export(args: &crate::cli::ExportArgs) -> Result<u8, String> {
-    if args.scan_count == 0 {
-        return Err("--scan-count must be at least 1".into());
-    }
-    // Refused before any work: a dump is never written over a special file.
-    let output = crate::settings::output_path("--output", args.output.as_deref())?;
-    let file = match &args.config {
-        Some(p) => Some(crate::config::load(p, std::env::vars())?),
-        None => None,
-    };
-    let target = crate::settings::redis_target(args.redis.as_deref(), file.as_ref(), None)?;
-    let mut conn = target.connect_cache()?;
-    let created = crate::report::rfc3339(std::time::SystemTime::now());
-    let counts = match &output {
-        None => export(
-            &mut conn,
-            &mut std::io::stdout().lock(),
-            &target.display(),
-            &created,
-            args.scan_count,
-        )?,
-        Some(path) => crate::report::write_atomically(path, |f| {
-            export(&mut conn, f, &target.display(), &created, args.scan_count)
-        })?,
-    };
-    tracing::info!(
-        keys = counts.keys,
-        members = counts.set_members,
-        "cache exported"
-    );
-    if let Some(path) = &output {
-        eprintln!(
-            "Exported {} cache keys ({} set members; {} other keys skipped) to {}",
-            counts.keys,
-            counts.set_members,
-            counts.foreign_keys_skipped,
-            path.display()
-        );
-    }
-    Ok(0)
 }
 
 /// What reading a dump found besides its entries.

@@ -11,12 +11,11 @@ use comfy_table::{ContentArrangement, Table, presets};
 use serde::Serialize;
 
 use crate::audit::AuditOptions;
-use crate::check;
-use crate::cli::{FailOn, Format, PurgeArgs, RestoreArgs};
-use crate::config;
+use crate::cli::{FailOn, Format, PurgeArgs};
+use crate::commands::check;
 use crate::finding::Severity;
-use crate::purge::{self, ApplySummary, Outcome, Plan, RestoreSummary};
-use crate::report::{self, SourceInfo, Tool};
+use crate::output::report::{self, Tool};
+use crate::repair::{self as purge, ApplySummary, Outcome, Plan};
 use crate::settings::{self, Source};
 use crate::storage::Storage;
 
@@ -89,7 +88,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             let source = Source::from_args(&args.source)?;
             let scan_count = settings::scan_count(&args.source)?;
             let opts = AuditOptions {
-                hashing: crate::rehash::Policy::simple(
+                hashing: crate::audit::rehash::Policy::simple(
                     settings::jobs(args.jobs, &source.storage)?,
                     args.quick,
                 ),
@@ -401,76 +400,4 @@ fn render_outcome(
         }
         (Mode::Applied, None) => String::new(),
     }
-}
-
-#[derive(Debug, Serialize)]
-struct RestoreReport {
-    schema_version: u32,
-    tool: Tool,
-    command: &'static str,
-    result: RestoreSummary,
-}
-
-pub fn run_restore(args: &RestoreArgs) -> Result<u8, String> {
-    let recorded = read_journal_source(&args.journal)?;
-    let file = match args
-        .config
-        .as_ref()
-        .or(recorded.config.as_ref().map(PathBuf::from).as_ref())
-    {
-        Some(p) => Some(config::load(p, std::env::vars())?),
-        None => None,
-    };
-    let target = settings::redis_target(args.redis.as_deref(), file.as_ref(), Some(&recorded))?;
-    let mut conn = target.connect_cache()?;
-    let summary = purge::restore(&mut conn, &args.journal)?;
-    match settings::default_format(args.format, None) {
-        Format::Prometheus => return Err("restore writes table or json, not prometheus".into()),
-        Format::Table => {
-            println!(
-                "Restored {} entries from {} into {}; left {} alone (written by the registry since){}.",
-                summary.entries_restored,
-                summary.journal,
-                target.display(),
-                summary.entries_left_alone,
-                if summary.lines_skipped > 0 {
-                    format!(
-                        "; {} unreadable journal lines skipped",
-                        summary.lines_skipped
-                    )
-                } else {
-                    String::new()
-                }
-            );
-            if let Some(note) = &summary.permissions.note {
-                println!("Note: {note}.");
-            }
-        }
-        Format::Json => {
-            let report = RestoreReport {
-                schema_version: report::SCHEMA_VERSION,
-                tool: Tool::this(),
-                command: "restore",
-                result: summary,
-            };
-            let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n";
-            report::write_output(&text, None)?;
-        }
-    }
-    Ok(0)
-}
-
-/// The source recorded in a journal's first line.
-fn read_journal_source(path: &Path) -> Result<SourceInfo, String> {
-    let mut lines = crate::files::Lines::open(
-        "journal",
-        path,
-        crate::files::MAX_JOURNAL_BYTES,
-        crate::files::MAX_JOURNAL_LINE,
-    )?;
-    let first = lines.next_line()?.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(first)
-        .map_err(|_| format!("{} is not a registry-audit journal", path.display()))?;
-    serde_json::from_value(v["source"].clone())
-        .map_err(|_| format!("{} is not a registry-audit journal", path.display()))
 }

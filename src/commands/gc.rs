@@ -14,18 +14,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::audit::rehash::Policy;
+use crate::audit::verify;
 use crate::audit::{AuditOptions, Summary};
-use crate::check;
 use crate::cli::GcArgs;
+use crate::commands::check;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::purge;
-use crate::registry_client::{Answer, ClientOptions, RegistryClient};
-use crate::rehash::Policy;
-use crate::report::{self, Options, Report};
+use crate::output::report::{self, Options, Report};
+use crate::registry::client::{Answer, ClientOptions, RegistryClient};
+use crate::repair as purge;
 use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
-use crate::verify;
 
 /// Lines of the GC's output kept in the report (all of it is passed through).
 const OUTPUT_TAIL: usize = 20;
@@ -352,7 +352,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                     .iter()
                     .flat_map(|d| repos.iter().map(move |r| (r.clone(), *d)))
                     .collect();
-                let answers = crate::rehash::parallel_map(&candidates, 8, |(r, d)| {
+                let answers = crate::audit::rehash::parallel_map(&candidates, 8, |(r, d)| {
                     client.head_blob(r, &d.to_string())
                 })?;
                 for ((repo, d), a) in candidates.iter().zip(answers) {
@@ -452,11 +452,11 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
 /// Cache entries naming any of `digests`: global descriptors, set memberships and
 /// repository hashes (read-only; for --dry-run).
 fn count_entries(
-    conn: &mut crate::redis_cache::CacheConn,
+    conn: &mut crate::cache::redis::CacheConn,
     digests: &BTreeSet<Digest>,
 ) -> Result<u64, String> {
-    let mut index = crate::cache_index::CacheIndex::new();
-    crate::redis_cache::scan(conn, &mut index, 1000, &indicatif::ProgressBar::hidden())?;
+    let mut index = crate::cache::index::CacheIndex::new();
+    crate::cache::redis::scan(conn, &mut index, 1000, &indicatif::ProgressBar::hidden())?;
     Ok(digests
         .iter()
         .filter_map(|d| index.entry(d))
@@ -466,7 +466,7 @@ fn count_entries(
                     .iter()
                     .map(|r| {
                         u64::from(r.member)
-                            + u64::from(r.hash != crate::cache_index::RepoHash::Absent)
+                            + u64::from(r.hash != crate::cache::index::RepoHash::Absent)
                     })
                     .sum::<u64>()
         })

@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Connection, ConnectionAddr, ConnectionInfo, Value};
 
-use crate::redis_cache::{RedisTarget, brief};
+use crate::cache::redis::{RedisTarget, brief};
 
 /// Slots of a Redis Cluster.
 pub const SLOTS: usize = 16384;

@@ -10,16 +10,16 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::audit::Summary;
+use crate::audit::verify;
 use crate::cli::{ProbeArgs, SourceArgs};
+pub use crate::commands::live_probe::ProbeCounts;
+use crate::commands::live_probe::{self, Endpoint};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-pub use crate::live_probe::ProbeCounts;
-use crate::live_probe::{self, Endpoint};
-use crate::registry_client::ClientOptions;
-use crate::report::{self, Options, Report};
+use crate::output::report::{self, Options, Report};
+use crate::registry::client::ClientOptions;
 use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
-use crate::verify;
 
 pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
@@ -102,7 +102,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         ));
     }
     let code = report::exit_code(&findings, report_settings.fail_on);
-    let mut info = crate::check::source_info(&source);
+    let mut info = crate::commands::check::source_info(&source);
     info.cache = "registry".into();
     info.registry_url = Some(endpoint.describe());
     let mut report = Report::new(
@@ -167,7 +167,7 @@ pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
         files::MAX_GC_LOG_BYTES,
         files::MAX_GC_LOG_LINE,
     )?;
-    let mut log = crate::gc::GcLog::default();
+    let mut log = crate::commands::gc::GcLog::default();
     while let Some(line) = lines.next_line()? {
         log.add_line(&String::from_utf8_lossy(line));
     }

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::Digest as _;
 
+use crate::audit::state::{self, State};
 use crate::digest::{Algorithm, Digest};
-use crate::state::{self, State};
 use crate::storage::{BlobStat, Storage};
 
 /// Read buffer per worker: large enough for sequential throughput, small enough that

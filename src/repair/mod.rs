@@ -16,14 +16,14 @@ use std::path::Path;
 
 use redis::{ConnectionLike, Script};
 
-use crate::redis_cache::CacheConn;
+use crate::cache::redis::CacheConn;
 use serde::{Deserialize, Serialize};
 
-use crate::cache_index;
+use crate::cache::index as cache_index;
+use crate::cache::redis::{HASH_FIELDS, brief};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::redis_cache::{HASH_FIELDS, brief};
-use crate::report::SourceInfo;
+use crate::output::report::SourceInfo;
 use crate::storage::{BlobStat, Storage};
 
 pub const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
@@ -1130,7 +1130,7 @@ enum JournalLine {
 
 /// `registry-audit-journal-<time>.jsonl` in the current directory, when none is given.
 pub fn default_journal(started: std::time::SystemTime) -> std::path::PathBuf {
-    let stamp: String = crate::report::rfc3339(started)
+    let stamp: String = crate::output::report::rfc3339(started)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::audit::Summary;
 use crate::cli::{FailOn, MergeArgs};
 use crate::finding;
-use crate::report::{self, Report};
+use crate::output::report::{self, Report};
 use crate::settings::{self, ReportSettings};
 use crate::shard::Shard;
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use redis::cluster::ClusterConnection;
 use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, Value};
 
-use crate::redis_cluster::{self, Cluster};
+use crate::cache::cluster::{self as redis_cluster, Cluster};
 
-use crate::cache_index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::cache::index::{CacheIndex, HashFields, KeyShape, classify};
 
 /// The registry's fields of a descriptor hash, in this order; purge removes these and
 /// no others from a global descriptor.

@@ -6,17 +6,17 @@
 
 use std::time::{Instant, SystemTime};
 
+use crate::audit::rehash::Policy;
+use crate::audit::state::State;
 use crate::audit::{self, AuditOptions};
-use crate::cache_dump;
-use crate::cache_index::CacheIndex;
-use crate::live_probe;
+use crate::cache::dump as cache_dump;
+use crate::cache::index::CacheIndex;
+use crate::cache::redis as redis_cache;
+use crate::commands::live_probe;
 use crate::lock::Lock;
+use crate::output::report::{self, Options, Report, SourceInfo};
 use crate::progress;
-use crate::redis_cache;
-use crate::rehash::Policy;
-use crate::report::{self, Options, Report, SourceInfo};
 use crate::settings::{CacheSource, CheckSettings, Source};
-use crate::state::State;
 use crate::storage::Storage;
 
 /// Reads the whole cache and audits it; shared by `check` and `purge`.

@@ -12,10 +12,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::audit::Audit;
-use crate::config::HttpConfig;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::registry_client::{self, Answer, ClientOptions, Credentials, RegistryClient};
+use crate::registry::client::{
+    self as registry_client, Answer, ClientOptions, Credentials, RegistryClient,
+};
+use crate::registry_config::HttpConfig;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ProbeCounts {
@@ -245,7 +247,7 @@ pub fn head_each(
     concurrency: usize,
     counts: &mut ProbeCounts,
 ) -> Result<Vec<Finding>, String> {
-    let answers = crate::rehash::parallel_map(candidates, concurrency, |(repo, d)| {
+    let answers = crate::audit::rehash::parallel_map(candidates, concurrency, |(repo, d)| {
         client.head_blob(repo, &d.to_string())
     })?;
     let mut findings = Vec::new();
@@ -345,7 +347,7 @@ pub fn verdict(audit: &Audit, registry: &str, asked: bool, complete: bool) -> St
         " The registry's global in-memory descriptors cannot be seen through its API (see the notes): if a garbage collection ran since the registry at {registry} started, restart it, or a re-push of a deleted image can \"succeed\" and its pull fail."
     );
     let mut v = if !audit.findings.is_empty() || !complete {
-        crate::report::verdict(&audit.summary, &audit.findings, complete)
+        crate::output::report::verdict(&audit.summary, &audit.findings, complete)
     } else if !asked {
         "Storage verified: nothing wrong.".to_string()
     } else if probed == 0 {

@@ -4,17 +4,23 @@
 //! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
 //! and never reads Redis itself.
 
+pub mod rehash;
+pub mod state;
+pub mod verify;
+
 use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
-use crate::cache_index::{self, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash};
+use self::rehash::{BlobCheck, Content, HashCounts, Policy};
+use self::verify::VerifyCounts;
+use crate::cache::index::{
+    self as cache_index, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash,
+};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::rehash::{self, BlobCheck, Content, HashCounts, Policy};
 use crate::shard::Shard;
 use crate::storage::Storage;
-use crate::verify::{self, VerifyCounts};
 
 #[derive(Clone, Copy)]
 pub struct AuditOptions<'a> {
@@ -50,11 +56,11 @@ pub struct Summary {
     pub storage: Option<VerifyCounts>,
     /// What the running registry was asked (`probe`, and `check` on an in-memory cache);
     /// `None` otherwise.
-    pub probe: Option<crate::live_probe::ProbeCounts>,
+    pub probe: Option<crate::commands::live_probe::ProbeCounts>,
     /// What `gc` ran, freed and purged; `None` for other commands.
-    pub gc: Option<crate::gc::GcCounts>,
+    pub gc: Option<crate::commands::gc::GcCounts>,
     /// Requests and bytes of object storage; `None` on a filesystem.
-    pub object_storage: Option<crate::object_storage::ObjectCounts>,
+    pub object_storage: Option<crate::storage::object::ObjectCounts>,
 }
 
 impl Summary {

@@ -258,7 +258,7 @@ pub fn render(report: &Report, format: Format) -> String {
     match format {
         Format::Json => render_json(report),
         Format::Table => render_table(report),
-        Format::Prometheus => crate::metrics::render(report),
+        Format::Prometheus => crate::output::metrics::render(report),
     }
 }
 

@@ -685,7 +685,7 @@ impl Verifier<'_> {
             }
         };
         let mut buf = [0u8; 8192];
-        match crate::rehash::hash_reader(d.algorithm(), &mut &bytes[..], &mut buf) {
+        match crate::audit::rehash::hash_reader(d.algorithm(), &mut &bytes[..], &mut buf) {
             Ok((actual, _)) if actual == d => {}
             Ok((actual, _)) => {
                 return Err(format!(

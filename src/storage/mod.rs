@@ -6,6 +6,8 @@
 //! through a symlink is opened only when the link resolves inside the root. This module
 //! never writes, renames or deletes anything.
 
+pub mod object;
+
 use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::fs::{self, File, Metadata};
@@ -463,7 +465,7 @@ pub enum StorageSpec {
     /// The filesystem driver's `rootdirectory`.
     Fs(PathBuf),
     /// The s3, gcs or azure driver: a bucket or container (and root prefix).
-    Object(Box<crate::object_storage::ObjectSpec>),
+    Object(Box<object::ObjectSpec>),
 }
 
 impl StorageSpec {
@@ -479,7 +481,7 @@ impl StorageSpec {
 /// A registry's storage, opened for reading, whatever the driver.
 pub enum Storage {
     Fs(FsStorage),
-    Object(Box<crate::object_storage::ObjectStorage>),
+    Object(Box<object::ObjectStorage>),
 }
 
 impl std::fmt::Debug for Storage {
@@ -492,8 +494,9 @@ impl Storage {
     pub fn open(spec: &StorageSpec) -> Result<Storage, String> {
         match spec {
             StorageSpec::Fs(root) => Storage::open_fs(root).map_err(|e| e.to_string()),
-            StorageSpec::Object(spec) => crate::object_storage::ObjectStorage::open(spec)
-                .map(|o| Storage::Object(Box::new(o))),
+            StorageSpec::Object(spec) => {
+                object::ObjectStorage::open(spec).map(|o| Storage::Object(Box::new(o)))
+            }
         }
     }
 
@@ -637,7 +640,7 @@ impl Storage {
     }
 
     /// Requests and bytes of object storage; `None` on a filesystem.
-    pub fn object_counts(&self) -> Option<crate::object_storage::ObjectCounts> {
+    pub fn object_counts(&self) -> Option<object::ObjectCounts> {
         match self {
             Storage::Fs(_) => None,
             Storage::Object(o) => Some(o.counts()),

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::finding::{Kind, Severity};
-use crate::report::Report;
+use crate::output::report::Report;
 
 const PREFIX: &str = "registry_audit";
 
@@ -191,7 +191,7 @@ pub fn write_failure(path: &Path, message: &str) -> Result<(), String> {
         crate::files::read_to_string("metrics file", path, crate::files::MAX_METRICS_BYTES).ok()
     };
     let text = render_failure(previous.as_deref(), message);
-    crate::report::write_output(&text, Some(path))
+    crate::output::report::write_output(&text, Some(path))
 }
 
 #[cfg(test)]

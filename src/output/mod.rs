@@ -1,0 +1,6 @@
+//! What a run shows: the report (JSON, a table, Prometheus metrics), the one-line
+//! verdict and the exit status. It renders data it is given; it never reads storage,
+//! the cache or the registry, and never repairs anything.
+
+pub mod metrics;
+pub mod report;
