@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::fs::{File, FileType, Metadata, OpenOptions};
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -444,6 +444,74 @@ pub fn open_regular_for_update(
         ));
     }
     Ok(file)
+}
+
+/// Writes `text` to stdout (no path, or `-`), or replaces `path` atomically.
+pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
+    let Some(path) = path.filter(|p| !crate::files::is_stdout(p)) else {
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("cannot write the report: {e}"));
+    };
+    write_atomically(path, |f| {
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("cannot write the report to {}: {e}", path.display()))
+    })
+}
+
+/// Replaces `path` with what `fill` writes, atomically: a temporary file in the same
+/// directory, synced, then renamed, so a reader never sees half a file. Only a path
+/// that is absent or a regular file is replaced - never a symlink, directory, FIFO,
+/// socket or device (checked before `fill` runs and again before the rename).
+pub fn write_atomically<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<T, String>,
+) -> Result<T, String> {
+    crate::files::check_output("output", path)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A new file only: never through whatever a stale temporary name points to.
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+    };
+    let created = match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by an earlier run with our pid: remove the name (not what it points to).
+            let _ = std::fs::remove_file(&tmp);
+            create()
+        }
+        other => other,
+    };
+    let result = created
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+        .and_then(|mut f| {
+            let value = fill(&mut f)?;
+            f.sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            Ok(value)
+        })
+        .and_then(|value| {
+            crate::files::check_output("output", path)?;
+            std::fs::rename(&tmp, path)
+                .map(|_| value)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub mod repo_name;
 pub mod settings;
 pub mod shard;
 pub mod storage;
+pub mod summary;
+pub mod timestamp;
 
 /// Exit status when the tool could not do its job.
 pub const EXIT_CANNOT_RUN: u8 = 2;

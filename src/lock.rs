@@ -56,7 +56,7 @@ impl Lock {
                 path.display()
             );
         }
-        let stamp = crate::output::report::rfc3339(std::time::SystemTime::now());
+        let stamp = crate::timestamp::rfc3339(std::time::SystemTime::now());
         let _ = file.set_len(0);
         let _ = file.seek(SeekFrom::Start(0));
         let _ = writeln!(file, "pid {} since {stamp}", std::process::id());

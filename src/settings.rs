@@ -11,10 +11,10 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionI
 use crate::cache::redis::RedisTarget;
 use crate::cli::{CheckArgs, FailOn, Format, RegistryAccessArgs, ReportArgs, SourceArgs};
 use crate::commands::live_probe::{self, Endpoint, ProbeTarget};
-use crate::output::report::SourceInfo;
 use crate::registry_config::{self as config, RedisConfig};
 use crate::storage::StorageSpec;
 use crate::storage::object::{ObjectSpec, Service};
+use crate::summary::SourceInfo;
 
 /// Where the storage and the cache are.
 #[derive(Debug, Clone)]

@@ -8,12 +8,9 @@ pub mod rehash;
 pub mod state;
 pub mod verify;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
-use serde::Serialize;
-
-use self::rehash::{BlobCheck, Content, HashCounts, Policy};
-use self::verify::VerifyCounts;
+use self::rehash::{BlobCheck, Content, Policy};
 use crate::cache::index::{
     self as cache_index, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash,
 };
@@ -21,6 +18,7 @@ use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::shard::Shard;
 use crate::storage::Storage;
+use crate::summary::Summary;
 
 #[derive(Clone, Copy)]
 pub struct AuditOptions<'a> {
@@ -30,87 +28,6 @@ pub struct AuditOptions<'a> {
     pub verify_storage: bool,
     /// The slice of the work this run does (the index is already built for it).
     pub shard: Shard,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Summary {
-    /// Registry-shaped keys read.
-    pub keys_scanned: u64,
-    /// Members of repository sets read.
-    pub set_members_scanned: u64,
-    /// Keys of other applications in the same database, left alone.
-    pub foreign_keys_skipped: u64,
-    /// Distinct digests checked against storage.
-    pub blobs_checked: u64,
-    /// Of those, how many storage does not have.
-    pub blobs_absent: u64,
-    pub bytes_hashed: u64,
-    /// Blobs hashed and skipped (trusted from the state, outside the sample, not reached).
-    pub hashing: HashCounts,
-    pub findings_by_kind: BTreeMap<Kind, u64>,
-    pub errors: u64,
-    pub warnings: u64,
-    /// Findings about entries the registry serves as hits.
-    pub live: u64,
-    /// What the storage verification covered; `None` when it did not run.
-    pub storage: Option<VerifyCounts>,
-    /// What the running registry was asked (`probe`, and `check` on an in-memory cache);
-    /// `None` otherwise.
-    pub probe: Option<crate::commands::live_probe::ProbeCounts>,
-    /// What `gc` ran, freed and purged; `None` for other commands.
-    pub gc: Option<crate::commands::gc::GcCounts>,
-    /// Requests and bytes of object storage; `None` on a filesystem.
-    pub object_storage: Option<crate::storage::object::ObjectCounts>,
-}
-
-impl Summary {
-    /// Adds another run's counts (a shard's) to these; findings are tallied apart.
-    pub fn add(&mut self, o: &Summary) {
-        self.keys_scanned += o.keys_scanned;
-        self.set_members_scanned += o.set_members_scanned;
-        self.foreign_keys_skipped += o.foreign_keys_skipped;
-        self.blobs_checked += o.blobs_checked;
-        self.blobs_absent += o.blobs_absent;
-        self.bytes_hashed += o.bytes_hashed;
-        self.hashing.add(&o.hashing);
-        self.object_storage = match (self.object_storage.take(), o.object_storage) {
-            (Some(mut a), Some(b)) => {
-                a.add(&b);
-                Some(a)
-            }
-            (a, b) => a.or(b),
-        };
-        self.storage = match (self.storage.take(), o.storage) {
-            (Some(mut a), Some(b)) => {
-                a.add(&b);
-                Some(a)
-            }
-            (a, b) => a.or(b),
-        };
-        self.probe = match (self.probe.take(), o.probe) {
-            (Some(mut a), Some(b)) => {
-                a.add(&b);
-                Some(a)
-            }
-            (a, b) => a.or(b),
-        };
-    }
-
-    /// Counts `findings` by kind (every kind listed, zeros included), severity and live.
-    pub fn tally(&mut self, findings: &[Finding]) {
-        self.findings_by_kind = Kind::ALL.iter().map(|k| (*k, 0)).collect();
-        self.errors = 0;
-        self.warnings = 0;
-        self.live = 0;
-        for f in findings {
-            *self.findings_by_kind.entry(f.kind).or_default() += 1;
-            match f.severity {
-                Severity::Error => self.errors += 1,
-                Severity::Warning => self.warnings += 1,
-            }
-            self.live += u64::from(f.live);
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use serde::Serialize;
 use sha2::Digest as _;
 
 use crate::audit::state::{self, State};
 use crate::digest::{Algorithm, Digest};
 use crate::storage::{BlobStat, Storage};
+use crate::summary::HashCounts;
 
 /// Read buffer per worker: large enough for sequential throughput, small enough that
 /// memory does not grow with blob size.
@@ -116,29 +116,6 @@ impl Policy<'_> {
             state: None,
             reverify_after: Duration::ZERO,
         }
-    }
-}
-
-/// Counts of a verification, for the report.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct HashCounts {
-    pub bytes_hashed: u64,
-    pub blobs_hashed: u64,
-    /// Skipped: verified before and unchanged (`--state`).
-    pub blobs_trusted: u64,
-    /// Skipped: outside the sample.
-    pub blobs_not_sampled: u64,
-    /// Skipped: `--max-duration` ran out; the run is incomplete.
-    pub blobs_not_reached: u64,
-}
-
-impl HashCounts {
-    pub fn add(&mut self, o: &HashCounts) {
-        self.bytes_hashed += o.bytes_hashed;
-        self.blobs_hashed += o.blobs_hashed;
-        self.blobs_trusted += o.blobs_trusted;
-        self.blobs_not_sampled += o.blobs_not_sampled;
-        self.blobs_not_reached += o.blobs_not_reached;
     }
 }
 

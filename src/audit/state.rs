@@ -137,7 +137,7 @@ impl State {
             storage_root: self.storage_root.clone(),
             blobs,
         };
-        crate::output::report::write_atomically(&self.path, |f| {
+        crate::files::write_atomically(&self.path, |f| {
             let mut w = std::io::BufWriter::new(f);
             serde_json::to_writer(&mut w, &file)
                 .map_err(|e| e.to_string())

@@ -17,6 +17,7 @@ use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
 use crate::shard::Shard;
 use crate::storage::{BlobStat, Storage};
+use crate::summary::VerifyCounts;
 
 /// Manifests larger than this cannot be used (the registry refuses to accept a manifest
 /// over 4 MiB).
@@ -33,25 +34,6 @@ pub const MAX_NESTING: u32 = 8;
 /// were left out, so a hostile manifest naming a million missing layers under many
 /// tags cannot flood memory or the report.
 pub const MAX_PROBLEMS_PER_TAG: usize = 1000;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VerifyCounts {
-    pub repositories: u64,
-    pub links_checked: u64,
-    pub tags_checked: u64,
-    /// Distinct manifests that tags point to, counted per repository (each followed
-    /// through indexes to every blob it needs).
-    pub tagged_manifests_checked: u64,
-}
-
-impl VerifyCounts {
-    pub fn add(&mut self, o: &VerifyCounts) {
-        self.repositories += o.repositories;
-        self.links_checked += o.links_checked;
-        self.tags_checked += o.tags_checked;
-        self.tagged_manifests_checked += o.tagged_manifests_checked;
-    }
-}
 
 /// Verifies all of storage; returns findings (unsorted) and counts.
 pub fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {

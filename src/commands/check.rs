@@ -14,10 +14,11 @@ use crate::cache::index::CacheIndex;
 use crate::cache::redis as redis_cache;
 use crate::commands::live_probe;
 use crate::lock::Lock;
-use crate::output::report::{self, Options, Report, SourceInfo};
+use crate::output::report::{self, Options, Report};
 use crate::progress;
 use crate::settings::{CacheSource, CheckSettings, Source};
 use crate::storage::Storage;
+use crate::summary::SourceInfo;
 
 /// Reads the whole cache and audits it; shared by `check` and `purge`.
 pub fn audit_source(

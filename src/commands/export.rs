@@ -17,7 +17,7 @@ pub fn run(args: &crate::cli::ExportArgs) -> Result<u8, String> {
     };
     let target = crate::settings::redis_target(args.redis.as_deref(), file.as_ref(), None)?;
     let mut conn = target.connect_cache()?;
-    let created = crate::output::report::rfc3339(std::time::SystemTime::now());
+    let created = crate::timestamp::rfc3339(std::time::SystemTime::now());
     let counts = match &output {
         None => export(
             &mut conn,
@@ -26,7 +26,7 @@ pub fn run(args: &crate::cli::ExportArgs) -> Result<u8, String> {
             &created,
             args.scan_count,
         )?,
-        Some(path) => crate::output::report::write_atomically(path, |f| {
+        Some(path) => crate::files::write_atomically(path, |f| {
             export(&mut conn, f, &target.display(), &created, args.scan_count)
         })?,
     };

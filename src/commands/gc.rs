@@ -12,11 +12,9 @@ use std::io::BufReader;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
-
+use crate::audit::AuditOptions;
 use crate::audit::rehash::Policy;
 use crate::audit::verify;
-use crate::audit::{AuditOptions, Summary};
 use crate::cli::GcArgs;
 use crate::commands::check;
 use crate::digest::Digest;
@@ -26,29 +24,10 @@ use crate::registry::client::{Answer, ClientOptions, RegistryClient};
 use crate::repair as purge;
 use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
+use crate::summary::{GcCounts, Summary};
 
 /// Lines of the GC's output kept in the report (all of it is passed through).
 const OUTPUT_TAIL: usize = 20;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct GcCounts {
-    pub command: Vec<String>,
-    pub dry_run: bool,
-    pub exit_status: i32,
-    /// Blobs the GC deleted (or, with --dry-run, would delete).
-    pub blobs_deleted: u64,
-    pub bytes_freed: u64,
-    pub manifests_deleted: u64,
-    pub layer_links_deleted: u64,
-    pub tags_pullable_before: u64,
-    pub tags_broken: u64,
-    /// Cache entries removed (Redis), or that would be removed (--dry-run).
-    pub cache_entries_purged: u64,
-    pub journal: Option<String>,
-    /// The in-memory cache still serves deleted blobs: only a restart clears it.
-    pub restart_needed: bool,
-    pub output_tail: Vec<String>,
-}
 
 /// What a GC run says it deleted, from its output (distribution 2.8 and 3).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -299,7 +278,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                 &ours,
                 false,
                 check::source_info(&source),
-                report::rfc3339(started),
+                crate::timestamp::rfc3339(started),
             )?;
             if !plan.groups.is_empty() {
                 let journal = args
@@ -311,7 +290,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                     &storage,
                     &plan,
                     &journal,
-                    report::rfc3339(started),
+                    crate::timestamp::rfc3339(started),
                     |_| {},
                 )?;
                 if let Some(failure) = summary.failure {

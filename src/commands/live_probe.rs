@@ -9,8 +9,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::audit::Audit;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -18,31 +16,7 @@ use crate::registry::client::{
     self as registry_client, Answer, ClientOptions, Credentials, RegistryClient,
 };
 use crate::registry_config::HttpConfig;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ProbeCounts {
-    /// (repository, digest) pairs asked.
-    pub probed: u64,
-    pub live_phantoms: u64,
-    pub answered_unknown: u64,
-    pub failed: u64,
-    /// Digests the GC log names.
-    pub gc_log_digests: u64,
-    /// Of those, digests linked in no repository and so not tried (see --all-repositories).
-    pub gc_log_digests_untried: u64,
-}
-
-impl ProbeCounts {
-    /// Adds another run's counts (a shard's).
-    pub fn add(&mut self, o: &ProbeCounts) {
-        self.probed += o.probed;
-        self.live_phantoms += o.live_phantoms;
-        self.answered_unknown += o.answered_unknown;
-        self.failed += o.failed;
-        self.gc_log_digests += o.gc_log_digests;
-        self.gc_log_digests_untried += o.gc_log_digests_untried;
-    }
-}
+use crate::summary::ProbeCounts;
 
 /// HEAD requests in flight at once when `check` probes.
 pub const CHECK_CONCURRENCY: usize = 8;

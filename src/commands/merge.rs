@@ -6,12 +6,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::audit::Summary;
 use crate::cli::{FailOn, MergeArgs};
 use crate::finding;
 use crate::output::report::{self, Report};
 use crate::settings::{self, ReportSettings};
 use crate::shard::Shard;
+use crate::summary::Summary;
 
 pub fn run(args: &MergeArgs) -> Result<u8, String> {
     let output = settings::output_path("--output", args.report.output.as_deref())?;
@@ -37,7 +37,7 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
     };
     let code = report::exit_code(&merged.findings, settings.fail_on);
     let text = report::render(&merged, settings.format);
-    report::write_output(&text, settings.output.as_deref())?;
+    crate::files::write_output(&text, settings.output.as_deref())?;
     Ok(code)
 }
 

@@ -9,10 +9,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::audit::Summary;
 use crate::audit::verify;
 use crate::cli::{ProbeArgs, SourceArgs};
-pub use crate::commands::live_probe::ProbeCounts;
 use crate::commands::live_probe::{self, Endpoint};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -20,6 +18,8 @@ use crate::output::report::{self, Options, Report};
 use crate::registry::client::ClientOptions;
 use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
+use crate::summary::ProbeCounts;
+use crate::summary::Summary;
 
 pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let started = SystemTime::now();

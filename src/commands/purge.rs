@@ -103,7 +103,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
                 &audit.findings,
                 args.include_malformed,
                 check::source_info(&source),
-                report::rfc3339(started),
+                crate::timestamp::rfc3339(started),
             )?;
             (source, storage, plan)
         }
@@ -118,7 +118,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
         Mode::DryRun
     } else if let Some(path) = &s.plan_out {
         let text = serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())? + "\n";
-        report::write_output(&text, Some(path))?;
+        crate::files::write_output(&text, Some(path))?;
         Mode::Saved
     } else if s.yes {
         Mode::Applied
@@ -147,7 +147,7 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             &storage,
             &plan,
             &journal,
-            report::rfc3339(started),
+            crate::timestamp::rfc3339(started),
             |r| {
                 if table {
                     let what = r
@@ -198,14 +198,14 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
             schema_version: report::SCHEMA_VERSION,
             tool: Tool::this(),
             command: "purge",
-            started_at: report::rfc3339(started),
+            started_at: crate::timestamp::rfc3339(started),
             duration_ms: clock.elapsed().as_millis() as u64,
             mode,
             plan,
             result,
         };
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n";
-        report::write_output(&text, None)?;
+        crate::files::write_output(&text, None)?;
     }
     if mode == Mode::NotConfirmed {
         return Err("not on a terminal and --yes not given: nothing was changed; review the plan above, then run again with --yes".into());

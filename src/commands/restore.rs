@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::cli::{Format, RestoreArgs};
-use crate::output::report::{self, SourceInfo, Tool};
+use crate::output::report::{self, Tool};
 use crate::registry_config as config;
 use crate::repair::{self as purge, RestoreSummary};
 use crate::settings;
+use crate::summary::SourceInfo;
 
 #[derive(Debug, Serialize)]
 struct RestoreReport {
@@ -62,7 +63,7 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
                 result: summary,
             };
             let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())? + "\n";
-            report::write_output(&text, None)?;
+            crate::files::write_output(&text, None)?;
         }
     }
     Ok(0)

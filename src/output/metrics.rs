@@ -191,7 +191,7 @@ pub fn write_failure(path: &Path, message: &str) -> Result<(), String> {
         crate::files::read_to_string("metrics file", path, crate::files::MAX_METRICS_BYTES).ok()
     };
     let text = render_failure(previous.as_deref(), message);
-    crate::output::report::write_output(&text, Some(path))
+    crate::files::write_output(&text, Some(path))
 }
 
 #[cfg(test)]

@@ -3,16 +3,15 @@
 //! verdict. It also owns writing the report (stdout, or a file replaced atomically) and
 //! the exit-code threshold. It computes no findings.
 
-use std::io::Write;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use comfy_table::{ContentArrangement, Table, presets};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::Summary;
 use crate::cli::{FailOn, Format};
 use crate::finding::{Finding, Kind, Severity, terminal_safe};
+use crate::summary::{SourceInfo, Summary};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -27,34 +26,6 @@ impl Tool {
         Tool {
             name: env!("CARGO_PKG_NAME").into(),
             version: env!("CARGO_PKG_VERSION").into(),
-        }
-    }
-}
-
-/// What was audited; never holds a secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceInfo {
-    pub storage_root: String,
-    /// `redis`, `dump` or `none` (storage verification only).
-    pub cache: String,
-    /// The Redis URL with any password masked.
-    pub redis: Option<String>,
-    /// The cache dump audited instead of Redis.
-    pub cache_dump: Option<String>,
-    /// The registry `probe` asked.
-    #[serde(default)]
-    pub registry_url: Option<String>,
-    pub config: Option<String>,
-}
-
-impl SourceInfo {
-    /// The cache, for a report's first line.
-    pub fn describe_cache(&self) -> String {
-        match (&self.redis, &self.cache_dump, &self.registry_url) {
-            (Some(r), _, _) => r.clone(),
-            (None, Some(d), _) => format!("cache dump {d}"),
-            (None, None, Some(u)) => format!("the running registry at {u}"),
-            (None, None, None) => "no cache (storage only)".into(),
         }
     }
 }
@@ -123,7 +94,7 @@ impl Report {
             schema_version: SCHEMA_VERSION,
             tool: Tool::this(),
             command: command.into(),
-            started_at: rfc3339(started),
+            started_at: crate::timestamp::rfc3339(started),
             duration_ms: clock.elapsed().as_millis() as u64,
             complete: true,
             notes: Vec::new(),
@@ -138,7 +109,7 @@ impl Report {
 
     /// Renders the report and writes it to stdout or `output`.
     pub fn write(&self, format: Format, output: Option<&Path>) -> Result<(), String> {
-        write_output(&render(self, format), output)
+        crate::files::write_output(&render(self, format), output)
     }
 }
 
@@ -360,117 +331,9 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Writes `text` to stdout (no path, or `-`), or replaces `path` atomically.
-pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
-    let Some(path) = path.filter(|p| !crate::files::is_stdout(p)) else {
-        let mut out = std::io::stdout().lock();
-        return out
-            .write_all(text.as_bytes())
-            .and_then(|_| out.flush())
-            .map_err(|e| format!("cannot write the report: {e}"));
-    };
-    write_atomically(path, |f| {
-        f.write_all(text.as_bytes())
-            .map_err(|e| format!("cannot write the report to {}: {e}", path.display()))
-    })
-}
-
-/// Replaces `path` with what `fill` writes, atomically: a temporary file in the same
-/// directory, synced, then renamed, so a reader never sees half a file. Only a path
-/// that is absent or a regular file is replaced - never a symlink, directory, FIFO,
-/// socket or device (checked before `fill` runs and again before the rename).
-pub fn write_atomically<T>(
-    path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> Result<T, String>,
-) -> Result<T, String> {
-    crate::files::check_output("output", path)?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    // A new file only: never through whatever a stale temporary name points to.
-    let create = || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-    };
-    let created = match create() {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Left by an earlier run with our pid: remove the name (not what it points to).
-            let _ = std::fs::remove_file(&tmp);
-            create()
-        }
-        other => other,
-    };
-    let result = created
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
-        .and_then(|mut f| {
-            let value = fill(&mut f)?;
-            f.sync_all()
-                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-            Ok(value)
-        })
-        .and_then(|value| {
-            crate::files::check_output("output", path)?;
-            std::fs::rename(&tmp, path)
-                .map(|_| value)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// RFC 3339 UTC time, to the second.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (year, month, day) = civil_date(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// (year, month 1-12, day 1-31) of `days` since 1970-01-01 (Howard Hinnant's algorithm).
-pub fn civil_date(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn formats_timestamps() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_872_742)),
-            "2026-11-28T13:32:22Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
-        );
-    }
 
     #[test]
     fn human_sizes() {

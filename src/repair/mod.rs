@@ -23,8 +23,8 @@ use crate::cache::index as cache_index;
 use crate::cache::redis::{HASH_FIELDS, brief};
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
-use crate::output::report::SourceInfo;
 use crate::storage::{BlobStat, Storage};
+use crate::summary::SourceInfo;
 
 pub const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
 pub const JOURNAL_SCHEMA: &str = "registry-audit-journal/1";
@@ -1130,7 +1130,7 @@ enum JournalLine {
 
 /// `registry-audit-journal-<time>.jsonl` in the current directory, when none is given.
 pub fn default_journal(started: std::time::SystemTime) -> std::path::PathBuf {
-    let stamp: String = crate::output::report::rfc3339(started)
+    let stamp: String = crate::timestamp::rfc3339(started)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
