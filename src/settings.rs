@@ -10,7 +10,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionI
 
 use crate::cache::redis::RedisTarget;
 use crate::cli::{CheckArgs, FailOn, Format, RegistryAccessArgs, ReportArgs, SourceArgs};
-use crate::commands::live_probe::{self, Endpoint, ProbeTarget};
+use crate::registry::endpoint::{self, Endpoint, ProbeTarget};
 use crate::registry_config::{self as config, RedisConfig};
 use crate::storage::StorageSpec;
 use crate::storage::object::{ObjectSpec, Service};
@@ -431,7 +431,7 @@ fn probe_target(
 ) -> Result<CacheSource, String> {
     let mut urls = vec![endpoint.describe()];
     urls.extend(external);
-    let credentials = live_probe::credentials(
+    let credentials = endpoint::credentials(
         access.username.as_deref(),
         access.docker_config.as_deref(),
         &urls,
@@ -439,12 +439,12 @@ fn probe_target(
     Ok(CacheSource::Registry(Box::new(ProbeTarget {
         endpoint,
         options: crate::registry::client::ClientOptions {
-            timeout: live_probe::CHECK_TIMEOUT,
+            timeout: endpoint::CHECK_TIMEOUT,
             ca_cert: access.ca_cert.clone(),
             insecure: access.insecure,
             credentials,
         },
-        concurrency: live_probe::CHECK_CONCURRENCY,
+        concurrency: endpoint::CHECK_CONCURRENCY,
     })))
 }
 

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::audit::verify;
 use crate::cli::{ProbeArgs, SourceArgs};
-use crate::commands::live_probe::{self, Endpoint};
+use crate::commands::live_probe;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::output::report::{self, Options, Report};
 use crate::registry::client::ClientOptions;
+use crate::registry::endpoint::{self, Endpoint};
 use crate::settings::{ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::summary::ProbeCounts;
@@ -44,7 +45,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     let report_settings = ReportSettings::from_args(&args.report)?;
     let endpoint = Endpoint::parse(&args.registry_url)?;
     let access = &args.access;
-    let credentials = live_probe::credentials(
+    let credentials = endpoint::credentials(
         access.username.as_deref(),
         access.docker_config.as_deref(),
         std::slice::from_ref(&args.registry_url),

@@ -3,3 +3,4 @@
 //! pushes, deletes or changes anything in the registry.
 
 pub mod client;
+pub mod endpoint;
