@@ -6,90 +6,14 @@
 
 use std::time::{Instant, SystemTime};
 
+use crate::audit::AuditOptions;
 use crate::audit::rehash::Policy;
 use crate::audit::state::State;
-use crate::audit::{self, AuditOptions};
-use crate::cache::dump as cache_dump;
-use crate::cache::index::CacheIndex;
-use crate::cache::redis as redis_cache;
 use crate::commands::live_probe;
 use crate::lock::Lock;
 use crate::output::report::{self, Options, Report};
-use crate::progress;
-use crate::settings::{CacheSource, CheckSettings, Source};
+use crate::settings::{CacheSource, CheckSettings};
 use crate::storage::Storage;
-use crate::summary::SourceInfo;
-
-/// Reads the whole cache and audits it; shared by `check` and `purge`.
-pub fn audit_source(
-    source: &Source,
-    scan_count: usize,
-    opts: AuditOptions<'_>,
-) -> Result<(Storage, audit::Audit), String> {
-    let storage = Storage::open(&source.storage)?;
-    audit_with(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
-}
-
-/// Reads the whole cache and audits it against an opened storage; the notes say what
-/// the operator should know about the scan itself.
-pub fn audit_with(
-    storage: &Storage,
-    source: &Source,
-    scan_count: usize,
-    opts: AuditOptions<'_>,
-) -> Result<(audit::Audit, Vec<String>), String> {
-    let mut notes = Vec::new();
-    let mut dump_incomplete = None;
-    let mut index = CacheIndex::for_shard(opts.shard);
-    let keys = progress::counter("cache keys read");
-    match &source.cache {
-        CacheSource::Redis(target) => {
-            let mut conn = target.connect_cache()?;
-            let reread = redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
-            if reread > 0 {
-                notes.push(format!(
-                    "the Redis Cluster resharded during the scan: {reread} slots were read again, so no key was missed"
-                ));
-            }
-        }
-        CacheSource::Dump(path) => {
-            dump_incomplete = cache_dump::read(path, &mut index)?.incomplete;
-        }
-        // Its entries are asked about after the storage walk (`live_probe`).
-        CacheSource::Registry(_) | CacheSource::None => {}
-    }
-    keys.finish();
-    tracing::info!(
-        keys = index.counts.keys,
-        digests = index.digest_count(),
-        "cache read; checking storage"
-    );
-    let mut audit = audit::run(storage, index, opts)?;
-    // What the dump held is audited; that it may not be the whole cache is said.
-    audit.incomplete.extend(dump_incomplete);
-    Ok((audit, notes))
-}
-
-pub fn source_info(source: &Source) -> SourceInfo {
-    let (cache, redis, cache_dump) = match &source.cache {
-        CacheSource::Redis(t) => ("redis", Some(t.display()), None),
-        CacheSource::Dump(p) => ("dump", None, Some(p.display().to_string())),
-        CacheSource::Registry(_) => ("inmemory", None, None),
-        CacheSource::None => ("none", None, None),
-    };
-    let registry_url = match &source.cache {
-        CacheSource::Registry(t) => Some(t.endpoint.describe()),
-        _ => None,
-    };
-    SourceInfo {
-        storage_root: source.storage.describe(),
-        cache: cache.into(),
-        redis,
-        cache_dump,
-        registry_url,
-        config: source.config.as_ref().map(|p| p.display().to_string()),
-    }
-}
 
 pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     let started_at = SystemTime::now();
@@ -127,7 +51,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
     };
     let (mut audit, scan_notes) =
-        audit_with(&storage, &settings.source, settings.scan_count, opts)?;
+        super::audit_with(&storage, &settings.source, settings.scan_count, opts)?;
     notes.extend(scan_notes);
     let probed = registry
         .as_ref()
@@ -160,7 +84,7 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
         "check",
         started_at,
         clock,
-        source_info(&settings.source),
+        super::source_info(&settings.source),
         Options {
             verify_storage: settings.verify_storage,
             sample: settings.sample_spec.clone(),

@@ -16,11 +16,11 @@ use crate::audit::AuditOptions;
 use crate::audit::rehash::Policy;
 use crate::audit::verify;
 use crate::cli::GcArgs;
-use crate::commands::check;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::output::report::{self, Options, Report};
 use crate::registry::client::{Answer, ClientOptions, RegistryClient};
+use crate::registry::gc_log::GcLog;
 use crate::repair as purge;
 use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
@@ -28,51 +28,6 @@ use crate::summary::{GcCounts, Summary};
 
 /// Lines of the GC's output kept in the report (all of it is passed through).
 const OUTPUT_TAIL: usize = 20;
-
-/// What a GC run says it deleted, from its output (distribution 2.8 and 3).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct GcLog {
-    pub blobs: BTreeSet<Digest>,
-    pub manifests: BTreeSet<(String, Digest)>,
-    pub layer_links: BTreeSet<(String, Digest)>,
-}
-
-impl GcLog {
-    /// Reads one line of `registry garbage-collect` output.
-    pub fn add_line(&mut self, line: &str) {
-        let digest_after = |at: usize| {
-            line[at..]
-                .split(|c: char| {
-                    c.is_whitespace() || matches!(c, '"' | ',' | '{' | '}' | '[' | ']' | '@')
-                })
-                .find_map(Digest::parse_str)
-        };
-        if let Some(at) = line.find("blob eligible for deletion") {
-            if let Some(d) = digest_after(at) {
-                self.blobs.insert(d);
-            }
-        } else if let Some(at) = line.find("layer link eligible for deletion") {
-            let repo = line[..at].trim().trim_end_matches(':').to_string();
-            if let Some(d) = digest_after(at) {
-                self.layer_links.insert((repo, d));
-            }
-        } else if let Some(at) = line.find("manifest eligible for deletion") {
-            // v3 prints `{name digest [tags]}`.
-            let rest = &line[at + "manifest eligible for deletion".len()..];
-            let rest = rest.trim_start_matches([':', ' ', '{']);
-            let name = rest.split_whitespace().next().unwrap_or("").to_string();
-            if let Some(d) = digest_after(at) {
-                self.manifests.insert((name, d));
-            }
-        }
-    }
-
-    pub fn parse(text: &str) -> GcLog {
-        let mut log = GcLog::default();
-        text.lines().for_each(|l| log.add_line(l));
-        log
-    }
-}
 
 /// Runs `command`, passing its output through to stderr line by line (stdout stays
 /// the report's) and parsing it. Returns the exit status, the log and the last lines.
@@ -198,7 +153,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     let sizes: HashMap<Digest, u64> = storage.blob_sizes().into_iter().collect();
     let cache_before = match &source.cache {
         CacheSource::Redis(_) => {
-            Some(check::audit_with(&storage, &source, args.source.scan_count, quick)?.0)
+            Some(super::audit_with(&storage, &source, args.source.scan_count, quick)?.0)
         }
         _ => None,
     };
@@ -263,7 +218,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             ));
         }
         CacheSource::Redis(target) => {
-            let (audit, _) = check::audit_with(&storage, &source, args.source.scan_count, quick)?;
+            let (audit, _) = super::audit_with(&storage, &source, args.source.scan_count, quick)?;
             let ours: Vec<Finding> = audit
                 .findings
                 .into_iter()
@@ -277,7 +232,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                 &storage,
                 &ours,
                 false,
-                check::source_info(&source),
+                super::source_info(&source),
                 crate::timestamp::rfc3339(started),
             )?;
             if !plan.groups.is_empty() {
@@ -300,7 +255,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
                 counts.journal = Some(summary.journal);
             }
             // Every phantom of a deleted blob left now is an error.
-            let (after, _) = check::audit_with(&storage, &source, args.source.scan_count, quick)?;
+            let (after, _) = super::audit_with(&storage, &source, args.source.scan_count, quick)?;
             for mut f in after.findings {
                 if f.digest.is_some_and(|d| deleted.contains(&d))
                     && matches!(
@@ -416,7 +371,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         "gc",
         started,
         clock,
-        check::source_info(&source),
+        super::source_info(&source),
         Options::new(true, report_settings.fail_on),
         summary,
         findings,
@@ -450,32 +405,4 @@ fn count_entries(
                     .sum::<u64>()
         })
         .sum())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_gc_output_of_both_versions() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let m = format!("sha256:{}", "c".repeat(64));
-        let text = format!(
-            "team/app\nteam/app: marking manifest {m} \n\n3 blobs marked, 2 blobs and 1 manifests eligible for deletion\nblob eligible for deletion: {a}\ntime=\"x\" level=info msg=\"blob eligible for deletion: {b}\"\nmanifest eligible for deletion: {{team/app {m} [v1]}}\nteam/app: layer link eligible for deletion: {a}\n"
-        );
-        let log = GcLog::parse(&text);
-        assert_eq!(log.blobs.len(), 2);
-        assert_eq!(
-            log.manifests
-                .iter()
-                .next()
-                .map(|(r, d)| (r.as_str(), d.to_string())),
-            Some(("team/app", m.clone()))
-        );
-        assert_eq!(
-            log.layer_links.iter().next().map(|(r, _)| r.as_str()),
-            Some("team/app")
-        );
-    }
 }

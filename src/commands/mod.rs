@@ -12,3 +12,83 @@ pub mod merge;
 pub mod probe;
 pub mod purge;
 pub mod restore;
+
+use crate::audit::{self, AuditOptions};
+use crate::cache::dump as cache_dump;
+use crate::cache::index::CacheIndex;
+use crate::cache::redis as redis_cache;
+use crate::progress;
+use crate::settings::{CacheSource, Source};
+use crate::storage::Storage;
+use crate::summary::SourceInfo;
+
+/// Reads the whole cache and audits it; shared by `check` and `purge`.
+pub fn audit_source(
+    source: &Source,
+    scan_count: usize,
+    opts: AuditOptions<'_>,
+) -> Result<(Storage, audit::Audit), String> {
+    let storage = Storage::open(&source.storage)?;
+    audit_with(&storage, source, scan_count, opts).map(|(a, _)| (storage, a))
+}
+
+/// Reads the whole cache and audits it against an opened storage; the notes say what
+/// the operator should know about the scan itself.
+pub fn audit_with(
+    storage: &Storage,
+    source: &Source,
+    scan_count: usize,
+    opts: AuditOptions<'_>,
+) -> Result<(audit::Audit, Vec<String>), String> {
+    let mut notes = Vec::new();
+    let mut dump_incomplete = None;
+    let mut index = CacheIndex::for_shard(opts.shard);
+    let keys = progress::counter("cache keys read");
+    match &source.cache {
+        CacheSource::Redis(target) => {
+            let mut conn = target.connect_cache()?;
+            let reread = redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
+            if reread > 0 {
+                notes.push(format!(
+                    "the Redis Cluster resharded during the scan: {reread} slots were read again, so no key was missed"
+                ));
+            }
+        }
+        CacheSource::Dump(path) => {
+            dump_incomplete = cache_dump::read(path, &mut index)?.incomplete;
+        }
+        // Its entries are asked about after the storage walk (`live_probe`).
+        CacheSource::Registry(_) | CacheSource::None => {}
+    }
+    keys.finish();
+    tracing::info!(
+        keys = index.counts.keys,
+        digests = index.digest_count(),
+        "cache read; checking storage"
+    );
+    let mut audit = audit::run(storage, index, opts)?;
+    // What the dump held is audited; that it may not be the whole cache is said.
+    audit.incomplete.extend(dump_incomplete);
+    Ok((audit, notes))
+}
+
+pub fn source_info(source: &Source) -> SourceInfo {
+    let (cache, redis, cache_dump) = match &source.cache {
+        CacheSource::Redis(t) => ("redis", Some(t.display()), None),
+        CacheSource::Dump(p) => ("dump", None, Some(p.display().to_string())),
+        CacheSource::Registry(_) => ("inmemory", None, None),
+        CacheSource::None => ("none", None, None),
+    };
+    let registry_url = match &source.cache {
+        CacheSource::Registry(t) => Some(t.endpoint.describe()),
+        _ => None,
+    };
+    SourceInfo {
+        storage_root: source.storage.describe(),
+        cache: cache.into(),
+        redis,
+        cache_dump,
+        registry_url,
+        config: source.config.as_ref().map(|p| p.display().to_string()),
+    }
+}

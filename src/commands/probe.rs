@@ -103,7 +103,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
         ));
     }
     let code = report::exit_code(&findings, report_settings.fail_on);
-    let mut info = crate::commands::check::source_info(&source);
+    let mut info = super::source_info(&source);
     info.cache = "registry".into();
     info.registry_url = Some(endpoint.describe());
     let mut report = Report::new(
@@ -168,7 +168,7 @@ pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
         files::MAX_GC_LOG_BYTES,
         files::MAX_GC_LOG_LINE,
     )?;
-    let mut log = crate::commands::gc::GcLog::default();
+    let mut log = crate::registry::gc_log::GcLog::default();
     while let Some(line) = lines.next_line()? {
         log.add_line(&String::from_utf8_lossy(line));
     }

@@ -12,7 +12,6 @@ use serde::Serialize;
 
 use crate::audit::AuditOptions;
 use crate::cli::{FailOn, Format, PurgeArgs};
-use crate::commands::check;
 use crate::finding::Severity;
 use crate::output::report::{self, Tool};
 use crate::repair::{self as purge, ApplySummary, Outcome, Plan};
@@ -95,14 +94,14 @@ pub fn run(args: &PurgeArgs) -> Result<u8, String> {
                 verify_storage: false,
                 shard: crate::shard::Shard::ALL,
             };
-            let (storage, audit) = check::audit_source(&source, scan_count, opts)?;
+            let (storage, audit) = super::audit_source(&source, scan_count, opts)?;
             let mut conn = source.redis()?.connect_cache()?;
             let plan = purge::build_plan(
                 conn.router(),
                 &storage,
                 &audit.findings,
                 args.include_malformed,
-                check::source_info(&source),
+                super::source_info(&source),
                 crate::timestamp::rfc3339(started),
             )?;
             (source, storage, plan)
