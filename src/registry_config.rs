@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use yaml_serde::{Mapping, Value};
 
-use crate::storage::object::{AzureClient, ObjectSpec, Service};
+use crate::storage::object_spec::{AzureClient, ObjectSpec, Service};
 
 /// The filesystem driver's default root in the registry.
 pub const DEFAULT_ROOT: &str = "/var/lib/registry";

@@ -7,6 +7,7 @@
 //! never writes, renames or deletes anything.
 
 pub mod object;
+pub mod object_spec;
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
