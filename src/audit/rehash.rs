@@ -384,7 +384,7 @@ pub fn hash_reader(alg: Algorithm, r: &mut dyn Read, buf: &mut [u8]) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::tests::Scratch;
+    use crate::storage::filesystem::tests::Scratch;
     use std::fs;
 
     fn put(st: &Storage, d: &Digest, bytes: &[u8]) {
