@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The command line: a command and the logging flags every command takes.
 #[derive(Debug, Parser)]
 #[command(
     name = "registry-audit",
@@ -14,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = None
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
     /// More log output on stderr (-v, -vv).

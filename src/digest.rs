@@ -7,14 +7,14 @@ use std::fmt;
 
 /// A digest algorithm the registry accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     Sha256,
     Sha384,
     Sha512,
 }
 
 impl Algorithm {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Algorithm::Sha256 => "sha256",
             Algorithm::Sha384 => "sha384",
@@ -23,7 +23,7 @@ impl Algorithm {
     }
 
     /// Length of the raw digest in bytes.
-    pub fn output_len(self) -> usize {
+    pub(crate) fn output_len(self) -> usize {
         match self {
             Algorithm::Sha256 => 32,
             Algorithm::Sha384 => 48,
@@ -44,14 +44,14 @@ impl Algorithm {
 /// A well-formed digest: a known algorithm and exactly its number of bytes, kept raw
 /// (65 bytes) so that an index of millions of digests stays compact.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
+pub(crate) struct Digest {
     alg: Algorithm,
     bytes: [u8; 64],
 }
 
 impl Digest {
     /// Parses `alg:hex` strictly: lowercase hex of the algorithm's exact length.
-    pub fn parse(text: &[u8]) -> Option<Digest> {
+    pub(crate) fn parse(text: &[u8]) -> Option<Digest> {
         let colon = text.iter().position(|&b| b == b':')?;
         let alg = Algorithm::from_name(&text[..colon])?;
         let hex = &text[colon + 1..];
@@ -65,12 +65,12 @@ impl Digest {
         Some(Digest { alg, bytes })
     }
 
-    pub fn parse_str(text: &str) -> Option<Digest> {
+    pub(crate) fn parse_str(text: &str) -> Option<Digest> {
         Digest::parse(text.as_bytes())
     }
 
     /// Builds a digest from a finished hash of the given algorithm.
-    pub fn from_raw(alg: Algorithm, raw: &[u8]) -> Option<Digest> {
+    pub(crate) fn from_raw(alg: Algorithm, raw: &[u8]) -> Option<Digest> {
         if raw.len() != alg.output_len() {
             return None;
         }
@@ -79,16 +79,16 @@ impl Digest {
         Some(Digest { alg, bytes })
     }
 
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.alg
     }
 
-    pub fn raw(&self) -> &[u8] {
+    pub(crate) fn raw(&self) -> &[u8] {
         &self.bytes[..self.alg.output_len()]
     }
 
     /// The lowercase hex part, without the algorithm.
-    pub fn hex(&self) -> String {
+    pub(crate) fn hex(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(self.alg.output_len() * 2);
         for &b in self.raw() {

@@ -18,38 +18,38 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
 /// The registry's `config.yml` (`--config`): real ones are a few KiB.
-pub const MAX_CONFIG_BYTES: u64 = MIB;
+pub(crate) const MAX_CONFIG_BYTES: u64 = MIB;
 /// A PEM file: `--ca-cert`, and the Redis TLS certificate, key and root CAs of the config.
-pub const MAX_PEM_BYTES: u64 = MIB;
+pub(crate) const MAX_PEM_BYTES: u64 = MIB;
 /// A Docker `config.json` (`--docker-config`), for its credentials.
-pub const MAX_DOCKER_CONFIG_BYTES: u64 = 4 * MIB;
+pub(crate) const MAX_DOCKER_CONFIG_BYTES: u64 = 4 * MIB;
 /// A cache dump (`check --cache-dump`) in total: about 200 bytes per key, so room for
 /// well over a hundred million keys.
-pub const MAX_DUMP_BYTES: u64 = 32 * GIB;
+pub(crate) const MAX_DUMP_BYTES: u64 = 32 * GIB;
 /// One line of a cache dump: a hash with its fields, or up to 1000 members of a set.
 /// `export-cache` never writes a longer one (a set's members are split across lines).
-pub const MAX_DUMP_LINE: usize = 8 * MIB as usize;
+pub(crate) const MAX_DUMP_LINE: usize = 8 * MIB as usize;
 /// The verification state (`--state`): about 130 bytes per blob verified.
-pub const MAX_STATE_BYTES: u64 = 2 * GIB;
+pub(crate) const MAX_STATE_BYTES: u64 = 2 * GIB;
 /// A saved purge plan (`purge --plan-out`, read by `purge --apply`).
-pub const MAX_PLAN_BYTES: u64 = GIB;
+pub(crate) const MAX_PLAN_BYTES: u64 = GIB;
 /// A purge journal (`restore --journal`) in total.
-pub const MAX_JOURNAL_BYTES: u64 = GIB;
+pub(crate) const MAX_JOURNAL_BYTES: u64 = GIB;
 /// One line of a purge journal: the entries of one digest.
-pub const MAX_JOURNAL_LINE: usize = 64 * MIB as usize;
+pub(crate) const MAX_JOURNAL_LINE: usize = 64 * MIB as usize;
 /// A shard report given to `merge`.
-pub const MAX_REPORT_BYTES: u64 = GIB;
+pub(crate) const MAX_REPORT_BYTES: u64 = GIB;
 /// The output of `registry garbage-collect` given to `probe --gc-log`, in total.
-pub const MAX_GC_LOG_BYTES: u64 = 4 * GIB;
+pub(crate) const MAX_GC_LOG_BYTES: u64 = 4 * GIB;
 /// One line of a GC log (or of the GC command's output that `gc` passes through):
 /// longer lines are cut there.
-pub const MAX_GC_LOG_LINE: usize = MIB as usize;
+pub(crate) const MAX_GC_LOG_LINE: usize = MIB as usize;
 /// The password line read by `probe --password-stdin` (a token can be a few KiB).
-pub const MAX_PASSWORD_BYTES: usize = 64 * KIB as usize;
+pub(crate) const MAX_PASSWORD_BYTES: usize = 64 * KIB as usize;
 /// What is read of a lock file: the holder's pid and start time, a few dozen bytes.
-pub const MAX_LOCK_BYTES: u64 = 4 * KIB;
+pub(crate) const MAX_LOCK_BYTES: u64 = 4 * KIB;
 /// The previous node_exporter textfile, read to keep its last success time.
-pub const MAX_METRICS_BYTES: u64 = MIB;
+pub(crate) const MAX_METRICS_BYTES: u64 = MIB;
 
 /// Why an input was not read. Every message names the file and, where one applies, the
 /// limit.
@@ -137,7 +137,7 @@ impl From<ReadError> for String {
 }
 
 /// A limit as text: `1 MiB`, `64 MiB`, `2 GiB`, `4096 bytes`.
-pub fn limit_text(bytes: u64) -> String {
+pub(crate) fn limit_text(bytes: u64) -> String {
     for (unit, name) in [(GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
         if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{} {name}", bytes / unit);
@@ -147,7 +147,7 @@ pub fn limit_text(bytes: u64) -> String {
 }
 
 /// What a file type is, in words.
-pub fn kind_of(t: &FileType) -> &'static str {
+pub(crate) fn kind_of(t: &FileType) -> &'static str {
     if t.is_file() {
         "regular file"
     } else if t.is_dir() {
@@ -170,7 +170,7 @@ pub fn kind_of(t: &FileType) -> &'static str {
 /// Opens `path` for reading without blocking (a FIFO with no writer would stall a
 /// plain open), and accepts it only if it is a regular file of at most `max` bytes.
 /// Symlinks are followed: an input may well be a link to the real file.
-pub fn open(what: &str, path: &Path, max: u64) -> Result<(File, Metadata), ReadError> {
+pub(crate) fn open(what: &str, path: &Path, max: u64) -> Result<(File, Metadata), ReadError> {
     let name = || path.display().to_string();
     let file = OpenOptions::new()
         .read(true)
@@ -215,7 +215,7 @@ pub fn open(what: &str, path: &Path, max: u64) -> Result<(File, Metadata), ReadE
 
 /// Reads a whole regular file of at most `max` bytes (see [`open`]); a file that grows
 /// past `max` while read is refused too.
-pub fn read(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+pub(crate) fn read(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     let (file, meta) = open(what, path, max)?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(max.saturating_add(1))
@@ -236,7 +236,7 @@ pub fn read(what: &str, path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
 }
 
 /// [`read`], as UTF-8 text.
-pub fn read_to_string(what: &str, path: &Path, max: u64) -> Result<String, ReadError> {
+pub(crate) fn read_to_string(what: &str, path: &Path, max: u64) -> Result<String, ReadError> {
     let bytes = read(what, path, max)?;
     String::from_utf8(bytes).map_err(|e| ReadError::Io {
         what: what.into(),
@@ -247,7 +247,7 @@ pub fn read_to_string(what: &str, path: &Path, max: u64) -> Result<String, ReadE
 
 /// A file (or a pipe) read a line at a time, with a bound on each line and on the
 /// total, so that one endless line cannot exhaust memory.
-pub struct Lines<R> {
+pub(crate) struct Lines<R> {
     inner: R,
     what: String,
     path: String,
@@ -261,7 +261,7 @@ pub struct Lines<R> {
 impl Lines<BufReader<File>> {
     /// Opens a regular file of at most `max_total` bytes (see [`open`]) to read lines of
     /// at most `max_line` bytes.
-    pub fn open(
+    pub(crate) fn open(
         what: &str,
         path: &Path,
         max_total: u64,
@@ -280,7 +280,7 @@ impl Lines<BufReader<File>> {
 
 /// What one step of a lenient read gives.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Line<'a> {
+pub(crate) enum Line<'a> {
     /// A whole line, without its newline.
     Whole(&'a [u8]),
     /// The first `max_line` bytes of a longer line; the rest was skipped.
@@ -288,7 +288,7 @@ pub enum Line<'a> {
 }
 
 impl<R: BufRead> Lines<R> {
-    pub fn new(inner: R, what: &str, path: &str, max_total: u64, max_line: usize) -> Self {
+    pub(crate) fn new(inner: R, what: &str, path: &str, max_total: u64, max_line: usize) -> Self {
         Lines {
             inner,
             what: what.into(),
@@ -301,15 +301,10 @@ impl<R: BufRead> Lines<R> {
         }
     }
 
-    /// The number of the line last returned (1 for the first).
-    pub fn line_number(&self) -> u64 {
-        self.line_no
-    }
-
     /// The next line without its newline (a last line without one counts), or None at
     /// the end. A line longer than the bound, or a total past it, is an error: reading
     /// stops there.
-    pub fn next_line(&mut self) -> Result<Option<&[u8]>, ReadError> {
+    pub(crate) fn next_line(&mut self) -> Result<Option<&[u8]>, ReadError> {
         match self.step(false)? {
             None => Ok(None),
             Some(false) => Ok(Some(&self.buf)),
@@ -324,7 +319,7 @@ impl<R: BufRead> Lines<R> {
 
     /// Like [`Lines::next_line`], but a line longer than the bound is cut there and the
     /// rest of it skipped, for output that is only shown and scanned for known lines.
-    pub fn next_line_lenient(&mut self) -> Result<Option<Line<'_>>, ReadError> {
+    pub(crate) fn next_line_lenient(&mut self) -> Result<Option<Line<'_>>, ReadError> {
         Ok(match self.step(true)? {
             None => None,
             Some(false) => Some(Line::Whole(&self.buf)),
@@ -393,7 +388,7 @@ impl<R: BufRead> Lines<R> {
 /// Refuses to write over anything but a regular file: `path` must not exist, or be a
 /// regular file (not a symlink to one - the link would be replaced, not its target).
 /// `flag` names the setting in the message (`--output`, `--state`, ...).
-pub fn check_output(flag: &str, path: &Path) -> Result<(), String> {
+pub(crate) fn check_output(flag: &str, path: &Path) -> Result<(), String> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => Ok(()),
         Ok(m) => Err(format!(
@@ -407,14 +402,14 @@ pub fn check_output(flag: &str, path: &Path) -> Result<(), String> {
 }
 
 /// True for `-`, the name of stdout where a report can go.
-pub fn is_stdout(path: &Path) -> bool {
+pub(crate) fn is_stdout(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 
 /// Opens (creating it if absent) a file the tool keeps open to update in place - the
 /// journal (appended to) and the lock - only if it is a regular file: never through a
 /// symlink, never blocking on a FIFO.
-pub fn open_regular_for_update(
+pub(crate) fn open_regular_for_update(
     flag: &str,
     path: &Path,
     options: &mut OpenOptions,
@@ -447,7 +442,7 @@ pub fn open_regular_for_update(
 }
 
 /// Writes `text` to stdout (no path, or `-`), or replaces `path` atomically.
-pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
+pub(crate) fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
     let Some(path) = path.filter(|p| !crate::files::is_stdout(p)) else {
         let mut out = std::io::stdout().lock();
         return out
@@ -465,7 +460,7 @@ pub fn write_output(text: &str, path: Option<&Path>) -> Result<(), String> {
 /// directory, synced, then renamed, so a reader never sees half a file. Only a path
 /// that is absent or a regular file is replaced - never a symlink, directory, FIFO,
 /// socket or device (checked before `fill` runs and again before the rename).
-pub fn write_atomically<T>(
+pub(crate) fn write_atomically<T>(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> Result<T, String>,
 ) -> Result<T, String> {

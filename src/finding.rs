@@ -10,7 +10,7 @@ use crate::digest::Digest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Kind {
+pub(crate) enum Kind {
     PhantomBlobDescriptor,
     PhantomRepositoryBlob,
     UnlinkedRepositoryBlob,
@@ -32,7 +32,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub(crate) const ALL: [Kind; 18] = [
         Kind::PhantomBlobDescriptor,
         Kind::PhantomRepositoryBlob,
         Kind::UnlinkedRepositoryBlob,
@@ -54,7 +54,7 @@ impl Kind {
     ];
 
     /// The kebab-case name used in JSON and on the command line.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::PhantomBlobDescriptor => "phantom-blob-descriptor",
             Kind::PhantomRepositoryBlob => "phantom-repository-blob",
@@ -77,13 +77,15 @@ impl Kind {
         }
     }
 
+    #[cfg(test)]
     /// Problems of storage itself, which no change to the cache can fix.
-    pub fn is_storage_problem(self) -> bool {
+    pub(crate) fn is_storage_problem(self) -> bool {
         !self.is_cache_entry() && self != Kind::ProbeFailed
     }
 
+    #[cfg(test)]
     /// Findings about a cache entry (as opposed to blobs and links in storage).
-    pub fn is_cache_entry(self) -> bool {
+    pub(crate) fn is_cache_entry(self) -> bool {
         matches!(
             self,
             Kind::PhantomBlobDescriptor
@@ -99,13 +101,13 @@ impl Kind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Severity {
+pub(crate) enum Severity {
     Warning,
     Error,
 }
 
 impl Severity {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Severity::Warning => "warning",
             Severity::Error => "error",
@@ -115,7 +117,7 @@ impl Severity {
 
 /// One inconsistency between the cache and storage, or within storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub kind: Kind,
     pub severity: Severity,
     /// Would the registry answer a lookup from this cache entry (a cache hit)? Always
@@ -141,7 +143,7 @@ pub struct Finding {
 
 impl Finding {
     /// A finding about a cache key.
-    pub fn cache(
+    pub(crate) fn cache(
         kind: Kind,
         severity: Severity,
         live: bool,
@@ -166,7 +168,7 @@ impl Finding {
     }
 
     /// A finding about storage alone.
-    pub fn storage(
+    pub(crate) fn storage(
         kind: Kind,
         severity: Severity,
         digest: Option<Digest>,
@@ -190,7 +192,7 @@ impl Finding {
     }
 
     /// A finding about what a running registry answered for a blob of a repository.
-    pub fn answer(
+    pub(crate) fn answer(
         kind: Kind,
         severity: Severity,
         live: bool,
@@ -214,7 +216,7 @@ impl Finding {
     }
 
     /// The order of reports: kind, then repository (global first), digest, key, member.
-    pub fn sort_key(&self) -> impl Ord + '_ {
+    pub(crate) fn sort_key(&self) -> impl Ord + '_ {
         (
             self.kind,
             self.repository.as_deref(),
@@ -227,18 +229,18 @@ impl Finding {
     }
 
     /// The key, or the storage path, for display.
-    pub fn location(&self) -> &str {
+    pub(crate) fn location(&self) -> &str {
         self.key.as_deref().or(self.path.as_deref()).unwrap_or("")
     }
 }
 
-pub fn sort(findings: &mut [Finding]) {
+pub(crate) fn sort(findings: &mut [Finding]) {
     findings.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
 }
 
 /// Lossless text for raw key bytes: valid UTF-8 stays as it is, a backslash becomes
 /// `\\`, control characters and bytes that are not UTF-8 become `\xNN`.
-pub fn escape(raw: &[u8]) -> String {
+pub(crate) fn escape(raw: &[u8]) -> String {
     let mut out = String::with_capacity(raw.len());
     for chunk in raw.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -286,7 +288,7 @@ pub fn terminal_safe(text: &str) -> String {
 }
 
 /// The inverse of [`escape`]; `None` for text `escape` cannot produce.
-pub fn unescape(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unescape(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     let bytes = text.as_bytes();
     let mut i = 0;

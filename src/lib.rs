@@ -3,25 +3,28 @@
 //! parses the command line and calls [`run`]; every command lives in a module a test can
 //! call.
 
-pub mod audit;
-pub mod cache;
-pub mod cli;
-pub mod commands;
-pub mod digest;
-pub mod files;
-pub mod finding;
-pub mod lock;
-pub mod output;
-pub mod progress;
-pub mod registry;
-pub mod registry_config;
-pub mod repair;
-pub mod repo_name;
-pub mod settings;
-pub mod shard;
-pub mod storage;
-pub mod summary;
-pub mod timestamp;
+mod audit;
+mod cache;
+mod cli;
+mod commands;
+mod digest;
+mod files;
+mod finding;
+mod lock;
+mod output;
+mod progress;
+mod registry;
+mod registry_config;
+mod repair;
+mod repo_name;
+mod settings;
+mod shard;
+mod storage;
+mod summary;
+mod timestamp;
+
+pub use cli::Cli;
+pub use finding::terminal_safe;
 
 /// Exit status when the tool could not do its job.
 pub const EXIT_CANNOT_RUN: u8 = 2;

@@ -6,15 +6,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub struct Lock {
+pub(crate) struct Lock {
     _file: File,
-    path: PathBuf,
 }
 
 impl Lock {
-    pub fn acquire(path: &Path) -> Result<Lock, String> {
+    pub(crate) fn acquire(path: &Path) -> Result<Lock, String> {
         // Only a regular file (or a new one) is a lock: never a link, FIFO or device.
         let mut file = crate::files::open_regular_for_update(
             "lock file",
@@ -61,14 +60,7 @@ impl Lock {
         let _ = file.seek(SeekFrom::Start(0));
         let _ = writeln!(file, "pid {} since {stamp}", std::process::id());
         let _ = file.sync_data();
-        Ok(Lock {
-            _file: file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Lock { _file: file })
     }
 }
 

@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressFinish, 
 static MULTI: OnceLock<MultiProgress> = OnceLock::new();
 
 /// Enables bars (or not) once, at start-up.
-pub fn init(quiet: bool) {
+pub(crate) fn init(quiet: bool) {
     let target = if !quiet && std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
@@ -26,7 +26,7 @@ fn multi() -> &'static MultiProgress {
 }
 
 /// A counter ("12000 cache keys read").
-pub fn counter(what: &'static str) -> ProgressBar {
+pub(crate) fn counter(what: &'static str) -> ProgressBar {
     let pb = multi().add(ProgressBar::no_length());
     pb.set_style(
         ProgressStyle::with_template("{spinner} {human_pos} {msg} ({per_sec})")
@@ -38,7 +38,7 @@ pub fn counter(what: &'static str) -> ProgressBar {
 }
 
 /// A bar of bytes to hash, with rate and ETA.
-pub fn bytes(total: u64) -> ProgressBar {
+pub(crate) fn bytes(total: u64) -> ProgressBar {
     let pb = multi().add(ProgressBar::new(total));
     pb.set_style(
         ProgressStyle::with_template(
@@ -55,7 +55,7 @@ pub fn bytes(total: u64) -> ProgressBar {
 /// names from storage or Redis, so control characters in it are escaped (the line's
 /// own newline excepted): a log never moves the cursor or rings the bell.
 #[derive(Clone, Copy)]
-pub struct LogWriter;
+pub(crate) struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

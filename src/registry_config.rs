@@ -23,10 +23,10 @@ use yaml_serde::{Mapping, Value};
 use crate::storage::object_spec::{AzureClient, ObjectSpec, Service};
 
 /// The filesystem driver's default root in the registry.
-pub const DEFAULT_ROOT: &str = "/var/lib/registry";
+pub(crate) const DEFAULT_ROOT: &str = "/var/lib/registry";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegistryConfig {
+pub(crate) struct RegistryConfig {
     /// The storage driver named in `storage:` (`filesystem`, `s3`, ...).
     pub driver: Option<String>,
     /// `storage.filesystem.rootdirectory`, defaulted as the registry does.
@@ -46,7 +46,7 @@ pub struct RegistryConfig {
 
 /// The `http:` section: where the registry listens.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HttpConfig {
+pub(crate) struct HttpConfig {
     /// `http.addr`: `host:port`, `:port`, or a socket path when `net` is `unix`.
     pub addr: Option<String>,
     /// `http.net`: `tcp` (the default) or `unix`.
@@ -60,7 +60,7 @@ pub struct HttpConfig {
 }
 
 #[derive(Clone, PartialEq, Eq, Default)]
-pub struct RedisConfig {
+pub(crate) struct RedisConfig {
     pub addrs: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -81,7 +81,7 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RedisTls {
+pub(crate) struct RedisTls {
     pub certificate: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub root_cas: Vec<PathBuf>,
@@ -92,7 +92,7 @@ const STORAGE_OPTIONS: [&str; 5] = ["cache", "delete", "maintenance", "redirect"
 
 /// Reads `path` (a regular file of at most `files::MAX_CONFIG_BYTES`) and applies the
 /// `REGISTRY_*` variables of `env`.
-pub fn load(
+pub(crate) fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {
@@ -101,7 +101,7 @@ pub fn load(
     parse(&text, env).map_err(|e| format!("registry config {}: {e}", path.display()))
 }
 
-pub fn parse(
+pub(crate) fn parse(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RegistryConfig, String> {

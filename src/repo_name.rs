@@ -8,7 +8,7 @@ const MAX_NAME_LEN: usize = 255;
 
 /// True when `name` is a repository name the registry could have served, and so is
 /// safe to join under `repositories/`.
-pub fn is_valid(name: &str) -> bool {
+pub(crate) fn is_valid(name: &str) -> bool {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return false;
     }
@@ -26,7 +26,7 @@ pub fn is_valid(name: &str) -> bool {
 }
 
 /// True when `tag` is a tag name the registry could have served: `[\w][\w.-]{0,127}`.
-pub fn is_valid_tag(tag: &str) -> bool {
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
     let b = tag.as_bytes();
     let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     !b.is_empty()

@@ -18,7 +18,7 @@ use crate::summary::SourceInfo;
 
 /// Where the storage and the cache are.
 #[derive(Debug, Clone)]
-pub struct Source {
+pub(crate) struct Source {
     pub storage: crate::storage::StorageSpec,
     pub cache: CacheSource,
     /// The config file the values came from, if any.
@@ -29,7 +29,7 @@ pub struct Source {
 
 /// Where the cache entries to audit come from.
 #[derive(Debug, Clone)]
-pub enum CacheSource {
+pub(crate) enum CacheSource {
     Redis(Box<RedisTarget>),
     /// A dump written by `export-cache` (or anything that writes the format).
     Dump(PathBuf),
@@ -41,7 +41,7 @@ pub enum CacheSource {
 
 /// Which cache a command wants.
 #[derive(Debug, Clone, Copy)]
-pub enum Want<'a> {
+pub(crate) enum Want<'a> {
     Redis,
     Dump(&'a Path),
     Nothing,
@@ -55,7 +55,7 @@ pub enum Want<'a> {
 
 impl Source {
     /// The Redis target, for commands that need one.
-    pub fn redis(&self) -> Result<&RedisTarget, String> {
+    pub(crate) fn redis(&self) -> Result<&RedisTarget, String> {
         match &self.cache {
             CacheSource::Redis(r) => Ok(r),
             _ => Err("this command needs Redis: pass --redis URL or --config".into()),
@@ -64,14 +64,14 @@ impl Source {
 }
 
 #[derive(Debug, Clone)]
-pub struct ReportSettings {
+pub(crate) struct ReportSettings {
     pub format: Format,
     pub output: Option<PathBuf>,
     pub fail_on: FailOn,
 }
 
 #[derive(Debug, Clone)]
-pub struct CheckSettings {
+pub(crate) struct CheckSettings {
     pub source: Source,
     pub report: ReportSettings,
     pub jobs: usize,
@@ -92,7 +92,7 @@ pub struct CheckSettings {
 }
 
 impl CheckSettings {
-    pub fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
+    pub(crate) fn from_args(args: &CheckArgs) -> Result<CheckSettings, String> {
         let want = match (&args.cache_dump, args.storage_only) {
             (Some(_), true) => {
                 return Err("--cache-dump and --storage-only exclude each other".into());
@@ -187,7 +187,7 @@ impl CheckSettings {
 
 /// `--jobs`, defaulting to every core; more than [`max_jobs`] is capped there, with a
 /// warning on stderr (see [`jobs_with_note`] for the note a report carries).
-pub fn jobs(flag: Option<usize>, storage: &StorageSpec) -> Result<usize, String> {
+pub(crate) fn jobs(flag: Option<usize>, storage: &StorageSpec) -> Result<usize, String> {
     let (n, note) = jobs_with_note(flag, storage)?;
     if let Some(note) = note {
         tracing::warn!("{note}");
@@ -196,7 +196,7 @@ pub fn jobs(flag: Option<usize>, storage: &StorageSpec) -> Result<usize, String>
 }
 
 /// `--jobs` and, when it was capped, the note that says so.
-pub fn jobs_with_note(
+pub(crate) fn jobs_with_note(
     flag: Option<usize>,
     storage: &StorageSpec,
 ) -> Result<(usize, Option<String>), String> {
@@ -223,16 +223,16 @@ pub fn jobs_with_note(
 }
 
 /// Blobs streamed at once from object storage when --jobs is not given.
-pub const OBJECT_STORAGE_JOBS: usize = 16;
+pub(crate) const OBJECT_STORAGE_JOBS: usize = 16;
 /// The most hashing threads per core on a filesystem: past a few per core, threads only
 /// compete for the disk and memory.
-pub const JOBS_PER_CORE: usize = 4;
+pub(crate) const JOBS_PER_CORE: usize = 4;
 /// The most blobs streamed at once from object storage (each holds a connection).
-pub const MAX_OBJECT_STORAGE_JOBS: usize = 256;
+pub(crate) const MAX_OBJECT_STORAGE_JOBS: usize = 256;
 
 /// The most `--jobs` allowed: [`JOBS_PER_CORE`] per core on a filesystem,
 /// [`MAX_OBJECT_STORAGE_JOBS`] on object storage.
-pub fn max_jobs(cores: usize, storage: &StorageSpec) -> usize {
+pub(crate) fn max_jobs(cores: usize, storage: &StorageSpec) -> usize {
     match storage {
         StorageSpec::Fs(_) => cores.saturating_mul(JOBS_PER_CORE).max(1),
         StorageSpec::Object(_) => MAX_OBJECT_STORAGE_JOBS.max(cores),
@@ -240,7 +240,7 @@ pub fn max_jobs(cores: usize, storage: &StorageSpec) -> usize {
 }
 
 /// `--format`, defaulting to a table on a terminal and JSON otherwise.
-pub fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {
+pub(crate) fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {
     flag.unwrap_or_else(|| {
         if output.is_none() && std::io::stdout().is_terminal() {
             Format::Table
@@ -250,7 +250,7 @@ pub fn default_format(flag: Option<Format>, output: Option<&Path>) -> Format {
     })
 }
 
-pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
+pub(crate) fn scan_count(args: &SourceArgs) -> Result<usize, String> {
     match args.scan_count {
         0 => Err("--scan-count must be at least 1".into()),
         n => Ok(n),
@@ -259,7 +259,7 @@ pub fn scan_count(args: &SourceArgs) -> Result<usize, String> {
 
 impl ReportSettings {
     /// Refuses an `--output` that is not absent or a regular file (`-` is stdout).
-    pub fn from_args(args: &ReportArgs) -> Result<ReportSettings, String> {
+    pub(crate) fn from_args(args: &ReportArgs) -> Result<ReportSettings, String> {
         let output = output_path("--output", args.output.as_deref())?;
         Ok(ReportSettings {
             format: default_format(args.format, output.as_deref()),
@@ -271,7 +271,7 @@ impl ReportSettings {
 
 /// A report's output file, checked: `-` means stdout (None); anything else must be
 /// absent or a regular file.
-pub fn output_path(flag: &str, path: Option<&Path>) -> Result<Option<PathBuf>, String> {
+pub(crate) fn output_path(flag: &str, path: Option<&Path>) -> Result<Option<PathBuf>, String> {
     match path {
         None => Ok(None),
         Some(p) if crate::files::is_stdout(p) => Ok(None),
@@ -283,13 +283,13 @@ pub fn output_path(flag: &str, path: Option<&Path>) -> Result<Option<PathBuf>, S
 }
 
 impl Source {
-    pub fn from_args(args: &SourceArgs) -> Result<Source, String> {
+    pub(crate) fn from_args(args: &SourceArgs) -> Result<Source, String> {
         Source::resolve(args, None, Want::Redis)
     }
 
     /// Like `from_args`, with `recorded` (the source a plan or journal was made against)
     /// filling in what the flags leave out.
-    pub fn resolve(
+    pub(crate) fn resolve(
         args: &SourceArgs,
         recorded: Option<&SourceInfo>,
         want: Want<'_>,
@@ -450,7 +450,7 @@ fn probe_target(
 
 /// The Redis to use: `--redis`, else the config's, else the recorded URL when it needs
 /// no password (a recorded URL never holds one).
-pub fn redis_target(
+pub(crate) fn redis_target(
     url: Option<&str>,
     file: Option<&config::RegistryConfig>,
     recorded: Option<&SourceInfo>,

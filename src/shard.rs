@@ -11,16 +11,16 @@ use std::fmt;
 use crate::digest::Digest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
+pub(crate) struct Shard {
     /// 1-based.
     pub k: u64,
     pub n: u64,
 }
 
 impl Shard {
-    pub const ALL: Shard = Shard { k: 1, n: 1 };
+    pub(crate) const ALL: Shard = Shard { k: 1, n: 1 };
 
-    pub fn parse(text: &str) -> Result<Shard, String> {
+    pub(crate) fn parse(text: &str) -> Result<Shard, String> {
         let bad = || format!("--shard '{text}': use K/N with 1 <= K <= N, like 2/8");
         let (k, n) = text.split_once('/').ok_or_else(bad)?;
         let (k, n): (u64, u64) = (
@@ -34,7 +34,7 @@ impl Shard {
     }
 
     /// From a Kubernetes Indexed Job: JOB_COMPLETION_INDEX (0-based) of N.
-    pub fn from_index(index: &str, n: u64) -> Result<Shard, String> {
+    pub(crate) fn from_index(index: &str, n: u64) -> Result<Shard, String> {
         let i: u64 = index
             .trim()
             .parse()
@@ -42,20 +42,16 @@ impl Shard {
         Shard::parse(&format!("{}/{n}", i + 1))
     }
 
-    pub fn is_all(&self) -> bool {
-        self.n == 1
-    }
-
     /// Digests are sliced by bytes 8..16 of the digest (the sample of `--sample` uses
     /// bytes 0..8, so the two do not correlate).
-    pub fn owns_digest(&self, d: &Digest) -> bool {
+    pub(crate) fn owns_digest(&self, d: &Digest) -> bool {
         let mut key = [0u8; 8];
         key.copy_from_slice(&d.raw()[8..16]);
         u64::from_be_bytes(key) % self.n == self.k - 1
     }
 
     /// Repositories are sliced by an FNV-1a hash of the name.
-    pub fn owns_repository(&self, name: &str) -> bool {
+    pub(crate) fn owns_repository(&self, name: &str) -> bool {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in name.bytes() {
             h ^= u64::from(b);
@@ -65,7 +61,7 @@ impl Shard {
     }
 
     /// Work with neither a digest nor a repository: shard 1's.
-    pub fn owns_unsharded(&self) -> bool {
+    pub(crate) fn owns_unsharded(&self) -> bool {
         self.k == 1
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::finding::{Finding, Kind, Severity};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Registry-shaped keys read.
     pub keys_scanned: u64,
     /// Members of repository sets read.
@@ -42,7 +42,7 @@ pub struct Summary {
 
 impl Summary {
     /// Adds another run's counts (a shard's) to these; findings are tallied apart.
-    pub fn add(&mut self, o: &Summary) {
+    pub(crate) fn add(&mut self, o: &Summary) {
         self.keys_scanned += o.keys_scanned;
         self.set_members_scanned += o.set_members_scanned;
         self.foreign_keys_skipped += o.foreign_keys_skipped;
@@ -74,7 +74,7 @@ impl Summary {
     }
 
     /// Counts `findings` by kind (every kind listed, zeros included), severity and live.
-    pub fn tally(&mut self, findings: &[Finding]) {
+    pub(crate) fn tally(&mut self, findings: &[Finding]) {
         self.findings_by_kind = Kind::ALL.iter().map(|k| (*k, 0)).collect();
         self.errors = 0;
         self.warnings = 0;
@@ -92,7 +92,7 @@ impl Summary {
 
 /// Counts of a verification, for the report.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct HashCounts {
+pub(crate) struct HashCounts {
     pub bytes_hashed: u64,
     pub blobs_hashed: u64,
     /// Skipped: verified before and unchanged (`--state`).
@@ -104,7 +104,7 @@ pub struct HashCounts {
 }
 
 impl HashCounts {
-    pub fn add(&mut self, o: &HashCounts) {
+    pub(crate) fn add(&mut self, o: &HashCounts) {
         self.bytes_hashed += o.bytes_hashed;
         self.blobs_hashed += o.blobs_hashed;
         self.blobs_trusted += o.blobs_trusted;
@@ -114,7 +114,7 @@ impl HashCounts {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VerifyCounts {
+pub(crate) struct VerifyCounts {
     pub repositories: u64,
     pub links_checked: u64,
     pub tags_checked: u64,
@@ -124,7 +124,7 @@ pub struct VerifyCounts {
 }
 
 impl VerifyCounts {
-    pub fn add(&mut self, o: &VerifyCounts) {
+    pub(crate) fn add(&mut self, o: &VerifyCounts) {
         self.repositories += o.repositories;
         self.links_checked += o.links_checked;
         self.tags_checked += o.tags_checked;
@@ -133,7 +133,7 @@ impl VerifyCounts {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ProbeCounts {
+pub(crate) struct ProbeCounts {
     /// (repository, digest) pairs asked.
     pub probed: u64,
     pub live_phantoms: u64,
@@ -147,7 +147,7 @@ pub struct ProbeCounts {
 
 impl ProbeCounts {
     /// Adds another run's counts (a shard's).
-    pub fn add(&mut self, o: &ProbeCounts) {
+    pub(crate) fn add(&mut self, o: &ProbeCounts) {
         self.probed += o.probed;
         self.live_phantoms += o.live_phantoms;
         self.answered_unknown += o.answered_unknown;
@@ -158,7 +158,7 @@ impl ProbeCounts {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct GcCounts {
+pub(crate) struct GcCounts {
     pub command: Vec<String>,
     pub dry_run: bool,
     pub exit_status: i32,
@@ -179,7 +179,7 @@ pub struct GcCounts {
 
 /// What was audited; never holds a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceInfo {
+pub(crate) struct SourceInfo {
     pub storage_root: String,
     /// `redis`, `dump` or `none` (storage verification only).
     pub cache: String,
@@ -195,7 +195,7 @@ pub struct SourceInfo {
 
 impl SourceInfo {
     /// The cache, for a report's first line.
-    pub fn describe_cache(&self) -> String {
+    pub(crate) fn describe_cache(&self) -> String {
         match (&self.redis, &self.cache_dump, &self.registry_url) {
             (Some(r), _, _) => r.clone(),
             (None, Some(d), _) => format!("cache dump {d}"),

@@ -4,9 +4,9 @@
 //! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
 //! and never reads Redis itself.
 
-pub mod rehash;
-pub mod state;
-pub mod verify;
+pub(crate) mod rehash;
+pub(crate) mod state;
+pub(crate) mod verify;
 
 use std::collections::HashSet;
 
@@ -21,7 +21,7 @@ use crate::storage::Storage;
 use crate::summary::Summary;
 
 #[derive(Clone, Copy)]
-pub struct AuditOptions<'a> {
+pub(crate) struct AuditOptions<'a> {
     /// What to re-hash.
     pub hashing: Policy<'a>,
     /// Also walk repositories, links, tags and manifests (`verify`).
@@ -31,7 +31,7 @@ pub struct AuditOptions<'a> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Audit {
+pub(crate) struct Audit {
     pub findings: Vec<Finding>,
     pub summary: Summary,
     /// Why the run did not read everything it should have (a directory that could not
@@ -41,7 +41,11 @@ pub struct Audit {
 }
 
 /// Audits every entry of `index` against `storage`.
-pub fn run(storage: &Storage, index: CacheIndex, opts: AuditOptions<'_>) -> Result<Audit, String> {
+pub(crate) fn run(
+    storage: &Storage,
+    index: CacheIndex,
+    opts: AuditOptions<'_>,
+) -> Result<Audit, String> {
     let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
     digests.sort_unstable();
     let (checks, hash_counts) = rehash::verify(storage, &digests, opts.hashing)?;

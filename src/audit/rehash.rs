@@ -19,18 +19,18 @@ use crate::summary::HashCounts;
 
 /// Read buffer per worker: large enough for sequential throughput, small enough that
 /// memory does not grow with blob size.
-pub const READ_BUFFER: usize = 512 * 1024;
+pub(crate) const READ_BUFFER: usize = 512 * 1024;
 
 /// What storage holds for one digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlobCheck {
+pub(crate) enum BlobCheck {
     Absent,
     Present { size: u64, content: Content },
     Unreadable { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     /// Hashes to its digest.
     Verified,
     /// Hashes to something else.
@@ -40,7 +40,7 @@ pub enum Content {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
+pub(crate) enum Skip {
     /// `--quick`.
     Quick,
     /// Outside this run's `--sample`.
@@ -54,7 +54,7 @@ pub enum Skip {
 /// Which blobs a run re-hashes: `n/m` (the n-th of m slices, so m runs cover every
 /// blob exactly once) or a percentage, both chosen by digest, so deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sample {
+pub(crate) enum Sample {
     Slice {
         n: u64,
         m: u64,
@@ -64,7 +64,7 @@ pub enum Sample {
 }
 
 impl Sample {
-    pub fn parse(text: &str) -> Result<Sample, String> {
+    pub(crate) fn parse(text: &str) -> Result<Sample, String> {
         let bad = || format!("--sample '{text}': use a percentage like 5% or a slice like 1/20");
         if let Some(p) = text.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| bad())?;
@@ -84,7 +84,7 @@ impl Sample {
         Ok(Sample::Slice { n, m })
     }
 
-    pub fn includes(&self, d: &Digest) -> bool {
+    pub(crate) fn includes(&self, d: &Digest) -> bool {
         let mut key = [0u8; 8];
         key.copy_from_slice(&d.raw()[..8]);
         let key = u64::from_be_bytes(key);
@@ -97,7 +97,7 @@ impl Sample {
 
 /// What a run re-hashes.
 #[derive(Clone, Copy)]
-pub struct Policy<'a> {
+pub(crate) struct Policy<'a> {
     pub jobs: usize,
     pub quick: bool,
     pub sample: Option<Sample>,
@@ -107,7 +107,7 @@ pub struct Policy<'a> {
 }
 
 impl Policy<'_> {
-    pub fn simple(jobs: usize, quick: bool) -> Policy<'static> {
+    pub(crate) fn simple(jobs: usize, quick: bool) -> Policy<'static> {
         Policy {
             jobs,
             quick,
@@ -130,7 +130,7 @@ struct Totals {
 
 /// Maps `f` over `items` on `threads` threads; results keep the order of `items`. The
 /// one parallel primitive besides hashing: `probe` uses it to bound its requests.
-pub fn parallel_map<T: Sync, R: Send>(
+pub(crate) fn parallel_map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> R + Sync,
@@ -145,7 +145,7 @@ pub fn parallel_map<T: Sync, R: Send>(
 /// Checks every digest; the result is in the same order as `digests`. First every blob
 /// is stat'ed (existence and size are checked every run), then the ones the policy
 /// selects are hashed, with a progress bar of the bytes to go.
-pub fn verify(
+pub(crate) fn verify(
     storage: &Storage,
     digests: &[Digest],
     policy: Policy<'_>,
@@ -351,7 +351,11 @@ impl Read for Metered<'_> {
 }
 
 /// Hashes a reader with the given algorithm; returns the digest and the bytes read.
-pub fn hash_reader(alg: Algorithm, r: &mut dyn Read, buf: &mut [u8]) -> io::Result<(Digest, u64)> {
+pub(crate) fn hash_reader(
+    alg: Algorithm,
+    r: &mut dyn Read,
+    buf: &mut [u8],
+) -> io::Result<(Digest, u64)> {
     fn run<H: sha2::Digest>(
         mut h: H,
         alg: Algorithm,

@@ -15,14 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
-pub const FORMAT: &str = "registry-audit-state";
-pub const VERSION: u32 = 1;
+pub(crate) const FORMAT: &str = "registry-audit-state";
+pub(crate) const VERSION: u32 = 1;
 /// How often a long run saves its progress.
 const SAVE_EVERY: Duration = Duration::from_secs(15);
 
 /// What was known of a blob when it was last verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
     pub modified: i128,
@@ -38,7 +38,7 @@ struct File {
     blobs: BTreeMap<String, Entry>,
 }
 
-pub struct State {
+pub(crate) struct State {
     path: PathBuf,
     storage_root: String,
     entries: Mutex<HashMap<Digest, Entry>>,
@@ -50,7 +50,7 @@ impl State {
     /// or foreign one (or one that cannot be read now) is an empty state plus a warning
     /// to report. A path that is not a regular file, or a file larger than
     /// `files::MAX_STATE_BYTES`, is an error: it is neither read nor later replaced.
-    pub fn load(path: &Path, storage_root: &str) -> Result<(State, Option<String>), String> {
+    pub(crate) fn load(path: &Path, storage_root: &str) -> Result<(State, Option<String>), String> {
         let (entries, warning) =
             match crate::files::read("state", path, crate::files::MAX_STATE_BYTES) {
                 Err(e) if e.is_not_found() => (HashMap::new(), None),
@@ -71,7 +71,7 @@ impl State {
 
     /// True when the blob was verified with this size and modification time, less than
     /// `reverify_after` before `now`.
-    pub fn trusts(
+    pub(crate) fn trusts(
         &self,
         d: &Digest,
         size: u64,
@@ -90,29 +90,26 @@ impl State {
         })
     }
 
-    pub fn record(&self, d: Digest, entry: Entry) {
+    pub(crate) fn record(&self, d: Digest, entry: Entry) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(d, entry);
         }
     }
 
-    pub fn forget(&self, d: &Digest) {
+    pub(crate) fn forget(&self, d: &Digest) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.remove(d);
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.lock().map(|e| e.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.entries.lock().map(|e| e.is_empty()).unwrap_or(true)
     }
 
     /// Saves when the last save is long enough ago; called while hashing, so a crash
     /// loses at most a few seconds of work.
-    pub fn maybe_save(&self) {
+    pub(crate) fn maybe_save(&self) {
         let due = match self.last_save.try_lock() {
             Ok(mut last) if last.elapsed() >= SAVE_EVERY => {
                 *last = Instant::now();
@@ -126,7 +123,7 @@ impl State {
     }
 
     /// Replaces the file atomically with the current state.
-    pub fn save(&self) -> Result<(), String> {
+    pub(crate) fn save(&self) -> Result<(), String> {
         let blobs: BTreeMap<String, Entry> = match self.entries.lock() {
             Ok(entries) => entries.iter().map(|(d, e)| (d.to_string(), *e)).collect(),
             Err(_) => return Err("state lock poisoned".into()),
@@ -195,14 +192,14 @@ fn parse(
 }
 
 /// Seconds since the epoch.
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// Parses `30d`, `12h`, `20m`, `90s`, `500ms` (or a bare number of seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

@@ -21,27 +21,27 @@ use crate::summary::VerifyCounts;
 
 /// Manifests larger than this cannot be used (the registry refuses to accept a manifest
 /// over 4 MiB).
-pub const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_MANIFEST: u64 = 4 * 1024 * 1024;
 /// Link files hold one digest; anything larger is not a link.
-pub const MAX_LINK: u64 = 1024;
+pub(crate) const MAX_LINK: u64 = 1024;
 /// Links asked of storage at a time (object storage fetches them concurrently).
 const PREFETCH: usize = 1024;
 /// How many manifests may stand on one chain below a tag (an index of indexes ... of an
 /// image manifest). Every level is still followed; a longer chain is a `bad-manifest`
 /// finding, since clients give up long before (and only corrupt content nests so).
-pub const MAX_NESTING: u32 = 8;
+pub(crate) const MAX_NESTING: u32 = 8;
 /// Problems listed one by one under a tag; past it one more finding says how many
 /// were left out, so a hostile manifest naming a million missing layers under many
 /// tags cannot flood memory or the report.
-pub const MAX_PROBLEMS_PER_TAG: usize = 1000;
+pub(crate) const MAX_PROBLEMS_PER_TAG: usize = 1000;
 
 /// Verifies all of storage; returns findings (unsorted) and counts.
-pub fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
+pub(crate) fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
     verify_shard(storage, Shard::ALL)
 }
 
 /// Verifies the repositories `shard` owns.
-pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCounts) {
+pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCounts) {
     let mut v = Verifier {
         storage,
         present: HashMap::new(),
@@ -85,7 +85,7 @@ pub fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCou
 
 /// The places of storage that could not be read since the last call, as
 /// `unreadable-storage` findings (errors: what was not read is never sound).
-pub fn unread_findings(storage: &Storage) -> Vec<Finding> {
+pub(crate) fn unread_findings(storage: &Storage) -> Vec<Finding> {
     storage
         .take_unread()
         .into_iter()
@@ -681,7 +681,7 @@ impl Verifier<'_> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reference {
+pub(crate) struct Reference {
     pub digest: Digest,
     pub is_manifest: bool,
 }
@@ -711,7 +711,7 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// (`urls` set, or a non-distributable or foreign media type) are not expected in
 /// storage and are skipped. `Err` says why the bytes are not a manifest the registry
 /// would serve.
-pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
+pub(crate) fn parse_manifest(bytes: &[u8]) -> Result<Vec<Reference>, String> {
     use serde_json::Value;
     let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let not = |why: String| Err(format!("not a manifest: {why}"));

@@ -14,16 +14,16 @@ use redis::{Connection, ConnectionAddr, ConnectionInfo, Value};
 use crate::cache::redis::{RedisTarget, brief};
 
 /// Slots of a Redis Cluster.
-pub const SLOTS: usize = 16384;
+pub(crate) const SLOTS: usize = 16384;
 
 /// Which master serves each slot, as `host:port` (None: no owner).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotMap {
+pub(crate) struct SlotMap {
     owners: Vec<Option<(String, u16)>>,
 }
 
 impl SlotMap {
-    pub fn read(conn: &mut dyn redis::ConnectionLike) -> Result<SlotMap, String> {
+    pub(crate) fn read(conn: &mut dyn redis::ConnectionLike) -> Result<SlotMap, String> {
         let reply: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query(conn)
@@ -56,7 +56,7 @@ impl SlotMap {
     }
 
     /// Every master, in a stable order.
-    pub fn masters(&self) -> Vec<(String, u16)> {
+    pub(crate) fn masters(&self) -> Vec<(String, u16)> {
         let mut m: Vec<(String, u16)> = self.owners.iter().flatten().cloned().collect();
         m.sort();
         m.dedup();
@@ -64,7 +64,7 @@ impl SlotMap {
     }
 
     /// Slots whose owner differs in `other`, with their owner there.
-    pub fn moved_to(&self, other: &SlotMap) -> BTreeMap<(String, u16), Vec<usize>> {
+    pub(crate) fn moved_to(&self, other: &SlotMap) -> BTreeMap<(String, u16), Vec<usize>> {
         let mut out: BTreeMap<(String, u16), Vec<usize>> = BTreeMap::new();
         for (slot, (a, b)) in self.owners.iter().zip(&other.owners).enumerate() {
             if a != b
@@ -78,13 +78,13 @@ impl SlotMap {
 }
 
 /// A connected cluster: a direct connection per master and a routing connection.
-pub struct Cluster {
+pub(crate) struct Cluster {
     target: RedisTarget,
     pub router: ClusterConnection,
 }
 
 impl Cluster {
-    pub fn connect(target: &RedisTarget) -> Result<Cluster, String> {
+    pub(crate) fn connect(target: &RedisTarget) -> Result<Cluster, String> {
         let mut builder = ClusterClient::builder(vec![target.info.clone()]);
         if let Some(certs) = &target.tls {
             builder = builder.certs(certs.clone());
@@ -110,12 +110,12 @@ impl Cluster {
     }
 
     /// The current slot map, asked of the cluster.
-    pub fn slot_map(&mut self) -> Result<SlotMap, String> {
+    pub(crate) fn slot_map(&mut self) -> Result<SlotMap, String> {
         SlotMap::read(&mut self.router)
     }
 
     /// A direct connection to one master, with the seed's credentials and TLS.
-    pub fn node(&self, host: &str, port: u16) -> Result<Connection, String> {
+    pub(crate) fn node(&self, host: &str, port: u16) -> Result<Connection, String> {
         let addr = match self.target.info.addr() {
             ConnectionAddr::TcpTls {
                 insecure,
@@ -143,13 +143,13 @@ impl Cluster {
 }
 
 /// Whether a connection's server runs in cluster mode.
-pub fn is_cluster(conn: &mut Connection) -> bool {
+pub(crate) fn is_cluster(conn: &mut Connection) -> bool {
     let info: Result<String, _> = redis::cmd("INFO").arg("cluster").query(conn);
     info.is_ok_and(|text| text.lines().any(|l| l.trim() == "cluster_enabled:1"))
 }
 
 /// True for a reply that redirects to another node (a slot being migrated).
-pub fn is_redirect(v: &Value) -> bool {
+pub(crate) fn is_redirect(v: &Value) -> bool {
     match v {
         Value::ServerError(e) => matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN"),
         _ => false,

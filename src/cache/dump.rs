@@ -43,8 +43,8 @@ use crate::cache::redis::{self as redis_cache, CacheConn, brief};
 use crate::files::{self, MAX_DUMP_LINE};
 use crate::finding;
 
-pub const FORMAT: &str = "registry-audit-cache-dump";
-pub const VERSION: u32 = 1;
+pub(crate) const FORMAT: &str = "registry-audit-cache-dump";
+pub(crate) const VERSION: u32 = 1;
 /// Members per line for large sets.
 const MEMBERS_PER_LINE: usize = 1000;
 /// Escaped member bytes per line for large sets, so that a line of long members stays
@@ -84,7 +84,7 @@ struct Trailer {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct ExportCounts {
+pub(crate) struct ExportCounts {
     pub keys: u64,
     pub set_members: u64,
     pub foreign_keys_skipped: u64,
@@ -92,7 +92,7 @@ pub struct ExportCounts {
 
 /// Streams every registry-shaped key of the database (every master of a cluster) to
 /// `out`.
-pub fn export(
+pub(crate) fn export(
     conn: &mut CacheConn,
     out: &mut dyn Write,
     source: &str,
@@ -316,7 +316,7 @@ impl LineKey for Trailer {
 
 /// What reading a dump found besides its entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DumpRead {
+pub(crate) struct DumpRead {
     /// Why the dump cannot be trusted to hold the whole cache (no trailer, or counts
     /// that disagree): the audit of what it held stands, but the run is incomplete.
     pub incomplete: Option<String>,
@@ -324,7 +324,7 @@ pub struct DumpRead {
 
 /// Reads a dump into `index`, streaming, a line at a time within the limits of
 /// `files`; a malformed line is an error naming the line and column.
-pub fn read(path: &Path, index: &mut CacheIndex) -> Result<DumpRead, String> {
+pub(crate) fn read(path: &Path, index: &mut CacheIndex) -> Result<DumpRead, String> {
     let lines = files::Lines::open(
         "cache dump",
         path,
@@ -335,7 +335,7 @@ pub fn read(path: &Path, index: &mut CacheIndex) -> Result<DumpRead, String> {
 }
 
 /// Reads dump lines into `index`; `name` names the dump in errors.
-pub fn read_lines<R: BufRead>(
+pub(crate) fn read_lines<R: BufRead>(
     mut lines: files::Lines<R>,
     name: &str,
     index: &mut CacheIndex,

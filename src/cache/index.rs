@@ -14,7 +14,7 @@ use crate::shard::Shard;
 
 /// What a raw key is, by its shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyShape {
+pub(crate) enum KeyShape {
     /// `blobs::<digest>`: the global descriptor hash.
     Global(Digest),
     /// `repository::<name>::blobs`: the set of digests known in a repository.
@@ -30,25 +30,25 @@ pub enum KeyShape {
     Foreign,
 }
 
-pub const GLOBAL_PREFIX: &[u8] = b"blobs::";
-pub const REPO_PREFIX: &[u8] = b"repository::";
+pub(crate) const GLOBAL_PREFIX: &[u8] = b"blobs::";
+pub(crate) const REPO_PREFIX: &[u8] = b"repository::";
 const SET_SUFFIX: &[u8] = b"::blobs";
 const HASH_INFIX: &[u8] = b"::blobs::";
 
-pub fn global_key(d: &Digest) -> String {
+pub(crate) fn global_key(d: &Digest) -> String {
     format!("blobs::{d}")
 }
 
-pub fn repo_set_key(repo: &str) -> String {
+pub(crate) fn repo_set_key(repo: &str) -> String {
     format!("repository::{repo}::blobs")
 }
 
-pub fn repo_hash_key(repo: &str, d: &Digest) -> String {
+pub(crate) fn repo_hash_key(repo: &str, d: &Digest) -> String {
     format!("repository::{repo}::blobs::{d}")
 }
 
 /// Classifies a raw Redis key by the registry's key shapes.
-pub fn classify(key: &[u8]) -> KeyShape {
+pub(crate) fn classify(key: &[u8]) -> KeyShape {
     if let Some(rest) = key.strip_prefix(GLOBAL_PREFIX) {
         return match Digest::parse(rest) {
             Some(d) => KeyShape::Global(d),
@@ -95,7 +95,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The `size` field of a global descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SizeField {
+pub(crate) enum SizeField {
     Missing,
     Valid(i64),
     /// Present but not an integer: the registry's read fails, a miss.
@@ -104,7 +104,7 @@ pub enum SizeField {
 
 /// A `blobs::<digest>` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GlobalEntry {
+pub(crate) enum GlobalEntry {
     Hash {
         has_digest: bool,
         size: SizeField,
@@ -116,7 +116,7 @@ pub enum GlobalEntry {
 impl GlobalEntry {
     /// The registry serves the global descriptor when the hash has both `digest` and a
     /// `size` it can parse as an integer (a missing `mediatype` does not matter).
-    pub fn is_live(&self) -> bool {
+    pub(crate) fn is_live(&self) -> bool {
         matches!(
             self,
             GlobalEntry::Hash {
@@ -126,7 +126,7 @@ impl GlobalEntry {
         )
     }
 
-    pub fn cached_size(&self) -> Option<i64> {
+    pub(crate) fn cached_size(&self) -> Option<i64> {
         match self {
             GlobalEntry::Hash {
                 size: SizeField::Valid(s),
@@ -139,7 +139,7 @@ impl GlobalEntry {
 
 /// The `repository::<name>::blobs::<digest>` hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RepoHash {
+pub(crate) enum RepoHash {
     Absent,
     WithMediatype,
     /// The hash exists without `mediatype`: the registry's HGET finds nothing, a miss.
@@ -149,7 +149,7 @@ pub enum RepoHash {
 
 /// One repository's entries for one digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RepoEntry {
+pub(crate) struct RepoEntry {
     pub repo: u32,
     /// The digest is a member of `repository::<name>::blobs`.
     pub member: bool,
@@ -157,27 +157,27 @@ pub struct RepoEntry {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DigestEntry {
+pub(crate) struct DigestEntry {
     pub global: Option<GlobalEntry>,
     pub repos: Vec<RepoEntry>,
 }
 
 impl DigestEntry {
-    pub fn global_live(&self) -> bool {
+    pub(crate) fn global_live(&self) -> bool {
         self.global.is_some_and(|g| g.is_live())
     }
 
     /// The registry answers a repository-scoped lookup from the cache only when the
     /// digest is in the repository's set, the global descriptor is live, and the
     /// repository hash has a `mediatype` field.
-    pub fn repo_live(&self, entry: &RepoEntry) -> bool {
+    pub(crate) fn repo_live(&self, entry: &RepoEntry) -> bool {
         entry.member && self.global_live() && entry.hash == RepoHash::WithMediatype
     }
 }
 
 /// The fields of a registry hash that matter, as read from Redis or a dump.
 #[derive(Debug, Clone, Default)]
-pub struct HashFields<'a> {
+pub(crate) struct HashFields<'a> {
     pub digest: Option<&'a [u8]>,
     pub size: Option<&'a [u8]>,
     pub length: Option<&'a [u8]>,
@@ -186,7 +186,7 @@ pub struct HashFields<'a> {
 
 /// Counts of what was read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ScanCounts {
+pub(crate) struct ScanCounts {
     /// Registry-shaped keys read.
     pub keys: u64,
     /// Members of repository sets read.
@@ -198,7 +198,7 @@ pub struct ScanCounts {
 /// Every registry-shaped cache entry, indexed by digest, plus the findings about
 /// entries that could not be indexed because they are malformed.
 #[derive(Debug)]
-pub struct CacheIndex {
+pub(crate) struct CacheIndex {
     /// Only entries of this shard are indexed (and counted).
     shard: Shard,
     repos: Vec<String>,
@@ -215,11 +215,11 @@ impl Default for CacheIndex {
 }
 
 impl CacheIndex {
-    pub fn new() -> CacheIndex {
+    pub(crate) fn new() -> CacheIndex {
         CacheIndex::for_shard(Shard::ALL)
     }
 
-    pub fn for_shard(shard: Shard) -> CacheIndex {
+    pub(crate) fn for_shard(shard: Shard) -> CacheIndex {
         CacheIndex {
             shard,
             repos: Vec::new(),
@@ -231,34 +231,35 @@ impl CacheIndex {
     }
 
     /// Whether this shard owns a key of this shape.
-    pub fn owns(&self, shape: &KeyShape) -> bool {
+    pub(crate) fn owns(&self, shape: &KeyShape) -> bool {
         match shape {
             KeyShape::Global(d) | KeyShape::RepoHash(_, d) => self.shard.owns_digest(d),
             _ => self.shard.owns_unsharded(),
         }
     }
 
-    pub fn repo_name(&self, id: u32) -> &str {
+    pub(crate) fn repo_name(&self, id: u32) -> &str {
         &self.repos[id as usize]
     }
 
-    pub fn digests(&self) -> impl Iterator<Item = (&Digest, &DigestEntry)> {
+    pub(crate) fn digests(&self) -> impl Iterator<Item = (&Digest, &DigestEntry)> {
         self.digests.iter()
     }
 
-    pub fn entry(&self, d: &Digest) -> Option<&DigestEntry> {
+    pub(crate) fn entry(&self, d: &Digest) -> Option<&DigestEntry> {
         self.digests.get(d)
     }
 
-    pub fn digest_count(&self) -> usize {
+    pub(crate) fn digest_count(&self) -> usize {
         self.digests.len()
     }
 
-    pub fn into_malformed(self) -> Vec<Finding> {
+    pub(crate) fn into_malformed(self) -> Vec<Finding> {
         self.malformed
     }
 
-    pub fn malformed(&self) -> &[Finding] {
+    #[cfg(test)]
+    pub(crate) fn malformed(&self) -> &[Finding] {
         &self.malformed
     }
 
@@ -292,7 +293,7 @@ impl CacheIndex {
     /// Records one key, whatever it was read from: its shape, its Redis type (`none`
     /// when it vanished meanwhile) and, for a hash, its fields. Returns the repository
     /// when the key is a repository set, whose members the caller adds next.
-    pub fn ingest(
+    pub(crate) fn ingest(
         &mut self,
         key: &[u8],
         shape: KeyShape,
@@ -341,13 +342,18 @@ impl CacheIndex {
     }
 
     /// Records a malformed registry-shaped key.
-    pub fn add_malformed_key(&mut self, key: &[u8], repository: Option<String>, reason: String) {
+    pub(crate) fn add_malformed_key(
+        &mut self,
+        key: &[u8],
+        repository: Option<String>,
+        reason: String,
+    ) {
         self.malformed
             .push(malformed(None, repository, key, None, reason));
     }
 
     /// Records a `blobs::<digest>` key of a type other than hash.
-    pub fn add_global_wrong_type(&mut self, key: &[u8], d: Digest, redis_type: &str) {
+    pub(crate) fn add_global_wrong_type(&mut self, key: &[u8], d: Digest, redis_type: &str) {
         self.digests.entry(d).or_default().global = Some(GlobalEntry::WrongType);
         self.malformed.push(malformed(
             Some(d),
@@ -359,7 +365,7 @@ impl CacheIndex {
     }
 
     /// Records a `blobs::<digest>` hash from its raw fields.
-    pub fn add_global(&mut self, key: &[u8], d: Digest, fields: HashFields<'_>) {
+    pub(crate) fn add_global(&mut self, key: &[u8], d: Digest, fields: HashFields<'_>) {
         let size = match fields.size {
             None => SizeField::Missing,
             Some(raw) => match std::str::from_utf8(raw)
@@ -401,7 +407,7 @@ impl CacheIndex {
     }
 
     /// Records one member of `repository::<repo>::blobs`.
-    pub fn add_member(&mut self, set_key: &[u8], repo: &str, member: &[u8]) {
+    pub(crate) fn add_member(&mut self, set_key: &[u8], repo: &str, member: &[u8]) {
         let parsed = Digest::parse(member);
         let owned = match &parsed {
             Some(d) => self.shard.owns_digest(d),
@@ -424,7 +430,7 @@ impl CacheIndex {
     }
 
     /// Records a repository set key of a type other than set.
-    pub fn add_set_wrong_type(&mut self, key: &[u8], repo: &str, redis_type: &str) {
+    pub(crate) fn add_set_wrong_type(&mut self, key: &[u8], repo: &str, redis_type: &str) {
         self.malformed.push(malformed(
             None,
             Some(repo.to_string()),
@@ -435,7 +441,7 @@ impl CacheIndex {
     }
 
     /// Records a `repository::<repo>::blobs::<digest>` key.
-    pub fn add_repo_hash(
+    pub(crate) fn add_repo_hash(
         &mut self,
         key: &[u8],
         repo: &str,

@@ -2,7 +2,7 @@
 //! streamed with SCAN and pipelines) or a dump written by `export-cache`, into one
 //! compact `CacheIndex`. Readers only: nothing here sends a command that writes.
 
-pub mod cluster;
-pub mod dump;
-pub mod index;
-pub mod redis;
+pub(crate) mod cluster;
+pub(crate) mod dump;
+pub(crate) mod index;
+pub(crate) mod redis;

@@ -17,12 +17,12 @@ use crate::cache::index::{CacheIndex, HashFields, KeyShape, classify};
 
 /// The registry's fields of a descriptor hash, in this order; purge removes these and
 /// no others from a global descriptor.
-pub const HASH_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
+pub(crate) const HASH_FIELDS: [&str; 4] = ["digest", "size", "length", "mediatype"];
 
 /// Where the cache is and how to authenticate; the password never leaves this struct
 /// except to Redis.
 #[derive(Clone)]
-pub struct RedisTarget {
+pub(crate) struct RedisTarget {
     pub info: ConnectionInfo,
     pub tls: Option<redis::TlsCertificates>,
     /// The operator said this is a cluster (`--redis-cluster`, or several
@@ -39,7 +39,7 @@ impl std::fmt::Debug for RedisTarget {
 impl RedisTarget {
     /// Parses `redis://[user:pass@]host:port/db`, `rediss://...` or
     /// `redis+unix:///path.sock`.
-    pub fn from_url(url: &str) -> Result<RedisTarget, String> {
+    pub(crate) fn from_url(url: &str) -> Result<RedisTarget, String> {
         let info: ConnectionInfo =
             redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
                 format!(
@@ -55,7 +55,7 @@ impl RedisTarget {
     }
 
     /// The target as a URL with the password masked: safe for reports and errors.
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         let redis = self.info.redis_settings();
         let mut auth = String::new();
         if let Some(user) = redis.username() {
@@ -82,7 +82,7 @@ impl RedisTarget {
 
     /// Connects and checks the connection with PING, so that a refused password or an
     /// unreachable server is an error here, with a message that says what to fix.
-    pub fn connect(&self) -> Result<Connection, String> {
+    pub(crate) fn connect(&self) -> Result<Connection, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = match &self.tls {
             Some(certs) => Client::build_with_tls(self.info.clone(), certs.clone()),
@@ -124,20 +124,20 @@ impl RedisTarget {
 }
 
 /// One line for a Redis error, without anything from the connection string.
-pub fn brief(e: &redis::RedisError) -> String {
+pub(crate) fn brief(e: &redis::RedisError) -> String {
     let text = e.to_string();
     text.lines().next().unwrap_or("error").to_string()
 }
 
 /// A connection to the cache: one server, or a cluster.
-pub enum CacheConn {
+pub(crate) enum CacheConn {
     Single(Connection),
     Cluster(Box<Cluster>),
 }
 
 impl RedisTarget {
     /// Connects, recognising a Redis Cluster by any of its nodes.
-    pub fn connect_cache(&self) -> Result<CacheConn, String> {
+    pub(crate) fn connect_cache(&self) -> Result<CacheConn, String> {
         let mut conn = self.connect()?;
         if redis_cluster::is_cluster(&mut conn) {
             Ok(CacheConn::Cluster(Box::new(Cluster::connect(self)?)))
@@ -154,7 +154,7 @@ impl RedisTarget {
 
 /// Where a batch of keys is read: the node that holds them, and in a cluster the
 /// routing connection for keys that moved meanwhile.
-pub struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     pub node: &'a mut Connection,
     pub router: Option<&'a mut ClusterConnection>,
 }
@@ -189,13 +189,13 @@ impl Seen {
 }
 
 impl CacheConn {
-    pub fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, CacheConn::Cluster(_))
     }
 
     /// The connection for commands about given keys (a cluster routes them by slot and
     /// follows MOVED/ASK).
-    pub fn router(&mut self) -> &mut dyn ConnectionLike {
+    pub(crate) fn router(&mut self) -> &mut dyn ConnectionLike {
         match self {
             CacheConn::Single(c) => c,
             CacheConn::Cluster(c) => &mut c.router,
@@ -207,7 +207,7 @@ impl CacheConn {
     /// scanned, and the slots that changed owner or were migrating while we scanned are
     /// read again (CLUSTER GETKEYSINSLOT on every master), so a resharding loses no key.
     /// Returns how many slots were read again.
-    pub fn for_each_batch(
+    pub(crate) fn for_each_batch(
         &mut self,
         batch: usize,
         mut f: impl FnMut(&mut Reader<'_>, Vec<Vec<u8>>) -> Result<(), String>,
@@ -276,21 +276,21 @@ impl CacheConn {
 
 /// A SCAN may return each key more than once (while Redis rehashes): it is stopped
 /// once it has returned this many times as many keys as the server holds...
-pub const SCAN_KEYS_FACTOR: u64 = 4;
+pub(crate) const SCAN_KEYS_FACTOR: u64 = 4;
 /// ... plus this many (keys added while we scan, a small database).
-pub const SCAN_KEYS_SLACK: u64 = 100_000;
+pub(crate) const SCAN_KEYS_SLACK: u64 = 100_000;
 /// A SCAN call visits about COUNT buckets of a table at most about ten times as large
 /// as the number of keys (Redis shrinks emptier tables): it is stopped after this many
 /// times the keys, divided by COUNT, calls...
-pub const SCAN_CALLS_FACTOR: u64 = 16;
+pub(crate) const SCAN_CALLS_FACTOR: u64 = 16;
 /// ... plus this many.
-pub const SCAN_CALLS_SLACK: u64 = 10_000;
+pub(crate) const SCAN_CALLS_SLACK: u64 = 10_000;
 
 /// The bound on one SCAN (of a node) or SSCAN (of a set), derived from the size the
 /// server reports (DBSIZE or SCARD), so a server whose cursor never returns to 0, or
 /// that returns keys forever, is stopped instead of read forever.
 #[derive(Debug, Clone, Copy)]
-pub struct ScanLimit {
+pub(crate) struct ScanLimit {
     /// The largest size the server reported.
     pub size: u64,
     batch: u64,
@@ -300,7 +300,7 @@ pub struct ScanLimit {
 }
 
 impl ScanLimit {
-    pub fn new(size: u64, batch: usize) -> ScanLimit {
+    pub(crate) fn new(size: u64, batch: usize) -> ScanLimit {
         ScanLimit {
             size,
             batch: (batch as u64).max(1),
@@ -309,35 +309,35 @@ impl ScanLimit {
         }
     }
 
-    pub fn max_keys(&self) -> u64 {
+    pub(crate) fn max_keys(&self) -> u64 {
         self.size
             .saturating_mul(SCAN_KEYS_FACTOR)
             .saturating_add(SCAN_KEYS_SLACK)
     }
 
-    pub fn max_calls(&self) -> u64 {
+    pub(crate) fn max_calls(&self) -> u64 {
         (self.size.saturating_mul(SCAN_CALLS_FACTOR) / self.batch).saturating_add(SCAN_CALLS_SLACK)
     }
 
     /// Counts one reply; true once past the bound.
-    pub fn count(&mut self, keys: usize) -> bool {
+    pub(crate) fn count(&mut self, keys: usize) -> bool {
         self.calls += 1;
         self.keys = self.keys.saturating_add(keys as u64);
         self.exceeded()
     }
 
-    pub fn exceeded(&self) -> bool {
+    pub(crate) fn exceeded(&self) -> bool {
         self.keys > self.max_keys() || self.calls > self.max_calls()
     }
 
     /// The bound again with the size now reported (keys added while we scanned).
-    pub fn grow(&mut self, size: u64) {
+    pub(crate) fn grow(&mut self, size: u64) {
         self.size = self.size.max(size);
     }
 
     /// The error once the bound is passed; `what` is `SCAN` (DBSIZE) or `SSCAN of KEY`
     /// (SCARD).
-    pub fn error(&self, what: &str, size_cmd: &str) -> String {
+    pub(crate) fn error(&self, what: &str, size_cmd: &str) -> String {
         format!(
             "Redis did not finish its {what}: {} calls returned {} keys while {size_cmd} says {}; stopped at the limit of {} keys and {} calls for that size. Is this a healthy Redis server?",
             self.calls,
@@ -431,7 +431,7 @@ fn keys_in_slot(conn: &mut Connection, slot: usize) -> Result<Vec<Vec<u8>>, Stri
 /// registry-shaped key into `index` with one pipeline per batch. Repository sets are
 /// read with SSCAN, so a huge set never arrives in one reply. Returns how many cluster
 /// slots had to be read again because they moved during the scan.
-pub fn scan(
+pub(crate) fn scan(
     conn: &mut CacheConn,
     index: &mut CacheIndex,
     batch: usize,
@@ -536,7 +536,7 @@ fn read_batch(
 }
 
 /// SSCAN of one set, on its node (or through the cluster's routing if it moved).
-pub fn sscan(
+pub(crate) fn sscan(
     reader: &mut Reader<'_>,
     key: &[u8],
     batch: usize,

@@ -15,7 +15,7 @@ use crate::output::report::{self, Options, Report};
 use crate::settings::{CacheSource, CheckSettings};
 use crate::storage::Storage;
 
-pub fn run(settings: &CheckSettings) -> Result<u8, String> {
+pub(crate) fn run(settings: &CheckSettings) -> Result<u8, String> {
     let started_at = SystemTime::now();
     let clock = Instant::now();
     let _lock = settings.lock.as_deref().map(Lock::acquire).transpose()?;

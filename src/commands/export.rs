@@ -5,7 +5,7 @@
 use crate::cache::dump::export;
 
 /// The `export-cache` command.
-pub fn run(args: &crate::cli::ExportArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &crate::cli::ExportArgs) -> Result<u8, String> {
     if args.scan_count == 0 {
         return Err("--scan-count must be at least 1".into());
     }

@@ -124,7 +124,7 @@ fn pullable_tags(storage: &Storage, findings: &[Finding]) -> (BTreeSet<Tag>, Has
     (ok, broken)
 }
 
-pub fn run(args: &GcArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let report_settings = ReportSettings::from_args(&args.report)?;

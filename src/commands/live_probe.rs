@@ -13,7 +13,7 @@ use crate::summary::ProbeCounts;
 
 /// Digests storage no longer has, with the repositories that still link them: the
 /// `dangling-layer-link` and `dangling-manifest-revision` findings.
-pub fn dangling_links(findings: &[Finding]) -> BTreeMap<Digest, BTreeSet<String>> {
+pub(crate) fn dangling_links(findings: &[Finding]) -> BTreeMap<Digest, BTreeSet<String>> {
     let mut linked: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
     for f in findings {
         if matches!(
@@ -31,7 +31,7 @@ pub fn dangling_links(findings: &[Finding]) -> BTreeMap<Digest, BTreeSet<String>
 /// exists is a `live-phantom` (error, live); 404 is counted; anything else is a
 /// `probe-failed` warning. Stops at the first refusal (401 or 403 with the credentials
 /// there are), with a message that says what to give.
-pub fn head_each(
+pub(crate) fn head_each(
     client: &RegistryClient,
     candidates: &[(String, Digest)],
     concurrency: usize,
@@ -85,7 +85,7 @@ pub fn head_each(
 /// to the findings and the counts to the summary. What could not be asked - the registry
 /// did not answer, refused access, or some requests failed - makes the audit incomplete,
 /// with a note naming the address tried. Returns whether every candidate was asked.
-pub fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audit) -> bool {
+pub(crate) fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audit) -> bool {
     let linked = dangling_links(&audit.findings);
     let candidates: Vec<(String, Digest)> = linked
         .iter()
@@ -125,13 +125,13 @@ pub fn probe_audit(client: &RegistryClient, concurrency: usize, audit: &mut Audi
 }
 
 /// The note every `check` on an in-memory cache carries: what no request can show.
-pub const GLOBAL_DESCRIPTORS_NOTE: &str = "the registry's global in-memory blob descriptors cannot be audited: no request shows them (HEAD answers from the repository's entries, and DELETE /v2/<repo>/blobs/<digest> clears only those), yet a global descriptor of a deleted manifest makes a re-push skip writing it and the pull fail; only a restart clears them, so restart the registry after every garbage collection (`registry-audit gc` says when one is needed)";
+pub(crate) const GLOBAL_DESCRIPTORS_NOTE: &str = "the registry's global in-memory blob descriptors cannot be audited: no request shows them (HEAD answers from the repository's entries, and DELETE /v2/<repo>/blobs/<digest> clears only those), yet a global descriptor of a deleted manifest makes a re-push skip writing it and the pull fail; only a restart clears them, so restart the registry after every garbage collection (`registry-audit gc` says when one is needed)";
 
 /// The verdict of `check` on an in-memory cache. It never calls the cache clean: HEAD
 /// shows the repository entries only, never the global descriptors (see
 /// `GLOBAL_DESCRIPTORS_NOTE`), so a clean run says what HEAD showed and that a restart
 /// after a GC is still needed.
-pub fn verdict(audit: &Audit, registry: &str, asked: bool, complete: bool) -> String {
+pub(crate) fn verdict(audit: &Audit, registry: &str, asked: bool, complete: bool) -> String {
     let probed = audit.summary.probe.map_or(0, |c| c.probed);
     let unseen = format!(
         " The registry's global in-memory descriptors cannot be seen through its API (see the notes): if a garbage collection ran since the registry at {registry} started, restart it, or a re-push of a deleted image can \"succeed\" and its pull fail."

@@ -13,7 +13,7 @@ use crate::settings::{self, ReportSettings};
 use crate::shard::Shard;
 use crate::summary::Summary;
 
-pub fn run(args: &MergeArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &MergeArgs) -> Result<u8, String> {
     let output = settings::output_path("--output", args.report.output.as_deref())?;
     let reports = args
         .reports
@@ -54,7 +54,7 @@ fn load(path: &Path) -> Result<Report, String> {
 }
 
 /// Combines shard reports; errors say which report does not fit.
-pub fn merge(reports: Vec<(PathBuf, Report)>) -> Result<Report, String> {
+pub(crate) fn merge(reports: Vec<(PathBuf, Report)>) -> Result<Report, String> {
     let (first_path, first) = reports
         .first()
         .ok_or("give the shard reports to merge")?

@@ -4,14 +4,14 @@
 //! calls another command; what several share lives in this module or a helper
 //! module here (`live_probe`).
 
-pub mod check;
-pub mod export;
-pub mod gc;
-pub mod live_probe;
-pub mod merge;
-pub mod probe;
-pub mod purge;
-pub mod restore;
+pub(crate) mod check;
+pub(crate) mod export;
+pub(crate) mod gc;
+pub(crate) mod live_probe;
+pub(crate) mod merge;
+pub(crate) mod probe;
+pub(crate) mod purge;
+pub(crate) mod restore;
 
 use crate::audit::{self, AuditOptions};
 use crate::cache::dump as cache_dump;
@@ -23,7 +23,7 @@ use crate::storage::Storage;
 use crate::summary::SourceInfo;
 
 /// Reads the whole cache and audits it; shared by `check` and `purge`.
-pub fn audit_source(
+pub(crate) fn audit_source(
     source: &Source,
     scan_count: usize,
     opts: AuditOptions<'_>,
@@ -34,7 +34,7 @@ pub fn audit_source(
 
 /// Reads the whole cache and audits it against an opened storage; the notes say what
 /// the operator should know about the scan itself.
-pub fn audit_with(
+pub(crate) fn audit_with(
     storage: &Storage,
     source: &Source,
     scan_count: usize,
@@ -72,7 +72,7 @@ pub fn audit_with(
     Ok((audit, notes))
 }
 
-pub fn source_info(source: &Source) -> SourceInfo {
+pub(crate) fn source_info(source: &Source) -> SourceInfo {
     let (cache, redis, cache_dump) = match &source.cache {
         CacheSource::Redis(t) => ("redis", Some(t.display()), None),
         CacheSource::Dump(p) => ("dump", None, Some(p.display().to_string())),

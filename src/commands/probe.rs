@@ -22,7 +22,7 @@ use crate::storage::{BlobStat, Storage};
 use crate::summary::ProbeCounts;
 use crate::summary::Summary;
 
-pub fn run(args: &ProbeArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &ProbeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     if args.concurrency == 0 {
@@ -160,7 +160,7 @@ fn candidates(
 
 /// The digests of "blob eligible for deletion" lines of `registry garbage-collect`.
 /// Read a line at a time, within `files::MAX_GC_LOG_BYTES` and `files::MAX_GC_LOG_LINE`.
-pub fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
+pub(crate) fn gc_log_digests(path: &Path) -> Result<Vec<Digest>, String> {
     use crate::files;
     let mut lines = files::Lines::open(
         "--gc-log",

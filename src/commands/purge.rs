@@ -21,7 +21,7 @@ use crate::storage::Storage;
 /// What the run did with the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Nothing to remove.
     Nothing,
     DryRun,
@@ -35,7 +35,7 @@ pub enum Mode {
 }
 
 #[derive(Debug, Serialize)]
-pub struct PurgeReport {
+pub(crate) struct PurgeReport {
     pub schema_version: u32,
     pub tool: Tool,
     pub command: &'static str,
@@ -55,7 +55,7 @@ struct PurgeSettings {
     journal: Option<PathBuf>,
 }
 
-pub fn run(args: &PurgeArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &PurgeArgs) -> Result<u8, String> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let s = PurgeSettings {

@@ -20,7 +20,7 @@ struct RestoreReport {
     result: RestoreSummary,
 }
 
-pub fn run(args: &RestoreArgs) -> Result<u8, String> {
+pub(crate) fn run(args: &RestoreArgs) -> Result<u8, String> {
     let recorded = read_journal_source(&args.journal)?;
     let file = match args
         .config

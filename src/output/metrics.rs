@@ -76,7 +76,7 @@ fn run_outcome(o: &mut Out, success: bool, last_success: Option<f64>) {
 }
 
 /// Every metric of a run that ran (exit 0 or 1).
-pub fn render(report: &Report) -> String {
+pub(crate) fn render(report: &Report) -> String {
     let mut o = Out(String::new());
     let s = &report.summary;
     o.family("findings", "Findings of the last run by kind and severity.");
@@ -164,7 +164,7 @@ pub fn render(report: &Report) -> String {
 
 /// The metrics of a run that could not run: the failure, and the last success carried
 /// over from the previous file so alerts on staleness keep working.
-pub fn render_failure(previous: Option<&str>, message: &str) -> String {
+pub(crate) fn render_failure(previous: Option<&str>, message: &str) -> String {
     let mut o = Out(String::new());
     let last_success = previous.and_then(|text| {
         text.lines()
@@ -184,7 +184,7 @@ pub fn render_failure(previous: Option<&str>, message: &str) -> String {
 /// Writes the failure metrics to `path`, atomically, keeping the last success time.
 /// The previous file is read only if it is a regular file within
 /// `files::MAX_METRICS_BYTES`; a special file is never read nor replaced.
-pub fn write_failure(path: &Path, message: &str) -> Result<(), String> {
+pub(crate) fn write_failure(path: &Path, message: &str) -> Result<(), String> {
     let previous = if crate::files::is_stdout(path) {
         None
     } else {

@@ -2,5 +2,5 @@
 //! verdict and the exit status. It renders data it is given; it never reads storage,
 //! the cache or the registry, and never repairs anything.
 
-pub mod metrics;
-pub mod report;
+pub(crate) mod metrics;
+pub(crate) mod report;

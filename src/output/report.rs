@@ -13,16 +13,16 @@ use crate::cli::{FailOn, Format};
 use crate::finding::{Finding, Kind, Severity, terminal_safe};
 use crate::summary::{SourceInfo, Summary};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tool {
+pub(crate) struct Tool {
     pub name: String,
     pub version: String,
 }
 
 impl Tool {
-    pub fn this() -> Tool {
+    pub(crate) fn this() -> Tool {
         Tool {
             name: env!("CARGO_PKG_NAME").into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -33,7 +33,7 @@ impl Tool {
 /// The options that decide what a run finds; reports with different options are not
 /// merged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Options {
+pub(crate) struct Options {
     pub quick: bool,
     pub fail_on: String,
     /// Whether repositories, tags and manifests were walked.
@@ -45,7 +45,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn new(quick: bool, fail_on: FailOn) -> Options {
+    pub(crate) fn new(quick: bool, fail_on: FailOn) -> Options {
         Options {
             quick,
             fail_on: fail_on_name(fail_on).into(),
@@ -56,7 +56,7 @@ impl Options {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub schema_version: u32,
     pub tool: Tool,
     pub command: String,
@@ -80,7 +80,7 @@ impl Report {
     /// A report of `command` that started at `started` (`clock` measures its
     /// duration), with the run's findings, summary and verdict.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         command: &str,
         started: SystemTime,
         clock: std::time::Instant,
@@ -108,12 +108,12 @@ impl Report {
     }
 
     /// Renders the report and writes it to stdout or `output`.
-    pub fn write(&self, format: Format, output: Option<&Path>) -> Result<(), String> {
+    pub(crate) fn write(&self, format: Format, output: Option<&Path>) -> Result<(), String> {
         crate::files::write_output(&render(self, format), output)
     }
 }
 
-pub fn fail_on_name(f: FailOn) -> &'static str {
+pub(crate) fn fail_on_name(f: FailOn) -> &'static str {
     match f {
         FailOn::Error => "error",
         FailOn::Warning => "warning",
@@ -122,7 +122,7 @@ pub fn fail_on_name(f: FailOn) -> &'static str {
 }
 
 /// 1 when a finding reaches the threshold, else 0.
-pub fn exit_code(findings: &[Finding], fail_on: FailOn) -> u8 {
+pub(crate) fn exit_code(findings: &[Finding], fail_on: FailOn) -> u8 {
     let hit = match fail_on {
         FailOn::Never => false,
         FailOn::Warning => !findings.is_empty(),
@@ -133,7 +133,7 @@ pub fn exit_code(findings: &[Finding], fail_on: FailOn) -> u8 {
 
 /// The one line a tired operator can act on. A run that did not read everything
 /// (`complete` false) never says OK.
-pub fn verdict(summary: &Summary, findings: &[Finding], complete: bool) -> String {
+pub(crate) fn verdict(summary: &Summary, findings: &[Finding], complete: bool) -> String {
     let judged = judge(summary, findings);
     match (complete, findings.is_empty()) {
         (true, _) => judged,
@@ -225,7 +225,7 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
     if n == 1 { one } else { many }
 }
 
-pub fn render(report: &Report, format: Format) -> String {
+pub(crate) fn render(report: &Report, format: Format) -> String {
     match format {
         Format::Json => render_json(report),
         Format::Table => render_table(report),
@@ -233,14 +233,14 @@ pub fn render(report: &Report, format: Format) -> String {
     }
 }
 
-pub fn render_json(report: &Report) -> String {
+pub(crate) fn render_json(report: &Report) -> String {
     let mut s =
         serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
 }
 
-pub fn render_table(report: &Report) -> String {
+pub(crate) fn render_table(report: &Report) -> String {
     let mut out = String::new();
     let s = &report.summary;
     out.push_str(&format!(
@@ -316,7 +316,7 @@ pub fn render_table(report: &Report) -> String {
     out
 }
 
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;

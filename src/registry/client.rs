@@ -15,7 +15,7 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
 /// Username and password; the password is never printed.
 #[derive(Clone)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     pub username: String,
     pub password: String,
 }
@@ -27,7 +27,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 #[derive(Debug, Clone)]
-pub struct ClientOptions {
+pub(crate) struct ClientOptions {
     pub timeout: Duration,
     pub ca_cert: Option<std::path::PathBuf>,
     pub insecure: bool,
@@ -36,7 +36,7 @@ pub struct ClientOptions {
 
 /// What a HEAD of a blob answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// 2xx, or a redirect to storage: the registry says the blob exists.
     Exists(u16),
     /// 404.
@@ -47,7 +47,7 @@ pub enum Answer {
     Failed(String),
 }
 
-pub struct RegistryClient {
+pub(crate) struct RegistryClient {
     /// `http(s)://host:port[/prefix]`, or only `[/prefix]` over a unix socket.
     base: String,
     /// The unix socket the registry listens on, when it does.
@@ -60,7 +60,7 @@ pub struct RegistryClient {
 }
 
 impl RegistryClient {
-    pub fn new(base_url: &str, opts: &ClientOptions) -> Result<RegistryClient, String> {
+    pub(crate) fn new(base_url: &str, opts: &ClientOptions) -> Result<RegistryClient, String> {
         let base = base_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(format!(
@@ -108,7 +108,7 @@ impl RegistryClient {
     /// A client of the registry listening on the unix socket `socket` (plain HTTP), its
     /// API under `prefix` (`""` or `/path`). A token service, if the registry names one,
     /// is still asked over TCP with `opts`.
-    pub fn unix(
+    pub(crate) fn unix(
         socket: &Path,
         prefix: &str,
         opts: &ClientOptions,
@@ -126,7 +126,7 @@ impl RegistryClient {
     }
 
     /// The registry's address, for messages: its base URL, or `unix://<socket>[prefix]`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.socket {
             Some(s) => format!("unix://{}{}", s.display(), self.base),
             None => self.base.clone(),
@@ -138,7 +138,7 @@ impl RegistryClient {
     /// carries `Docker-Distribution-Api-Version: registry/2.0`, as the registry's does on
     /// both: any web server can answer 200 on `/v2/`, and its 404s would read as "no such
     /// blob".
-    pub fn check_reachable(&self) -> Result<(), String> {
+    pub(crate) fn check_reachable(&self) -> Result<(), String> {
         let url = format!("{}/v2/", self.base);
         match self.head(&url, None) {
             Ok(h)
@@ -165,7 +165,7 @@ impl RegistryClient {
     }
 
     /// HEAD `/v2/<repo>/blobs/<digest>`, answering an auth challenge once.
-    pub fn head_blob(&self, repo: &str, digest: &str) -> Answer {
+    pub(crate) fn head_blob(&self, repo: &str, digest: &str) -> Answer {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
         let known = self.auth.lock().ok().and_then(|m| m.get(repo).cloned());
         let first = match self.head(&url, known.as_deref()) {
@@ -388,13 +388,13 @@ fn encode_query(s: &str) -> String {
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Challenge {
+pub(crate) struct Challenge {
     pub scheme: String,
     pub params: HashMap<String, String>,
 }
 
 /// Parses `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
-pub fn parse_challenge(header: &str) -> Challenge {
+pub(crate) fn parse_challenge(header: &str) -> Challenge {
     let header = header.trim();
     let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
     let mut params = HashMap::new();
@@ -431,7 +431,7 @@ pub fn parse_challenge(header: &str) -> Challenge {
 
 /// Credentials for the registry's host from a Docker `config.json` (`auths.<host>.auth`,
 /// or `username`/`password`). Credential helpers are not consulted.
-pub fn docker_config_credentials(
+pub(crate) fn docker_config_credentials(
     path: &Path,
     registry_url: &str,
 ) -> Result<Option<Credentials>, String> {
@@ -482,14 +482,14 @@ pub fn docker_config_credentials(
 }
 
 /// `https://reg.example:5000/v2/` -> `reg.example:5000`
-pub fn host_of(url: &str) -> String {
+pub(crate) fn host_of(url: &str) -> String {
     let s = url.split_once("://").map_or(url, |(_, rest)| rest);
     s.split('/').next().unwrap_or("").to_ascii_lowercase()
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-pub fn base64_encode(data: &[u8]) -> String {
+pub(crate) fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
@@ -509,7 +509,7 @@ pub fn base64_encode(data: &[u8]) -> String {
     out
 }
 
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 3 / 4);
     let mut acc = 0u32;
     let mut bits = 0;

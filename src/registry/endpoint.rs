@@ -13,14 +13,14 @@ use crate::registry::client::{
 use crate::registry_config::HttpConfig;
 
 /// HEAD requests in flight at once when `check` probes.
-pub const CHECK_CONCURRENCY: usize = 8;
+pub(crate) const CHECK_CONCURRENCY: usize = 8;
 
 /// Seconds before `check` gives one request up.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the registry's API answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     /// `http(s)://host:port[/prefix]`.
     Url(String),
     /// A unix socket (`http.net: unix`), the API under `prefix` (`""` or `/path`).
@@ -29,7 +29,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// `--registry-url`: `http://`, `https://`, or `unix:///path/to.sock`.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
         if let Some(path) = url.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(format!(
@@ -54,7 +54,7 @@ impl Endpoint {
     /// 127.0.0.1), https when TLS is on, under `http.prefix`; or its unix socket.
     /// `http.host`, the external URL, is not used: behind a load balancer it may reach
     /// another replica, whose in-memory cache is another one.
-    pub fn from_config(http: &HttpConfig) -> Result<Endpoint, String> {
+    pub(crate) fn from_config(http: &HttpConfig) -> Result<Endpoint, String> {
         let raw = http.prefix.as_deref().unwrap_or("");
         if raw
             .chars()
@@ -106,14 +106,14 @@ impl Endpoint {
     }
 
     /// The address, for reports and messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Endpoint::Url(u) => u.clone(),
             Endpoint::Unix { socket, prefix } => format!("unix://{}{prefix}", socket.display()),
         }
     }
 
-    pub fn client(&self, opts: &ClientOptions) -> Result<RegistryClient, String> {
+    pub(crate) fn client(&self, opts: &ClientOptions) -> Result<RegistryClient, String> {
         match self {
             Endpoint::Url(u) => RegistryClient::new(u, opts),
             Endpoint::Unix { socket, prefix } => RegistryClient::unix(socket, prefix, opts),
@@ -136,7 +136,7 @@ fn split_listen_addr(addr: &str) -> Result<(&str, u16), String> {
 
 /// How `check` reaches the registry whose in-memory cache it probes.
 #[derive(Debug, Clone)]
-pub struct ProbeTarget {
+pub(crate) struct ProbeTarget {
     pub endpoint: Endpoint,
     pub options: ClientOptions,
     pub concurrency: usize,
@@ -145,7 +145,7 @@ pub struct ProbeTarget {
 /// Credentials from `--username` (the password from the first line of stdin) or, for
 /// the first of `urls` it has any for, from a Docker `config.json`
 /// (`--docker-config`, else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
-pub fn credentials(
+pub(crate) fn credentials(
     username: Option<&str>,
     docker_config: Option<&Path>,
     urls: &[String],

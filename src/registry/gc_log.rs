@@ -8,7 +8,7 @@ use crate::digest::Digest;
 
 /// What a GC run says it deleted, from its output (distribution 2.8 and 3).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct GcLog {
+pub(crate) struct GcLog {
     pub blobs: BTreeSet<Digest>,
     pub manifests: BTreeSet<(String, Digest)>,
     pub layer_links: BTreeSet<(String, Digest)>,
@@ -16,7 +16,7 @@ pub struct GcLog {
 
 impl GcLog {
     /// Reads one line of `registry garbage-collect` output.
-    pub fn add_line(&mut self, line: &str) {
+    pub(crate) fn add_line(&mut self, line: &str) {
         let digest_after = |at: usize| {
             line[at..]
                 .split(|c: char| {
@@ -44,7 +44,8 @@ impl GcLog {
         }
     }
 
-    pub fn parse(text: &str) -> GcLog {
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str) -> GcLog {
         let mut log = GcLog::default();
         text.lines().for_each(|l| log.add_line(l));
         log

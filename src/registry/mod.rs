@@ -2,6 +2,6 @@
 //! TLS, a unix socket) and what its garbage collection logs. It reads; it never
 //! pushes, deletes or changes anything in the registry.
 
-pub mod client;
-pub mod endpoint;
-pub mod gc_log;
+pub(crate) mod client;
+pub(crate) mod endpoint;
+pub(crate) mod gc_log;

@@ -7,7 +7,7 @@ use super::*;
 /// What happened to one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Removed,
     /// Storage changed since the audit (the blob came back, or its size changed).
     CameBack,
@@ -21,7 +21,7 @@ pub enum Outcome {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct GroupResult {
+pub(crate) struct GroupResult {
     pub digest: Option<Digest>,
     pub key: String,
     pub outcome: Outcome,
@@ -32,7 +32,7 @@ pub struct GroupResult {
 
 /// What a failed removal did, read back from Redis after the error.
 #[derive(Debug, Clone, Serialize)]
-pub struct GroupFailure {
+pub(crate) struct GroupFailure {
     /// Redis's error, one line.
     pub error: String,
     /// Entries gone now ("key" or "key member").
@@ -48,7 +48,7 @@ pub struct GroupFailure {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ApplySummary {
+pub(crate) struct ApplySummary {
     pub entries_removed_by_kind: BTreeMap<Kind, u64>,
     pub entries_removed: u64,
     pub digests_removed: u64,
@@ -95,7 +95,7 @@ pub(super) enum JournalLine {
 }
 
 /// `registry-audit-journal-<time>.jsonl` in the current directory, when none is given.
-pub fn default_journal(started: std::time::SystemTime) -> std::path::PathBuf {
+pub(crate) fn default_journal(started: std::time::SystemTime) -> std::path::PathBuf {
     let stamp: String = crate::timestamp::rfc3339(started)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
@@ -135,7 +135,7 @@ impl Journal {
 /// command the removal sends is checked (an error: nothing removed, no journal). A
 /// removal that fails part-way is read back, journalled and reported, and purge stops
 /// there (`ApplySummary::failure`). `progress` is told each group's result as it happens.
-pub fn apply(
+pub(crate) fn apply(
     conn: &mut CacheConn,
     storage: &Storage,
     plan: &Plan,

@@ -26,18 +26,18 @@ use crate::finding::{self, Finding, Kind, Severity};
 use crate::storage::{BlobStat, Storage};
 use crate::summary::SourceInfo;
 
-pub const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
-pub const JOURNAL_SCHEMA: &str = "registry-audit-journal/1";
+pub(crate) const PLAN_SCHEMA: &str = "registry-audit-purge-plan/1";
+pub(crate) const JOURNAL_SCHEMA: &str = "registry-audit-journal/1";
 
 mod apply;
 mod plan;
 mod restore;
 mod scripts;
 
-pub use apply::*;
-pub use plan::*;
-pub use restore::*;
-pub use scripts::*;
+pub(crate) use apply::*;
+pub(crate) use plan::*;
+pub(crate) use restore::*;
+pub(crate) use scripts::*;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use super::*;
 /// One removal, with the value the entry held when the plan was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Op {
+pub(crate) enum Op {
     /// HDEL these hash fields, if each still holds its value (and, when `exact`, the
     /// hash has no other field - then the key goes away).
     Fields {
@@ -24,7 +24,7 @@ pub enum Op {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub kind: Kind,
     /// The severity of the finding behind the entry (an inert phantom is a warning).
     #[serde(default = "default_severity")]
@@ -44,7 +44,7 @@ pub(super) fn default_severity() -> Severity {
 /// storage says otherwise at apply time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum BlobState {
+pub(crate) enum BlobState {
     Absent,
     Present {
         size: u64,
@@ -55,7 +55,7 @@ pub enum BlobState {
 
 /// All removals for one digest (or one malformed key), applied atomically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Group {
+pub(crate) struct Group {
     pub digest: Option<Digest>,
     pub blob: BlobState,
     pub entries: Vec<Entry>,
@@ -66,13 +66,13 @@ pub struct Group {
 
 /// A finding purge does not fix, and what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Kept {
+pub(crate) struct Kept {
     pub finding: Finding,
     pub advice: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub schema: String,
     pub created_at: String,
     pub source: SourceInfo,
@@ -82,18 +82,18 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn entry_count(&self) -> usize {
+    pub(crate) fn entry_count(&self) -> usize {
         self.groups.iter().map(|g| g.entries.len()).sum()
     }
 
     /// Reads a saved plan: a regular file of at most `files::MAX_PLAN_BYTES`.
-    pub fn load(path: &Path) -> Result<Plan, String> {
+    pub(crate) fn load(path: &Path) -> Result<Plan, String> {
         let text = crate::files::read("plan", path, crate::files::MAX_PLAN_BYTES)?;
         Plan::parse(path, &text)
     }
 
     /// Parses a plan's bytes; `path` names it in errors.
-    pub fn parse(path: &Path, text: &[u8]) -> Result<Plan, String> {
+    pub(crate) fn parse(path: &Path, text: &[u8]) -> Result<Plan, String> {
         let plan: Plan = serde_json::from_slice(text).map_err(|e| {
             format!(
                 "plan {} is not a registry-audit purge plan: {e} (line {}, column {})",
@@ -136,7 +136,7 @@ impl Plan {
     /// registry's shapes, names its group's digest (a set member is that digest), fits
     /// its kind and its operation, and an orphan descriptor is guarded by its set.
     /// A plan edited by hand must not make purge remove another digest's entries.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for g in &self.groups {
             for e in &g.entries {
                 check_entry(g, e).map_err(|why| {
@@ -257,7 +257,7 @@ pub(super) fn removal_rank(e: &Entry) -> u8 {
 }
 
 /// A group's entries in removal order (stable within a rank).
-pub fn removal_order(entries: &[Entry]) -> Vec<Entry> {
+pub(crate) fn removal_order(entries: &[Entry]) -> Vec<Entry> {
     let mut out = entries.to_vec();
     out.sort_by_key(removal_rank);
     out
@@ -273,7 +273,7 @@ pub(super) fn restore_order(entries: &[Entry]) -> Vec<Entry> {
 }
 
 /// Kinds purge removes; malformed entries only when asked.
-pub fn purges(kind: Kind, include_malformed: bool) -> bool {
+pub(crate) fn purges(kind: Kind, include_malformed: bool) -> bool {
     match kind {
         Kind::PhantomBlobDescriptor
         | Kind::PhantomRepositoryBlob
@@ -302,7 +302,7 @@ pub(super) fn advice(kind: Kind) -> &'static str {
 
 /// Builds the plan from audit findings, reading the current value of every entry to
 /// remove. Storage problems become `kept` with advice.
-pub fn build_plan(
+pub(crate) fn build_plan(
     conn: &mut dyn ConnectionLike,
     storage: &Storage,
     findings: &[Finding],

@@ -4,7 +4,7 @@
 use super::*;
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct RestoreSummary {
+pub(crate) struct RestoreSummary {
     pub journal: String,
     /// Entries put back.
     pub entries_restored: u64,
@@ -18,7 +18,7 @@ pub struct RestoreSummary {
 
 /// Restores every entry that the journal records as removed (or whose removal was cut
 /// short), where nothing has been written since.
-pub fn restore(conn: &mut CacheConn, journal_path: &Path) -> Result<RestoreSummary, String> {
+pub(crate) fn restore(conn: &mut CacheConn, journal_path: &Path) -> Result<RestoreSummary, String> {
     let journal = read_journal(journal_path)?;
     let summary = RestoreSummary {
         journal: journal_path.display().to_string(),
@@ -87,7 +87,7 @@ pub(super) fn restore_entries(
 
 /// What a journal records, by run and sequence number (`run << 32 | seq`).
 #[derive(Debug, Default)]
-pub struct JournalRecords {
+pub(crate) struct JournalRecords {
     /// Each removal, in the order written.
     removes: Vec<(u64, Vec<Entry>)>,
     /// Each removal's outcome, with the entries read back as removed when it failed
@@ -98,15 +98,16 @@ pub struct JournalRecords {
 }
 
 impl JournalRecords {
+    #[cfg(test)]
     /// Removals the journal records.
-    pub fn removals(&self) -> usize {
+    pub(crate) fn removals(&self) -> usize {
         self.removes.len()
     }
 }
 
 /// Reads a journal: a regular file of at most `files::MAX_JOURNAL_BYTES`, a line at a
 /// time, each at most `files::MAX_JOURNAL_LINE`.
-pub fn read_journal(path: &Path) -> Result<JournalRecords, String> {
+pub(crate) fn read_journal(path: &Path) -> Result<JournalRecords, String> {
     let lines = crate::files::Lines::open(
         "journal",
         path,
@@ -117,7 +118,7 @@ pub fn read_journal(path: &Path) -> Result<JournalRecords, String> {
 }
 
 /// Parses journal lines; `path` names the journal in errors.
-pub fn parse_journal<R: BufRead>(
+pub(crate) fn parse_journal<R: BufRead>(
     mut lines: crate::files::Lines<R>,
     path: &Path,
 ) -> Result<JournalRecords, String> {

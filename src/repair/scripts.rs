@@ -215,7 +215,7 @@ pub(super) fn script_args(
 /// Ordered strongest first: a cluster's check is as good as its weakest node's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum PermissionMethod {
+pub(crate) enum PermissionMethod {
     /// `ACL DRYRUN` for the connected user (Redis 7, a user that may run `ACL`).
     AclDryrun,
     /// `redis.acl_check_cmd` inside a script (Redis 7, a user that may not run `ACL`).
@@ -228,7 +228,7 @@ pub enum PermissionMethod {
 
 /// The outcome of the up-front permission check (a refusal is an error instead).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct PermissionCheck {
+pub(crate) struct PermissionCheck {
     pub method: PermissionMethod,
     /// The Redis user the commands run as (`ACL WHOAMI`).
     pub user: String,
@@ -312,7 +312,7 @@ pub(super) fn acl_checks<'a>(
 /// `redis.acl_check_cmd` in a script, else (Redis before 7) a note. In a cluster every
 /// master is asked, since each node has its own ACL. A refusal is an error that names
 /// the command, the key and the user; `verb` says what did not happen ("removed").
-pub fn check_permissions(
+pub(crate) fn check_permissions(
     conn: &mut CacheConn,
     checks: &[AclCheck],
     script: &Script,

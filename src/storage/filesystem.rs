@@ -15,7 +15,7 @@ use crate::digest::Digest;
 
 /// The registry's storage root (`rootdirectory`) on a filesystem, opened for reading.
 #[derive(Debug)]
-pub struct FsStorage {
+pub(crate) struct FsStorage {
     /// The canonical root directory.
     root: PathBuf,
     /// `<root>/docker/registry/v2`.
@@ -28,7 +28,7 @@ pub struct FsStorage {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StorageError {
+pub(crate) enum StorageError {
     #[error("storage root {0} does not exist: pass the registry's rootdirectory with --root")]
     MissingRoot(PathBuf),
     #[error("storage root {0} is not a readable directory: {1}")]
@@ -43,7 +43,7 @@ impl FsStorage {
     /// Opens the storage root. A root without `docker/registry/v2` is refused rather than
     /// treated as empty: auditing against the wrong directory would call every cached blob
     /// a phantom.
-    pub fn open(root: &Path) -> Result<FsStorage, StorageError> {
+    pub(crate) fn open(root: &Path) -> Result<FsStorage, StorageError> {
         let canonical = match fs::canonicalize(root) {
             Ok(p) => p,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -67,12 +67,12 @@ impl FsStorage {
         })
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     /// `<v2>/blobs/<alg>/<first two hex>/<hex>/data`
-    pub fn blob_data_path(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn blob_data_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.v2
             .join("blobs")
@@ -83,12 +83,12 @@ impl FsStorage {
     }
 
     /// `<v2>/repositories/<name>`; `repo` must be a validated repository name.
-    pub fn repository_path(&self, repo: &str) -> PathBuf {
+    pub(crate) fn repository_path(&self, repo: &str) -> PathBuf {
         self.v2.join("repositories").join(repo)
     }
 
     /// Existence, type and size of a blob's data, without reading it.
-    pub fn stat_blob(&self, digest: &Digest) -> BlobStat {
+    pub(crate) fn stat_blob(&self, digest: &Digest) -> BlobStat {
         let path = self.blob_data_path(digest);
         match self.checked_metadata(&path) {
             Ok(meta) if meta.is_file() => BlobStat::Present {
@@ -117,7 +117,7 @@ impl FsStorage {
 
     /// Opens a blob's data for reading, refusing symlinks that lead outside the root and
     /// anything that is not a regular file.
-    pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
+    pub(crate) fn open_blob(&self, digest: &Digest) -> io::Result<File> {
         let path = self.blob_data_path(digest);
         self.checked_metadata(&path)?;
         open_regular(&path)
@@ -126,7 +126,7 @@ impl FsStorage {
     /// Whether repository `repo` links `digest` as a layer or as a manifest revision.
     /// An I/O error other than "not found" counts as linked: the audit must not call an
     /// entry wrong on the strength of a permission problem.
-    pub fn is_linked(&self, repo: &str, digest: &Digest) -> bool {
+    pub(crate) fn is_linked(&self, repo: &str, digest: &Digest) -> bool {
         let base = self.repository_path(repo);
         let alg = digest.algorithm().name();
         let hex = digest.hex();
@@ -160,7 +160,7 @@ impl FsStorage {
 
     /// The path of `p` relative to the storage root, for reports, in the lossless
     /// escaping of [`crate::finding::escape`].
-    pub fn relative(&self, p: &Path) -> String {
+    pub(crate) fn relative(&self, p: &Path) -> String {
         crate::finding::escape(
             p.strip_prefix(&self.root)
                 .unwrap_or(p)
@@ -174,7 +174,7 @@ impl FsStorage {
     /// are returned apart (escaped losslessly), so the caller can report them. Symlinked
     /// directories are followed as the registry follows them, but only inside the root;
     /// a directory that cannot be listed is recorded as unread, once.
-    pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
+    pub(crate) fn repositories(&self) -> (Vec<String>, Vec<String>) {
         let base = self.v2.join("repositories");
         let mut good = Vec::new();
         let mut bad = Vec::new();
@@ -261,7 +261,7 @@ impl FsStorage {
 
     /// Every blob in storage with its size: `blobs/<alg>/<xx>/<hex>/data`. Directories
     /// whose names are not a digest are skipped.
-    pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
+    pub(crate) fn blob_sizes(&self) -> Vec<(Digest, u64)> {
         let base = self.v2.join("blobs");
         let mut out = Vec::new();
         for (alg, alg_dir) in self.dir_entries(&base) {
@@ -281,7 +281,7 @@ impl FsStorage {
 
     /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link`, as (path, alg, hex dir),
     /// sorted; `sub` is `_layers` or `_manifests/revisions`.
-    pub fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
+    pub(crate) fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
         let base = self.repository_path(repo).join(sub);
         let mut out = Vec::new();
         for (alg, alg_dir) in self.dir_entries(&base) {
@@ -297,7 +297,7 @@ impl FsStorage {
 
     /// The tags of a repository, sorted (a name that is not UTF-8 comes escaped, and so
     /// is never a valid tag).
-    pub fn tags(&self, repo: &str) -> Vec<String> {
+    pub(crate) fn tags(&self, repo: &str) -> Vec<String> {
         self.dir_entries(&self.repository_path(repo).join("_manifests/tags"))
             .into_iter()
             .map(|(name, _)| name)
@@ -347,17 +347,9 @@ impl FsStorage {
         out
     }
 
-    /// `<repo>/_manifests/tags/<tag>/current/link`
-    pub fn tag_link(&self, repo: &str, tag: &str) -> PathBuf {
-        self.repository_path(repo)
-            .join("_manifests/tags")
-            .join(tag)
-            .join("current/link")
-    }
-
     /// Reads a small file below the root (a link, a manifest), at most `max` bytes, with
     /// the same symlink rule as blobs.
-    pub fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    pub(crate) fn read_small(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
         let meta = self.checked_metadata(path)?;
         if !meta.is_file() {
             return Err(not_regular(&meta));
@@ -419,9 +411,9 @@ pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A scratch directory under the system temp dir, removed on drop.
-    pub struct Scratch(pub PathBuf);
+    pub(crate) struct Scratch(pub PathBuf);
     impl Scratch {
-        pub fn new(tag: &str) -> Scratch {
+        pub(crate) fn new(tag: &str) -> Scratch {
             static N: AtomicUsize = AtomicUsize::new(0);
             let p = std::env::temp_dir().join(format!(
                 "registry-audit-{tag}-{}-{}",

@@ -6,9 +6,9 @@
 //! through a symlink is opened only when the link resolves inside the root. This module
 //! never writes, renames or deletes anything.
 
-pub mod filesystem;
-pub mod object;
-pub mod object_spec;
+pub(crate) mod filesystem;
+pub(crate) mod object;
+pub(crate) mod object_spec;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
@@ -18,17 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::digest::Digest;
-pub use filesystem::{FsStorage, StorageError};
+pub(crate) use filesystem::{FsStorage, StorageError};
 
 /// The places in storage that a walk could not list or read (permissions, I/O errors),
 /// as (path relative to the root, why). A walk carries on past them; the audit turns
 /// them into findings and calls the run incomplete, since what was not read is never
 /// sound.
 #[derive(Debug, Default)]
-pub struct Unread(Mutex<BTreeMap<String, String>>);
+pub(crate) struct Unread(Mutex<BTreeMap<String, String>>);
 
 impl Unread {
-    pub fn record(&self, path: String, why: String) {
+    pub(crate) fn record(&self, path: String, why: String) {
         tracing::warn!(
             "cannot read {}: {why}",
             crate::finding::escape(path.as_bytes())
@@ -41,7 +41,7 @@ impl Unread {
     }
 
     /// Everything recorded so far, sorted by path; the list starts again empty.
-    pub fn take(&self) -> Vec<(String, String)> {
+    pub(crate) fn take(&self) -> Vec<(String, String)> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
             .into_iter()
             .collect()
@@ -50,7 +50,7 @@ impl Unread {
 
 /// What storage says about one blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlobStat {
+pub(crate) enum BlobStat {
     /// No data file: the blob is gone (or was never there).
     Absent,
     /// A regular file of this many bytes, last modified at `modified` (nanoseconds
@@ -62,7 +62,7 @@ pub enum BlobStat {
 
 /// Where the registry keeps its blobs.
 #[derive(Debug, Clone)]
-pub enum StorageSpec {
+pub(crate) enum StorageSpec {
     /// The filesystem driver's `rootdirectory`.
     Fs(PathBuf),
     /// The s3, gcs or azure driver: a bucket or container (and root prefix).
@@ -71,7 +71,7 @@ pub enum StorageSpec {
 
 impl StorageSpec {
     /// For reports: the root directory, or the store's URL (`s3://bucket/prefix`, ...).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             StorageSpec::Fs(p) => p.display().to_string(),
             StorageSpec::Object(s) => s.describe(),
@@ -80,7 +80,7 @@ impl StorageSpec {
 }
 
 /// A registry's storage, opened for reading, whatever the driver.
-pub enum Storage {
+pub(crate) enum Storage {
     Fs(FsStorage),
     Object(Box<object::ObjectStorage>),
 }
@@ -92,7 +92,7 @@ impl std::fmt::Debug for Storage {
 }
 
 impl Storage {
-    pub fn open(spec: &StorageSpec) -> Result<Storage, String> {
+    pub(crate) fn open(spec: &StorageSpec) -> Result<Storage, String> {
         match spec {
             StorageSpec::Fs(root) => Storage::open_fs(root).map_err(|e| e.to_string()),
             StorageSpec::Object(spec) => {
@@ -101,12 +101,12 @@ impl Storage {
         }
     }
 
-    pub fn open_fs(root: &Path) -> Result<Storage, StorageError> {
+    pub(crate) fn open_fs(root: &Path) -> Result<Storage, StorageError> {
         FsStorage::open(root).map(Storage::Fs)
     }
 
     /// The root directory, or the store's URL (`s3://bucket/prefix`, ...).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Storage::Fs(fs) => fs.root().display().to_string(),
             Storage::Object(o) => o.describe(),
@@ -114,11 +114,11 @@ impl Storage {
     }
 
     /// `blobs/<alg>/<first two hex>/<hex>/data`
-    pub fn blob_loc(&self, d: &Digest) -> String {
+    pub(crate) fn blob_loc(&self, d: &Digest) -> String {
         blob_loc(d)
     }
 
-    pub fn stat_blob(&self, d: &Digest) -> BlobStat {
+    pub(crate) fn stat_blob(&self, d: &Digest) -> BlobStat {
         match self {
             Storage::Fs(fs) => fs.stat_blob(d),
             Storage::Object(o) => o.stat_blob(d),
@@ -126,14 +126,14 @@ impl Storage {
     }
 
     /// Asks storage again, now (object storage answers `stat_blob` from its listing).
-    pub fn stat_blob_fresh(&self, d: &Digest) -> BlobStat {
+    pub(crate) fn stat_blob_fresh(&self, d: &Digest) -> BlobStat {
         match self {
             Storage::Fs(fs) => fs.stat_blob(d),
             Storage::Object(o) => o.stat_blob_fresh(d),
         }
     }
 
-    pub fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn io::Read + Send>> {
+    pub(crate) fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn io::Read + Send>> {
         match self {
             Storage::Fs(fs) => fs
                 .open_blob(d)
@@ -142,7 +142,7 @@ impl Storage {
         }
     }
 
-    pub fn is_linked(&self, repo: &str, d: &Digest) -> bool {
+    pub(crate) fn is_linked(&self, repo: &str, d: &Digest) -> bool {
         match self {
             Storage::Fs(fs) => fs.is_linked(repo, d),
             Storage::Object(o) => o.is_linked(repo, d),
@@ -150,18 +150,18 @@ impl Storage {
     }
 
     /// A loc as a path relative to the storage root, for reports.
-    pub fn relative(&self, loc: &str) -> String {
+    pub(crate) fn relative(&self, loc: &str) -> String {
         format!("docker/registry/v2/{loc}")
     }
 
-    pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
+    pub(crate) fn repositories(&self) -> (Vec<String>, Vec<String>) {
         match self {
             Storage::Fs(fs) => fs.repositories(),
             Storage::Object(o) => o.repositories(),
         }
     }
 
-    pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
+    pub(crate) fn blob_sizes(&self) -> Vec<(Digest, u64)> {
         match self {
             Storage::Fs(fs) => fs.blob_sizes(),
             Storage::Object(o) => o.blob_sizes(),
@@ -169,7 +169,7 @@ impl Storage {
     }
 
     /// The link files `<sub>/<alg>/<hex>/link` of a repository, as (loc, alg, hex).
-    pub fn links(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
+    pub(crate) fn links(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
         match self {
             Storage::Fs(fs) => fs
                 .links(repo, sub)
@@ -180,7 +180,7 @@ impl Storage {
         }
     }
 
-    pub fn tags(&self, repo: &str) -> Vec<String> {
+    pub(crate) fn tags(&self, repo: &str) -> Vec<String> {
         match self {
             Storage::Fs(fs) => fs.tags(repo),
             Storage::Object(o) => o.tags(repo),
@@ -188,11 +188,11 @@ impl Storage {
     }
 
     /// `repositories/<repo>/_manifests/tags/<tag>/current/link`
-    pub fn tag_link(&self, repo: &str, tag: &str) -> String {
+    pub(crate) fn tag_link(&self, repo: &str, tag: &str) -> String {
         format!("repositories/{repo}/_manifests/tags/{tag}/current/link")
     }
 
-    pub fn exists(&self, loc: &str) -> bool {
+    pub(crate) fn exists(&self, loc: &str) -> bool {
         match self {
             Storage::Fs(fs) => fs.exists_path(&fs.v2.join(loc)),
             Storage::Object(o) => o.exists(loc),
@@ -202,21 +202,22 @@ impl Storage {
     /// Tells storage which small objects (links, manifests) are about to be read with
     /// `read_small`, before the next call: object storage fetches them concurrently now,
     /// a filesystem does nothing.
-    pub fn prefetch(&self, locs: &[String], max: u64) {
+    pub(crate) fn prefetch(&self, locs: &[String], max: u64) {
         if let Storage::Object(o) = self {
             o.prefetch(locs, max);
         }
     }
 
-    pub fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
+    pub(crate) fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
         match self {
             Storage::Fs(fs) => fs.read_small(&fs.v2.join(loc), max),
             Storage::Object(o) => o.read_small(loc, max),
         }
     }
 
+    #[cfg(test)]
     /// The file behind a loc, on a filesystem (for tests that build storage).
-    pub fn fs_path(&self, loc: &str) -> Option<PathBuf> {
+    pub(crate) fn fs_path(&self, loc: &str) -> Option<PathBuf> {
         match self {
             Storage::Fs(fs) => Some(fs.v2.join(loc)),
             Storage::Object(_) => None,
@@ -224,7 +225,7 @@ impl Storage {
     }
 
     /// Records a place that could not be read (a path relative to the root).
-    pub fn record_unread(&self, path: String, why: String) {
+    pub(crate) fn record_unread(&self, path: String, why: String) {
         match self {
             Storage::Fs(fs) => fs.unread.record(path, why),
             Storage::Object(_) => tracing::warn!("cannot read {path}: {why}"),
@@ -233,7 +234,7 @@ impl Storage {
 
     /// The places a walk could not read since the last call (see [`Unread`]); object
     /// storage fails the whole run on a listing error instead, so it has none.
-    pub fn take_unread(&self) -> Vec<(String, String)> {
+    pub(crate) fn take_unread(&self) -> Vec<(String, String)> {
         match self {
             Storage::Fs(fs) => fs.unread.take(),
             Storage::Object(_) => Vec::new(),
@@ -241,7 +242,7 @@ impl Storage {
     }
 
     /// Requests and bytes of object storage; `None` on a filesystem.
-    pub fn object_counts(&self) -> Option<object::ObjectCounts> {
+    pub(crate) fn object_counts(&self) -> Option<object::ObjectCounts> {
         match self {
             Storage::Fs(_) => None,
             Storage::Object(o) => Some(o.counts()),
@@ -250,7 +251,7 @@ impl Storage {
 }
 
 /// `blobs/<alg>/<first two hex>/<hex>/data`
-pub fn blob_loc(d: &Digest) -> String {
+pub(crate) fn blob_loc(d: &Digest) -> String {
     let hex = d.hex();
     format!("blobs/{}/{}/{hex}/data", d.algorithm().name(), &hex[..2])
 }
@@ -266,7 +267,7 @@ fn is_absent(e: &io::Error) -> bool {
 /// Opens a file for reading only if it is a regular file: the open never blocks (a FIFO
 /// swapped in after a stat is opened non-blocking, then refused), and the type is
 /// checked on the open file itself.
-pub fn open_regular(path: &Path) -> io::Result<File> {
+pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -279,7 +280,7 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 }
 
 /// Reads all of `f`, failing past `max` bytes (the size on disk may change meanwhile).
-pub fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     io::Read::read_to_end(&mut f.take(max.saturating_add(1)), &mut out)?;
     if out.len() as u64 > max {

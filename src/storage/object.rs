@@ -20,23 +20,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::storage::BlobStat;
-pub use crate::storage::object_spec::{ObjectSpec, Service};
+pub(crate) use crate::storage::object_spec::{ObjectSpec, Service};
 
 /// What reading object storage cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ObjectCounts {
+pub(crate) struct ObjectCounts {
     pub requests: u64,
     pub bytes: u64,
 }
 
 impl ObjectCounts {
-    pub fn add(&mut self, o: &ObjectCounts) {
+    pub(crate) fn add(&mut self, o: &ObjectCounts) {
         self.requests += o.requests;
         self.bytes += o.bytes;
     }
 }
 
-pub struct ObjectStorage {
+pub(crate) struct ObjectStorage {
     spec: ObjectSpec,
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
@@ -56,7 +56,7 @@ const LIST_CONCURRENCY: usize = 16;
 const READ_CONCURRENCY: usize = 32;
 
 impl ObjectStorage {
-    pub fn open(spec: &ObjectSpec) -> Result<ObjectStorage, String> {
+    pub(crate) fn open(spec: &ObjectSpec) -> Result<ObjectStorage, String> {
         let store = spec.build().map_err(|e| {
             format!(
                 "cannot use {}: {}",
@@ -83,11 +83,11 @@ impl ObjectStorage {
         Ok(o)
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         self.spec.describe()
     }
 
-    pub fn counts(&self) -> ObjectCounts {
+    pub(crate) fn counts(&self) -> ObjectCounts {
         ObjectCounts {
             requests: self.requests.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
@@ -220,7 +220,7 @@ impl ObjectStorage {
         Ok(())
     }
 
-    pub fn stat_blob(&self, d: &Digest) -> BlobStat {
+    pub(crate) fn stat_blob(&self, d: &Digest) -> BlobStat {
         match self.blobs.get(d) {
             Some((size, modified)) => BlobStat::Present {
                 size: *size,
@@ -231,7 +231,7 @@ impl ObjectStorage {
     }
 
     /// HEAD of the blob now, for the re-check just before a purge.
-    pub fn stat_blob_fresh(&self, d: &Digest) -> BlobStat {
+    pub(crate) fn stat_blob_fresh(&self, d: &Digest) -> BlobStat {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let key = self.key(&crate::storage::blob_loc(d));
         match self.runtime.block_on(self.store.head(&key)) {
@@ -249,7 +249,7 @@ impl ObjectStorage {
         }
     }
 
-    pub fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn io::Read + Send>> {
+    pub(crate) fn open_blob(&self, d: &Digest) -> io::Result<Box<dyn io::Read + Send>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let key = self.key(&crate::storage::blob_loc(d));
         let result = self.runtime.block_on(self.store.get(&key)).map_err(to_io)?;
@@ -261,7 +261,7 @@ impl ObjectStorage {
         }))
     }
 
-    pub fn is_linked(&self, repo: &str, d: &Digest) -> bool {
+    pub(crate) fn is_linked(&self, repo: &str, d: &Digest) -> bool {
         let (alg, hex) = (d.algorithm().name(), d.hex());
         [
             format!("repositories/{repo}/_layers/{alg}/{hex}/link"),
@@ -271,7 +271,7 @@ impl ObjectStorage {
         .any(|k| self.repo_keys.contains(k))
     }
 
-    pub fn repositories(&self) -> (Vec<String>, Vec<String>) {
+    pub(crate) fn repositories(&self) -> (Vec<String>, Vec<String>) {
         let mut names = BTreeSet::new();
         for loc in &self.repo_keys {
             let rest = loc.trim_start_matches("repositories/");
@@ -288,13 +288,13 @@ impl ObjectStorage {
         (good, bad)
     }
 
-    pub fn blob_sizes(&self) -> Vec<(Digest, u64)> {
+    pub(crate) fn blob_sizes(&self) -> Vec<(Digest, u64)> {
         let mut v: Vec<(Digest, u64)> = self.blobs.iter().map(|(d, (s, _))| (*d, *s)).collect();
         v.sort();
         v
     }
 
-    pub fn links(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
+    pub(crate) fn links(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
         let base = format!("repositories/{repo}/{sub}/");
         self.repo_keys
             .range(base.clone()..)
@@ -309,7 +309,7 @@ impl ObjectStorage {
             .collect()
     }
 
-    pub fn tags(&self, repo: &str) -> Vec<String> {
+    pub(crate) fn tags(&self, repo: &str) -> Vec<String> {
         let base = format!("repositories/{repo}/_manifests/tags/");
         let mut tags: Vec<String> = self
             .repo_keys
@@ -321,7 +321,7 @@ impl ObjectStorage {
         tags
     }
 
-    pub fn exists(&self, loc: &str) -> bool {
+    pub(crate) fn exists(&self, loc: &str) -> bool {
         // blobs/<alg>/<xx>/<hex>/data, looked up in the listing by digest
         let parts: Vec<&str> = loc.split('/').collect();
         match parts.as_slice() {
@@ -335,7 +335,7 @@ impl ObjectStorage {
     /// READ_CONCURRENCY at a time, and keeps them for `read_small` until the next call;
     /// what fails is left for `read_small` to fetch again and report. Reading them one
     /// by one would cost a round trip each.
-    pub fn prefetch(&self, locs: &[String], max: u64) {
+    pub(crate) fn prefetch(&self, locs: &[String], max: u64) {
         let wanted: Vec<(String, ObjectPath)> = locs
             .iter()
             .filter(|l| self.exists(l))
@@ -372,7 +372,7 @@ impl ObjectStorage {
         }
     }
 
-    pub fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
+    pub(crate) fn read_small(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
         if loc.starts_with("repositories/") && !self.repo_keys.contains(loc) {
             return Err(io::Error::new(io::ErrorKind::NotFound, "no such object"));
         }

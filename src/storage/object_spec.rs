@@ -14,7 +14,7 @@ use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 /// Which service holds the blobs: the registry's storage driver of the same name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Service {
+pub(crate) enum Service {
     #[default]
     S3,
     Gcs,
@@ -23,7 +23,7 @@ pub enum Service {
 
 impl Service {
     /// The driver's name in config.yml.
-    pub fn driver(self) -> &'static str {
+    pub(crate) fn driver(self) -> &'static str {
         match self {
             Service::S3 => "s3",
             Service::Gcs => "gcs",
@@ -65,7 +65,7 @@ impl Service {
 /// How to reach the bucket (an Azure container); secrets never leave this struct except
 /// to the service.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct ObjectSpec {
+pub(crate) struct ObjectSpec {
     pub service: Service,
     /// The bucket, or for Azure the container.
     pub bucket: String,
@@ -94,7 +94,7 @@ pub struct ObjectSpec {
 
 /// An Azure application's credentials; the secret goes only to Azure's token service.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AzureClient {
+pub(crate) struct AzureClient {
     pub id: String,
     pub tenant: String,
     pub secret: String,
@@ -109,7 +109,7 @@ impl std::fmt::Debug for ObjectSpec {
 impl ObjectSpec {
     /// `s3://bucket/prefix`, `gs://bucket/prefix` or `azure://account/container/prefix`
     /// (and the endpoint), for reports.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut s = format!("{}://", self.service.scheme());
         if self.service == Service::Azure {
             s.push_str(self.account.as_deref().unwrap_or("-"));
@@ -129,7 +129,7 @@ impl ObjectSpec {
 
     /// Parses `s3://bucket[/prefix]`, `gs://bucket[/prefix]` or
     /// `azure://account/container[/prefix]`, and the ` at <endpoint>` that `describe` adds.
-    pub fn from_url(text: &str) -> Result<ObjectSpec, String> {
+    pub(crate) fn from_url(text: &str) -> Result<ObjectSpec, String> {
         let (url, endpoint) = match text.split_once(" at ") {
             Some((u, e)) => (u, Some(e.trim().to_string())),
             None => (text, None),

@@ -3,7 +3,7 @@
 use super::*;
 
 /// An OCI image written as an OCI layout directory, ready for `skopeo copy oci:DIR:TAG`.
-pub struct Image {
+pub(crate) struct Image {
     pub dir: PathBuf,
     pub tag: String,
     pub layers: Vec<String>,
@@ -12,7 +12,7 @@ pub struct Image {
 }
 
 impl Image {
-    pub fn blobs(&self) -> Vec<String> {
+    pub(crate) fn blobs(&self) -> Vec<String> {
         let mut v = self.layers.clone();
         v.push(self.config.clone());
         v.push(self.manifest.clone());
@@ -30,7 +30,7 @@ fn put_blob(dir: &Path, bytes: &[u8]) -> String {
 
 /// Gzips layer content, so skopeo pushes the layer as it is (it compresses
 /// uncompressed layers on push, which would change their digests).
-pub fn gzip(content: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(content: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(content).expect("gzip");
@@ -39,7 +39,7 @@ pub fn gzip(content: &[u8]) -> Vec<u8> {
 
 /// Builds an image from layer contents (gzipped here); the config names `label` so
 /// configs differ.
-pub fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
+pub(crate) fn make_image(dir: &Path, label: &str, layers: &[Vec<u8>]) -> Image {
     fs::create_dir_all(dir).expect("image dir");
     let layers: Vec<Vec<u8>> = layers.iter().map(|l| gzip(l)).collect();
     fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
@@ -96,7 +96,7 @@ fn write_layout_index(dir: &Path, media_type: &str, digest: &str, size: usize) {
 /// An OCI image index of one image per label (each with its own layer and config),
 /// written as an OCI layout whose `latest` is the index. `layers`/`config` of the
 /// returned Image list every child's blobs; `children` their manifests.
-pub fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
+pub(crate) fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
     fs::create_dir_all(dir).expect("image dir");
     let mut children = Vec::new();
     let mut layers = Vec::new();
@@ -149,12 +149,12 @@ pub fn make_index_image(dir: &Path, labels: &[&str]) -> (Image, Vec<String>) {
 
 /// Pushes an image; returns the digest of the manifest as the registry stored it
 /// (skopeo may re-encode the manifest on the way).
-pub fn push(reg: &Registry, image: &Image, repo_tag: &str) -> String {
+pub(crate) fn push(reg: &Registry, image: &Image, repo_tag: &str) -> String {
     push_with(reg, image, repo_tag, &[])
 }
 
 /// Pushes an image index with all its images.
-pub fn push_all(reg: &Registry, image: &Image, repo_tag: &str) -> String {
+pub(crate) fn push_all(reg: &Registry, image: &Image, repo_tag: &str) -> String {
     push_with(reg, image, repo_tag, &["--all"])
 }
 
@@ -184,7 +184,7 @@ fn push_with(reg: &Registry, image: &Image, repo_tag: &str, extra: &[&str]) -> S
 }
 
 /// Pulls into a fresh OCI directory; true when the pull worked.
-pub fn pull(reg: &Registry, repo_tag: &str, into: &Path) -> (bool, String) {
+pub(crate) fn pull(reg: &Registry, repo_tag: &str, into: &Path) -> (bool, String) {
     let _ = fs::remove_dir_all(into);
     need("skopeo");
     let out = Command::new("skopeo")

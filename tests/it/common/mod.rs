@@ -11,13 +11,13 @@ mod registry;
 mod scenarios;
 mod token;
 
-pub use images::*;
-pub use objects::*;
-pub use pki::*;
-pub use redis_server::*;
-pub use registry::*;
-pub use scenarios::*;
-pub use token::*;
+pub(crate) use images::*;
+pub(crate) use objects::*;
+pub(crate) use pki::*;
+pub(crate) use redis_server::*;
+pub(crate) use registry::*;
+pub(crate) use scenarios::*;
+pub(crate) use token::*;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_registry-audit");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_registry-audit");
 
 /// A scratch directory, removed on drop.
-pub struct Scratch(pub PathBuf);
+pub(crate) struct Scratch(pub PathBuf);
 
 impl Scratch {
-    pub fn new(tag: &str) -> Scratch {
+    pub(crate) fn new(tag: &str) -> Scratch {
         static N: AtomicUsize = AtomicUsize::new(0);
         let p = std::env::temp_dir().join(format!(
             "ra-test-{tag}-{}-{}",
@@ -46,7 +46,7 @@ impl Scratch {
         fs::create_dir_all(&p).expect("scratch dir");
         Scratch(p)
     }
-    pub fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.0.join(rel)
     }
 }
@@ -65,7 +65,7 @@ fn free_port() -> u16 {
 }
 
 /// Polls `ready` until it is true or `limit` passes.
-pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     let mut pause = Duration::from_millis(5);
     while !ready() {
@@ -86,7 +86,7 @@ fn need(tool: &str) {
 }
 
 /// A child process killed on drop.
-pub struct Proc(pub Child);
+pub(crate) struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -95,7 +95,7 @@ impl Drop for Proc {
     }
 }
 
-pub fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     let out = sha2::Sha256::digest(bytes);
     let mut s = String::from("sha256:");
     for b in out.iter() {
@@ -105,7 +105,7 @@ pub fn sha256(bytes: &[u8]) -> String {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so images differ by seed.
-pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -118,11 +118,11 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Runs the tool; returns exit code, stdout, stderr.
-pub fn run_tool(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn run_tool(args: &[&str]) -> (i32, String, String) {
     run_tool_env(args, &[])
 }
 
-pub fn run_tool_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+pub(crate) fn run_tool_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(args).stdin(Stdio::null());
     for (k, v) in env {
@@ -142,12 +142,12 @@ pub fn run_tool_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String
     )
 }
 
-pub fn json(stdout: &str) -> serde_json::Value {
+pub(crate) fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
 /// The report a run printed, or Null when it printed nothing (a run that could not run).
-pub fn json_or_null(stdout: &str) -> serde_json::Value {
+pub(crate) fn json_or_null(stdout: &str) -> serde_json::Value {
     if stdout.trim().is_empty() {
         serde_json::Value::Null
     } else {
@@ -156,7 +156,7 @@ pub fn json_or_null(stdout: &str) -> serde_json::Value {
 }
 
 /// (kind, repository, digest) of every finding, sorted.
-pub fn finding_triples(
+pub(crate) fn finding_triples(
     report: &serde_json::Value,
 ) -> Vec<(String, Option<String>, Option<String>)> {
     let mut v: Vec<_> = report["findings"]
@@ -176,7 +176,7 @@ pub fn finding_triples(
 }
 
 /// An HTTP date (RFC 1123, GMT) for `t`.
-pub fn http_date(t: std::time::SystemTime) -> String {
+pub(crate) fn http_date(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .expect("after 1970")
@@ -198,7 +198,7 @@ pub fn http_date(t: std::time::SystemTime) -> String {
 }
 
 /// Standard base64 with padding.
-pub fn base64_encode(data: &[u8]) -> String {
+pub(crate) fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
 }

@@ -3,23 +3,23 @@
 use super::*;
 
 /// The key prefix (the s3 driver's rootdirectory) the tests use in buckets.
-pub const S3_PREFIX: &str = "reg";
+pub(crate) const S3_PREFIX: &str = "reg";
 
 /// A local S3-compatible server: moto_server from PyPI's moto[server] (scripts/test
 /// installs it in a virtual environment and names it in MOTO_SERVER).
-pub struct Moto {
+pub(crate) struct Moto {
     pub port: u16,
     _proc: Proc,
 }
 
 impl Moto {
-    pub fn start() -> Moto {
+    pub(crate) fn start() -> Moto {
         Moto::start_with_env(&[])
     }
 
     /// With authentication on: only the first request goes unchecked (the bucket's
     /// creation); later ones need credentials moto knows.
-    pub fn start_authenticating() -> Moto {
+    pub(crate) fn start_authenticating() -> Moto {
         Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")])
     }
 
@@ -61,7 +61,7 @@ impl Moto {
         panic!("could not start moto_server");
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
@@ -72,7 +72,7 @@ impl Moto {
             .into()
     }
 
-    pub fn create_bucket(&self, bucket: &str) {
+    pub(crate) fn create_bucket(&self, bucket: &str) {
         let r = Moto::agent()
             .put(&format!("{}/{bucket}", self.endpoint()))
             .send_empty()
@@ -80,12 +80,12 @@ impl Moto {
         assert_eq!(r.status().as_u16(), 200, "create bucket");
     }
 
-    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+    pub(crate) fn put(&self, bucket: &str, key: &str, body: &[u8]) {
         self.put_with_acl(bucket, key, body, "private");
     }
 
     /// With a canned ACL: `public-read` objects can be read without credentials.
-    pub fn put_with_acl(&self, bucket: &str, key: &str, body: &[u8], acl: &str) {
+    pub(crate) fn put_with_acl(&self, bucket: &str, key: &str, body: &[u8], acl: &str) {
         let r = Moto::agent()
             .put(&format!("{}/{bucket}/{key}", self.endpoint()))
             .header("x-amz-acl", acl)
@@ -96,7 +96,7 @@ impl Moto {
 
     /// A signed PUT (object_store, test credentials): it may overwrite what the
     /// registry wrote.
-    pub fn put_signed(&self, bucket: &str, key: &str, body: &[u8]) {
+    pub(crate) fn put_signed(&self, bucket: &str, key: &str, body: &[u8]) {
         use object_store::ObjectStoreExt;
         let store = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(self.endpoint())
@@ -116,7 +116,7 @@ impl Moto {
             .expect("signed put");
     }
 
-    pub fn exists(&self, bucket: &str, key: &str) -> bool {
+    pub(crate) fn exists(&self, bucket: &str, key: &str) -> bool {
         // Unsigned, moto answers 403 for an object that exists (private) and 404 for
         // one that does not.
         Moto::agent()
@@ -127,11 +127,11 @@ impl Moto {
     }
 
     /// Uploads a storage tree (the registry's root directory) under `prefix`.
-    pub fn upload_tree(&self, bucket: &str, root: &Path, prefix: &str) {
+    pub(crate) fn upload_tree(&self, bucket: &str, root: &Path, prefix: &str) {
         self.upload_tree_with_acl(bucket, root, prefix, "private");
     }
 
-    pub fn upload_tree_with_acl(&self, bucket: &str, root: &Path, prefix: &str, acl: &str) {
+    pub(crate) fn upload_tree_with_acl(&self, bucket: &str, root: &Path, prefix: &str, acl: &str) {
         for (key, body) in tree_objects(root, prefix) {
             self.put_with_acl(bucket, &key, &body, acl);
         }
@@ -139,7 +139,7 @@ impl Moto {
 }
 
 /// The object key of a blob in a registry in object storage under S3_PREFIX.
-pub fn s3_blob_key(digest: &str) -> String {
+pub(crate) fn s3_blob_key(digest: &str) -> String {
     let (alg, hex) = digest.split_once(':').expect("digest");
     format!(
         "{S3_PREFIX}/docker/registry/v2/blobs/{alg}/{}/{hex}/data",
@@ -150,20 +150,20 @@ pub fn s3_blob_key(digest: &str) -> String {
 /// A proxy in front of a local S3 that misbehaves like a busy object store: the first
 /// `throttle` requests get 503 SlowDown, the next one has its connection dropped
 /// without an answer; every later request is passed through (one per connection).
-pub struct FaultyProxy {
+pub(crate) struct FaultyProxy {
     pub port: u16,
     pub faults: std::sync::Arc<AtomicUsize>,
 }
 
 impl FaultyProxy {
-    pub fn start(upstream_port: u16, throttle: usize) -> FaultyProxy {
+    pub(crate) fn start(upstream_port: u16, throttle: usize) -> FaultyProxy {
         FaultyProxy::spawn(upstream_port, throttle, true, false)
     }
 
     /// No fault: every request passed on with the percent-escapes of its path decoded.
     /// GCS's XML API takes an object name as one escaped segment (`a%2Fb`), as
     /// object_store's GCS client sends it; moto, standing in for it, wants `a/b`.
-    pub fn decoding(upstream_port: u16) -> FaultyProxy {
+    pub(crate) fn decoding(upstream_port: u16) -> FaultyProxy {
         FaultyProxy::spawn(upstream_port, 0, false, true)
     }
 
@@ -228,7 +228,7 @@ impl FaultyProxy {
         FaultyProxy { port, faults }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 }
@@ -274,18 +274,18 @@ fn decode_request_path(head: &str) -> String {
 
 /// Azurite, Microsoft's Azure Storage emulator (npm's `azurite`; scripts/test installs it
 /// under target/ and names its `azurite-blob` in AZURITE), blob service only, in memory.
-pub struct Azurite {
+pub(crate) struct Azurite {
     pub port: u16,
     _proc: Proc,
 }
 
 /// The emulator's well-known account and key.
-pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
-pub const AZURITE_KEY: &str =
+pub(crate) const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub(crate) const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 impl Azurite {
-    pub fn start() -> Azurite {
+    pub(crate) fn start() -> Azurite {
         use std::io::BufRead;
         let program = std::env::var("AZURITE").unwrap_or_else(|_| "azurite-blob".to_string());
         let mut child = Command::new(&program)
@@ -325,12 +325,12 @@ impl Azurite {
     }
 
     /// The blob service of the emulator's account, path-style.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
     }
 
     /// Creates a container: a request signed with the account's shared key.
-    pub fn create_container(&self, name: &str) {
+    pub(crate) fn create_container(&self, name: &str) {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let date = http_date(std::time::SystemTime::now());
@@ -367,18 +367,18 @@ impl Azurite {
             .expect("azure client")
     }
 
-    pub fn put(&self, container: &str, key: &str, body: &[u8]) {
+    pub(crate) fn put(&self, container: &str, key: &str, body: &[u8]) {
         put_objects(&self.store(container), &[(key.to_string(), body.to_vec())]);
     }
 
     /// Uploads a storage tree (the registry's root directory) under `prefix`.
-    pub fn upload_tree(&self, container: &str, root: &Path, prefix: &str) {
+    pub(crate) fn upload_tree(&self, container: &str, root: &Path, prefix: &str) {
         put_objects(&self.store(container), &tree_objects(root, prefix));
     }
 }
 
 /// Every file below `root` as (object key under `prefix`, content).
-pub fn tree_objects(root: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn tree_objects(root: &Path, prefix: &str) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -3,7 +3,7 @@
 use super::*;
 
 /// Runs openssl in `dir`; panics with its stderr when it fails.
-pub fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -18,12 +18,12 @@ pub fn openssl(dir: &Path, args: &[&str]) {
 
 /// A private CA and certificates it signed for 127.0.0.1, made with openssl:
 /// `ca.crt`, and `<name>.crt` / `<name>.key` for each name asked for.
-pub struct Pki {
+pub(crate) struct Pki {
     pub dir: Scratch,
 }
 
 impl Pki {
-    pub fn new(names: &[&str]) -> Pki {
+    pub(crate) fn new(names: &[&str]) -> Pki {
         let dir = Scratch::new("pki");
         let d = &dir.0;
         openssl(
@@ -94,7 +94,7 @@ impl Pki {
         Pki { dir }
     }
 
-    pub fn path(&self, file: &str) -> PathBuf {
+    pub(crate) fn path(&self, file: &str) -> PathBuf {
         self.dir.path(file)
     }
 }

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub struct Redis {
+pub(crate) struct Redis {
     pub port: u16,
     pub password: Option<String>,
     _proc: Proc,
@@ -10,11 +10,11 @@ pub struct Redis {
 }
 
 impl Redis {
-    pub fn start() -> Redis {
+    pub(crate) fn start() -> Redis {
         Redis::start_with(None)
     }
 
-    pub fn start_with(password: Option<&str>) -> Redis {
+    pub(crate) fn start_with(password: Option<&str>) -> Redis {
         need("redis-server");
         for _ in 0..5 {
             let dir = Scratch::new("redis");
@@ -71,18 +71,18 @@ impl Redis {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         Redis::url_for(self.port, self.password.as_deref())
     }
 
-    pub fn conn(&self) -> redis::Connection {
+    pub(crate) fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection())
             .expect("redis connection")
     }
 
     /// Every key with its type and content, sorted: a byte-for-byte picture of the database.
-    pub fn dump(&self) -> Vec<(Vec<u8>, String)> {
+    pub(crate) fn dump(&self) -> Vec<(Vec<u8>, String)> {
         let mut c = self.conn();
         let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut c).expect("keys");
         let mut out = Vec::new();
@@ -124,7 +124,7 @@ fn ping(url: &str) -> bool {
 }
 
 /// Writes the registry's three entries for `digest` in `repo`, as the registry does.
-pub fn cache(c: &mut redis::Connection, repo: &str, digest: &str, size: usize) {
+pub(crate) fn cache(c: &mut redis::Connection, repo: &str, digest: &str, size: usize) {
     redis::pipe()
         .cmd("HSET")
         .arg(format!("blobs::{digest}"))

@@ -3,12 +3,12 @@
 use super::*;
 
 /// Which blob-descriptor cache the registry uses.
-pub enum Cache<'a> {
+pub(crate) enum Cache<'a> {
     Redis(&'a Redis),
     InMemory,
 }
 
-pub struct Registry {
+pub(crate) struct Registry {
     pub port: u16,
     pub root: PathBuf,
     pub config: PathBuf,
@@ -23,16 +23,16 @@ pub struct Registry {
 }
 
 /// The htpasswd fixture's user and password (bcrypt, generated once, committed).
-pub const HTPASSWD_USER: &str = "audit";
-pub const HTPASSWD_PASSWORD: &str = "s3cret-audit";
+pub(crate) const HTPASSWD_USER: &str = "audit";
+pub(crate) const HTPASSWD_PASSWORD: &str = "s3cret-audit";
 
 impl Registry {
-    pub fn start(dir: &Scratch, cache: Cache<'_>) -> Registry {
+    pub(crate) fn start(dir: &Scratch, cache: Cache<'_>) -> Registry {
         Registry::start_with(dir, cache, false)
     }
 
     /// Starts the registry; with `htpasswd`, behind basic auth (fixtures/htpasswd).
-    pub fn start_with(dir: &Scratch, cache: Cache<'_>, htpasswd: bool) -> Registry {
+    pub(crate) fn start_with(dir: &Scratch, cache: Cache<'_>, htpasswd: bool) -> Registry {
         Registry::start_auth(
             dir,
             cache,
@@ -41,17 +41,17 @@ impl Registry {
     }
 
     /// Starts the registry behind the given authentication.
-    pub fn start_auth(dir: &Scratch, cache: Cache<'_>, auth_kind: Auth<'_>) -> Registry {
+    pub(crate) fn start_auth(dir: &Scratch, cache: Cache<'_>, auth_kind: Auth<'_>) -> Registry {
         Registry::start_full(dir, cache, auth_kind, None)
     }
 
     /// Starts the registry over HTTPS with this certificate and key (PEM files).
-    pub fn start_tls(dir: &Scratch, cache: Cache<'_>, cert: &Path, key: &Path) -> Registry {
+    pub(crate) fn start_tls(dir: &Scratch, cache: Cache<'_>, cert: &Path, key: &Path) -> Registry {
         Registry::start_full(dir, cache, Auth::None, Some((cert, key)))
     }
 
     /// Starts the registry with its s3 driver, on a bucket of a local S3 server.
-    pub fn start_s3(dir: &Scratch, cache: Cache<'_>, s3: &Moto, bucket: &str) -> Registry {
+    pub(crate) fn start_s3(dir: &Scratch, cache: Cache<'_>, s3: &Moto, bucket: &str) -> Registry {
         Registry::start_storage(dir, cache, Auth::None, None, Some((s3, bucket)))
     }
 
@@ -192,7 +192,7 @@ impl Registry {
 
     /// Stops the registry and starts it again on the same port: its in-memory cache
     /// starts empty.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.proc = None; // kills and waits
         for _ in 0..50 {
             if self.spawn() {
@@ -203,16 +203,16 @@ impl Registry {
         panic!("registry did not restart");
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    pub fn docker_ref(&self, repo_tag: &str) -> String {
+    pub(crate) fn docker_ref(&self, repo_tag: &str) -> String {
         format!("docker://127.0.0.1:{}/{repo_tag}", self.port)
     }
 
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
+    pub(crate) fn blob_path(&self, digest: &str) -> PathBuf {
         let (alg, hex) = digest.split_once(':').expect("digest");
         self.root
             .join("docker/registry/v2/blobs")
@@ -222,12 +222,12 @@ impl Registry {
             .join("data")
     }
 
-    pub fn has_blob(&self, digest: &str) -> bool {
+    pub(crate) fn has_blob(&self, digest: &str) -> bool {
         self.blob_path(digest).is_file()
     }
 
     /// An API request with the registry's credentials, if any.
-    pub fn http(&self, method: &str, path: &str) -> Option<u16> {
+    pub(crate) fn http(&self, method: &str, path: &str) -> Option<u16> {
         if let Some(realm) = &self.token_realm {
             // /v2/<repo>/(blobs|manifests)/<ref>: a token for that repository.
             let repo = path
@@ -250,18 +250,18 @@ impl Registry {
     }
 
     /// Deletes a manifest through the API, as an operator deleting a tag does.
-    pub fn delete_manifest(&self, repo: &str, digest: &str) {
+    pub(crate) fn delete_manifest(&self, repo: &str, digest: &str) {
         let status = self.http("DELETE", &format!("/v2/{repo}/manifests/{digest}"));
         assert_eq!(status, Some(202), "DELETE manifest {repo}@{digest}");
     }
 
     /// HEAD of a blob in a repository: what a client asks before uploading.
-    pub fn head_blob(&self, repo: &str, digest: &str) -> Option<u16> {
+    pub(crate) fn head_blob(&self, repo: &str, digest: &str) -> Option<u16> {
         self.http("HEAD", &format!("/v2/{repo}/blobs/{digest}"))
     }
 
     /// Runs the registry's own garbage collection.
-    pub fn garbage_collect(&self) -> Output {
+    pub(crate) fn garbage_collect(&self) -> Output {
         let out = Command::new("docker-registry")
             .env_remove("AWS_CA_BUNDLE")
             .arg("garbage-collect")
@@ -285,11 +285,15 @@ impl Registry {
     }
 }
 
-pub fn http_status(method: &str, url: &str) -> Option<u16> {
+pub(crate) fn http_status(method: &str, url: &str) -> Option<u16> {
     http_status_auth(method, url, None)
 }
 
-pub fn http_status_auth(method: &str, url: &str, creds: Option<&(String, String)>) -> Option<u16> {
+pub(crate) fn http_status_auth(
+    method: &str,
+    url: &str,
+    creds: Option<&(String, String)>,
+) -> Option<u16> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .tls_config(
             ureq::tls::TlsConfig::builder()

@@ -4,7 +4,7 @@ use super::*;
 
 /// Three repositories sharing a base layer: `team/app1` and `mirror/app1` hold the same
 /// image, `team/app2` shares only the base layer.
-pub struct Scenario {
+pub(crate) struct Scenario {
     pub dir: Scratch,
     pub redis: Redis,
     pub registry: Registry,
@@ -14,7 +14,7 @@ pub struct Scenario {
     pub app2_manifest: String,
 }
 
-pub fn shared_layers_scenario(tag: &str) -> Scenario {
+pub(crate) fn shared_layers_scenario(tag: &str) -> Scenario {
     let dir = Scratch::new(tag);
     let redis = Redis::start();
     let registry = Registry::start(&dir, Cache::Redis(&redis));
@@ -33,7 +33,7 @@ pub fn shared_layers_scenario(tag: &str) -> Scenario {
 }
 
 /// Deletes team/app2's manifest and runs the registry's GC.
-pub fn delete_app2_and_gc(s: &Scenario) {
+pub(crate) fn delete_app2_and_gc(s: &Scenario) {
     s.registry.delete_manifest("team/app2", &s.app2_manifest);
     s.registry.garbage_collect();
     assert!(
@@ -49,7 +49,11 @@ pub fn delete_app2_and_gc(s: &Scenario) {
 /// Two images sharing a base layer of `sizes[0]` bytes (app1 with a layer of `sizes[1]`,
 /// app2 with one of `sizes[2]`), pushed as team/app1:v1 and team/app2:v1 and pulled
 /// back; returns them and the manifest digest of team/app2:v1.
-pub fn push_two_apps(reg: &Registry, dir: &Scratch, sizes: [usize; 3]) -> (Image, Image, String) {
+pub(crate) fn push_two_apps(
+    reg: &Registry,
+    dir: &Scratch,
+    sizes: [usize; 3],
+) -> (Image, Image, String) {
     let base = bytes(1, sizes[0]);
     let app1 = make_image(
         &dir.path("img1"),
@@ -67,7 +71,7 @@ pub fn push_two_apps(reg: &Registry, dir: &Scratch, sizes: [usize; 3]) -> (Image
 }
 
 /// `gc --config CONFIG --journal JOURNAL --format json EXTRA -- COMMAND`.
-pub fn gc_with(
+pub(crate) fn gc_with(
     config: &str,
     journal: &str,
     extra: &[&str],
@@ -90,7 +94,7 @@ pub fn gc_with(
 }
 
 /// `check --root --redis --format json` of the scenario's registry, with `extra` flags.
-pub fn check_fs(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String) {
+pub(crate) fn check_fs(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let root = s.registry.root.display().to_string();
     let url = s.redis.url();
     let mut args = vec![
@@ -102,7 +106,11 @@ pub fn check_fs(s: &Scenario, extra: &[&str]) -> (i32, serde_json::Value, String
 }
 
 /// `purge --apply PLAN --config CONFIG --yes --journal JOURNAL --format json`.
-pub fn purge_apply(config: &str, plan: &str, journal: &str) -> (i32, serde_json::Value, String) {
+pub(crate) fn purge_apply(
+    config: &str,
+    plan: &str,
+    journal: &str,
+) -> (i32, serde_json::Value, String) {
     let (code, out, err) = run_tool(&[
         "purge",
         "--apply",
@@ -120,7 +128,7 @@ pub fn purge_apply(config: &str, plan: &str, journal: &str) -> (i32, serde_json:
 }
 
 /// Whether `report` has a finding of `kind` for `digest`.
-pub fn has_finding(report: &serde_json::Value, kind: &str, digest: &str) -> bool {
+pub(crate) fn has_finding(report: &serde_json::Value, kind: &str, digest: &str) -> bool {
     report["findings"]
         .as_array()
         .is_some_and(|f| f.iter().any(|f| f["kind"] == kind && f["digest"] == digest))
@@ -128,7 +136,9 @@ pub fn has_finding(report: &serde_json::Value, kind: &str, digest: &str) -> bool
 
 /// The phantom entries, computed independently of the tool: straight from Redis and the
 /// filesystem, by the registry's key shapes.
-pub fn expected_phantoms(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
+pub(crate) fn expected_phantoms(
+    s: &Scenario,
+) -> BTreeSet<(String, Option<String>, Option<String>)> {
     let mut c = s.redis.conn();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).expect("keys");
     let mut out = BTreeSet::new();
@@ -165,7 +175,7 @@ pub fn expected_phantoms(s: &Scenario) -> BTreeSet<(String, Option<String>, Opti
 
 /// Uploads a blob through the registry's monolithic upload API (POST, then PUT with the
 /// digest): the upload writes storage whatever the cache says.
-pub fn upload_blob(reg: &Registry, repo: &str, content: &[u8]) -> String {
+pub(crate) fn upload_blob(reg: &Registry, repo: &str, content: &[u8]) -> String {
     let digest = sha256(content);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -199,14 +209,16 @@ pub fn upload_blob(reg: &Registry, repo: &str, content: &[u8]) -> String {
 }
 
 /// The bytes of one of an image's blobs, from its OCI layout.
-pub fn image_blob(image: &Image, digest: &str) -> Vec<u8> {
+pub(crate) fn image_blob(image: &Image, digest: &str) -> Vec<u8> {
     fs::read(image.dir.join("blobs/sha256").join(&digest[7..])).expect("image blob")
 }
 
 /// `expected_phantoms` plus the `_layers` links to blobs that are gone, which the
 /// registry's GC (2.8) leaves behind: what a default `check` reports after GC, computed
 /// from Redis and the filesystem without the tool.
-pub fn expected_after_gc(s: &Scenario) -> BTreeSet<(String, Option<String>, Option<String>)> {
+pub(crate) fn expected_after_gc(
+    s: &Scenario,
+) -> BTreeSet<(String, Option<String>, Option<String>)> {
     let mut out = expected_phantoms(s);
     let repos = s.registry.root.join("docker/registry/v2/repositories");
     for repo in ["team/app1", "mirror/app1", "team/app2"] {
@@ -226,25 +238,25 @@ pub fn expected_after_gc(s: &Scenario) -> BTreeSet<(String, Option<String>, Opti
 }
 
 /// A storage root in the registry's layout, written by the test.
-pub struct Store {
+pub(crate) struct Store {
     pub dir: Scratch,
 }
 
 impl Store {
-    pub fn new(tag: &str) -> Store {
+    pub(crate) fn new(tag: &str) -> Store {
         let dir = Scratch::new(tag);
         fs::create_dir_all(dir.path("docker/registry/v2/blobs")).expect("layout");
         fs::create_dir_all(dir.path("docker/registry/v2/repositories")).expect("layout");
         Store { dir }
     }
-    pub fn root(&self) -> String {
+    pub(crate) fn root(&self) -> String {
         self.dir.0.display().to_string()
     }
-    pub fn v2(&self) -> PathBuf {
+    pub(crate) fn v2(&self) -> PathBuf {
         self.dir.path("docker/registry/v2")
     }
     /// Writes a blob and links it into `repo` as a layer; returns its digest.
-    pub fn blob(&self, repo: &str, content: &[u8]) -> String {
+    pub(crate) fn blob(&self, repo: &str, content: &[u8]) -> String {
         let d = sha256(content);
         self.write_data(&d, content);
         let link = self
@@ -257,14 +269,14 @@ impl Store {
         fs::write(link.join("link"), &d).expect("link");
         d
     }
-    pub fn data_path(&self, d: &str) -> PathBuf {
+    pub(crate) fn data_path(&self, d: &str) -> PathBuf {
         self.v2()
             .join("blobs/sha256")
             .join(&d[7..9])
             .join(&d[7..])
             .join("data")
     }
-    pub fn write_data(&self, d: &str, content: &[u8]) {
+    pub(crate) fn write_data(&self, d: &str, content: &[u8]) {
         let p = self.data_path(d);
         fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
         fs::write(p, content).expect("write");

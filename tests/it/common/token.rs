@@ -3,19 +3,19 @@
 use super::*;
 
 /// How the test registry authenticates.
-pub enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     None,
     Htpasswd,
     Token(&'a TokenServer),
 }
 
-pub const TOKEN_SERVICE: &str = "test-registry";
-pub const TOKEN_ISSUER: &str = "test-issuer";
+pub(crate) const TOKEN_SERVICE: &str = "test-registry";
+pub(crate) const TOKEN_ISSUER: &str = "test-issuer";
 
 /// A token service as registries use one: it grants any scope asked for, signing ES256
 /// JWTs whose `x5c` header carries its certificate (the registry trusts it through
 /// `rootcertbundle`). Keys and certificate are made with openssl at start.
-pub struct TokenServer {
+pub(crate) struct TokenServer {
     pub port: u16,
     pub cert: PathBuf,
     pub requests: std::sync::Arc<AtomicUsize>,
@@ -23,7 +23,7 @@ pub struct TokenServer {
 }
 
 impl TokenServer {
-    pub fn start() -> TokenServer {
+    pub(crate) fn start() -> TokenServer {
         let dir = Scratch::new("token");
         let run = |args: &[&str]| {
             let out = Command::new("openssl")
@@ -81,7 +81,7 @@ impl TokenServer {
         }
     }
 
-    pub fn realm(&self) -> String {
+    pub(crate) fn realm(&self) -> String {
         format!("http://127.0.0.1:{}/token", self.port)
     }
 }
@@ -176,7 +176,7 @@ fn der_to_raw_signature(der: &[u8]) -> Vec<u8> {
 }
 
 /// A token for `scope` from the token service.
-pub fn fetch_token(realm: &str, scope: &str) -> String {
+pub(crate) fn fetch_token(realm: &str, scope: &str) -> String {
     let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let body = agent
         .get(&format!("{realm}?service={TOKEN_SERVICE}&scope={scope}"))
@@ -189,7 +189,7 @@ pub fn fetch_token(realm: &str, scope: &str) -> String {
     v["token"].as_str().expect("token").to_string()
 }
 
-pub fn http_status_header(method: &str, url: &str, authorization: &str) -> Option<u16> {
+pub(crate) fn http_status_header(method: &str, url: &str, authorization: &str) -> Option<u16> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
