@@ -138,5 +138,6 @@ pub fn run(settings: &CheckSettings) -> Result<u8, String> {
     report.notes = notes;
     report.shard = settings.shard.map(|s| s.to_string());
     report.write(settings.report.format, settings.report.output.as_deref())?;
+    crate::pushgateway::push_report(&settings.report.push, &report)?;
     Ok(code)
 }

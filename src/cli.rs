@@ -62,6 +62,11 @@ pub enum Command {
     /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
     /// for `check --cache-dump` elsewhere.
     ExportCache(ExportArgs),
+    /// Print a shell completion script, generated from these definitions.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions: the tool's, or one
+    /// command's.
+    Man(ManArgs),
 }
 
 /// Where the registry's storage and cache are.
@@ -126,6 +131,8 @@ pub struct ReportArgs {
     /// Exit 1 when a finding of this severity or worse is found.
     #[arg(long, value_enum, default_value = "error")]
     pub fail_on: FailOn,
+    #[command(flatten)]
+    pub push: PushArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -332,4 +339,34 @@ pub struct MergeReportArgs {
     /// Exit 1 when a finding of this severity or worse is found [default: the shards'].
     #[arg(long = "fail-on", value_enum)]
     pub fail_on_given: Option<FailOn>,
+    #[command(flatten)]
+    pub push: PushArgs,
+}
+
+/// Where the run's metrics are pushed, besides the report (see `pushgateway`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct PushArgs {
+    /// Push the metrics (those of --format prometheus) to this Prometheus Pushgateway,
+    /// e.g. http://pushgateway:9091; a run that could not run pushes
+    /// registry_audit_last_run_success 0. A failed push exits 2.
+    #[arg(long, value_name = "URL")]
+    pub push_gateway: Option<String>,
+    /// The job name of the pushed metrics (the storage root or bucket is the other
+    /// grouping label).
+    #[arg(long, value_name = "NAME", default_value = "registry-audit")]
+    pub push_job: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// One command's page (registry-audit-check(1), ...) instead of the tool's.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
 }

@@ -423,6 +423,7 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
     report.notes = notes;
     report.complete = complete;
     report.write(report_settings.format, report_settings.output.as_deref())?;
+    crate::pushgateway::push_report(&report_settings.push, &report)?;
     Ok(code)
 }
 

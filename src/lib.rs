@@ -8,6 +8,7 @@ pub mod cache_dump;
 pub mod cache_index;
 pub mod check;
 pub mod cli;
+pub mod completions;
 pub mod config;
 pub mod digest;
 pub mod finding;
@@ -20,6 +21,7 @@ pub mod probe;
 pub mod progress;
 pub mod purge;
 pub mod purge_command;
+pub mod pushgateway;
 pub mod redis_cache;
 pub mod redis_cluster;
 pub mod registry_client;
@@ -41,7 +43,12 @@ pub const EXIT_CANNOT_RUN: u8 = 2;
 pub fn run(cli: cli::Cli) -> Result<u8, String> {
     match cli.command {
         cli::Command::Check(args) => {
-            let result = settings::CheckSettings::from_args(&args).and_then(|s| check::run(&s));
+            let result = pushgateway::around(
+                &args.report.push,
+                args.shard.as_deref(),
+                || pushgateway::storage_of(&args.source),
+                || settings::CheckSettings::from_args(&args).and_then(|s| check::run(&s)),
+            );
             // A run that could not run still updates the failure metrics it can write.
             if let (Err(message), Some(cli::Format::Prometheus), Some(path)) =
                 (&result, args.report.format, &args.report.output)
@@ -54,9 +61,26 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         cli::Command::Purge(args) => purge_command::run(&args),
         cli::Command::Restore(args) => purge_command::run_restore(&args),
         cli::Command::ExportCache(args) => cache_dump::run_export(&args),
-        cli::Command::Probe(args) => probe::run(&args),
-        cli::Command::Gc(args) => gc::run(&args),
-        cli::Command::Merge(args) => merge::run(&args),
+        cli::Command::Probe(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of_probe(&args),
+            || probe::run(&args),
+        ),
+        cli::Command::Gc(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of(&args.source),
+            || gc::run(&args),
+        ),
+        cli::Command::Merge(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of_reports(&args.reports),
+            || merge::run(&args),
+        ),
+        cli::Command::Completions(args) => completions::print_completions(args.shell),
+        cli::Command::Man(args) => completions::print_man(args.command.as_deref()),
     }
 }
 

@@ -33,10 +33,12 @@ pub fn run(args: &MergeArgs) -> Result<u8, String> {
         format: settings::default_format(args.report.format, args.report.output.as_deref()),
         output: args.report.output.clone(),
         fail_on,
+        push: args.report.push.clone(),
     };
     let code = report::exit_code(&merged.findings, settings.fail_on);
     let text = report::render(&merged, settings.format);
     report::write_output(&text, settings.output.as_deref())?;
+    crate::pushgateway::push_report(&settings.push, &merged)?;
     Ok(code)
 }
 

@@ -161,6 +161,7 @@ pub fn run(args: &ProbeArgs) -> Result<u8, String> {
     );
     report.complete = complete;
     report.write(report_settings.format, report_settings.output.as_deref())?;
+    crate::pushgateway::push_report(&report_settings.push, &report)?;
     Ok(code)
 }
 

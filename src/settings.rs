@@ -57,6 +57,8 @@ pub struct ReportSettings {
     pub format: Format,
     pub output: Option<PathBuf>,
     pub fail_on: FailOn,
+    /// `--push-gateway`, checked by `pushgateway::preflight` before the run.
+    pub push: crate::cli::PushArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +179,7 @@ impl ReportSettings {
             format: default_format(args.format, args.output.as_deref()),
             output: args.output.clone(),
             fail_on: args.fail_on,
+            push: args.push.clone(),
         }
     }
 }
