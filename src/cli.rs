@@ -313,6 +313,15 @@ pub struct GcArgs {
     pub jobs: Option<usize>,
     #[command(flatten)]
     pub report: ReportArgs,
+    /// With the in-memory cache: after the GC, restart the registry with this shell
+    /// command (run with `sh -c`, e.g. `systemctl restart docker-registry`), wait until
+    /// it answers at --registry-url, and probe every deleted blob where it was linked.
+    #[arg(long, value_name = "COMMAND", requires = "registry_url")]
+    pub restart_command: Option<String>,
+    /// How long the restart may take, the command and the wait for the registry
+    /// together (90s, 2m, ...).
+    #[arg(long, value_name = "DURATION", default_value = "2m")]
+    pub restart_timeout: String,
     /// The GC command and its arguments, after `--`, e.g.
     /// `-- registry garbage-collect /etc/docker/registry/config.yml --delete-untagged`.
     #[arg(last = true, required = true, value_name = "COMMAND")]

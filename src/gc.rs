@@ -47,6 +47,9 @@ pub struct GcCounts {
     pub journal: Option<String>,
     /// The in-memory cache still serves deleted blobs: only a restart clears it.
     pub restart_needed: bool,
+    /// What `--restart-command` did, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::restart::RestartCounts>,
     pub output_tail: Vec<String>,
 }
 
@@ -204,6 +207,9 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
         _ => None,
     };
 
+    // With --restart-command: the registry answers, and where each blob is linked.
+    let restart = crate::restart::Plan::prepare(args, &source.cache, &storage)?;
+
     // 2. The GC, as given.
     let mut command = args.command.clone();
     if args.dry_run {
@@ -312,6 +318,13 @@ pub fn run(args: &GcArgs) -> Result<u8, String> {
             }
         }
         _ if args.dry_run => {}
+        _ if restart.is_some() => {
+            let outcome = crate::restart::after_gc(restart.as_ref(), &deleted)?;
+            counts.restart_needed = !outcome.findings.is_empty();
+            counts.restart = Some(outcome.counts);
+            findings.extend(outcome.findings);
+            notes.extend(outcome.notes);
+        }
         _ => {
             counts.restart_needed = !deleted.is_empty();
             if let Some(url) = &args.registry_url {

@@ -28,6 +28,7 @@ pub mod registry_client;
 pub mod rehash;
 pub mod repo_name;
 pub mod report;
+pub mod restart;
 pub mod settings;
 pub mod shard;
 pub mod state;
