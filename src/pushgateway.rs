@@ -155,12 +155,13 @@ impl Gateway {
 
 /// A URL as messages may show it: without `user:password@`.
 fn without_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
     let end = rest.find('/').unwrap_or(rest.len());
     match rest[..end].rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://{host}{}", &rest[end..]),
+        Some((_, host)) => format!("{scheme}{host}{}", &rest[end..]),
         None => url.to_string(),
     }
 }
@@ -364,8 +365,14 @@ mod tests {
             let e = Gateway::from_args(&args(bad)).expect_err(bad);
             assert!(e.starts_with("--push-gateway"), "{e}");
         }
-        let e = Gateway::from_args(&args("ftp://ops:secret@h")).expect_err("ftp");
-        assert!(!e.contains("secret"), "{e}");
+        for bad in [
+            "ftp://ops:secret@h",
+            "ops:secret@h:9091",
+            "http://ops:secret@/x",
+        ] {
+            let e = Gateway::from_args(&args(bad)).expect_err(bad);
+            assert!(!e.contains("secret"), "{e}");
+        }
         let mut empty_job = args("http://h:1");
         empty_job.push_job = " ".into();
         assert!(Gateway::from_args(&empty_job).is_err());
