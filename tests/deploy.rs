@@ -255,6 +255,18 @@ fn readme_block(heading: &str) -> String {
 }
 
 #[test]
+fn the_containerfile_labels_this_version() {
+    let text = fs::read_to_string(root().join("Containerfile")).expect("Containerfile");
+    assert!(
+        text.lines()
+            .any(|l| l == format!("ARG VERSION={}", env!("CARGO_PKG_VERSION"))),
+        "Containerfile: ARG VERSION={}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains("ENTRYPOINT [\"/registry-audit\"]"));
+}
+
+#[test]
 fn readme_shows_the_rules_deploy_prometheus_holds() {
     let file = fs::read_to_string(root().join("deploy/prometheus/registry-audit.rules.yml"))
         .expect("rules");
