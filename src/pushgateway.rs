@@ -81,13 +81,12 @@ impl Gateway {
         if job.is_empty() {
             return Err("--push-job must not be empty".into());
         }
-        let authorization = match userinfo {
-            Some(u) => Some(format!(
+        let authorization = userinfo.map(|u| {
+            format!(
                 "Basic {}",
                 crate::registry_client::base64_encode(&percent_decode(u))
-            )),
-            None => None,
-        };
+            )
+        });
         Ok(Some(Gateway {
             base: format!("{scheme}://{host}{}", path.trim_end_matches('/')),
             authorization,
