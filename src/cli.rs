@@ -26,6 +26,7 @@ pub struct Cli {
     pub quiet: bool,
 }
 
+/// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compare the cache with storage, verify storage itself, and report every wrong
@@ -65,6 +66,11 @@ pub enum Command {
     /// Write the registry's cache entries from Redis to a JSON-lines dump (read-only),
     /// for `check --cache-dump` elsewhere.
     ExportCache(ExportArgs),
+    /// Print a shell completion script, generated from these definitions.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), generated from these definitions: the tool's, or one
+    /// command's.
+    Man(ManArgs),
 }
 
 /// Where the registry's storage and cache are.
@@ -103,21 +109,29 @@ pub struct SourceArgs {
     pub redis_cluster: bool,
 }
 
+/// How a report is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// A table grouped by kind, ending with the verdict.
     Table,
+    /// The JSON report.
     Json,
     /// node_exporter textfile format (write it with --output).
     Prometheus,
 }
 
+/// The lowest severity that makes the exit status 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FailOn {
+    /// Errors only.
     Error,
+    /// Warnings and errors.
     Warning,
+    /// Never: exit 0 whatever was found.
     Never,
 }
 
+/// Where and how a report goes.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
     /// Report format [default: table on a terminal, json otherwise].
@@ -130,12 +144,18 @@ pub struct ReportArgs {
     /// Exit 1 when a finding of this severity or worse is found.
     #[arg(long, value_enum, default_value = "error")]
     pub fail_on: FailOn,
+    /// Pushing the metrics to a Pushgateway.
+    #[command(flatten)]
+    pub push: PushArgs,
 }
 
+/// The flags of `check`.
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
+    /// Where storage and the cache are.
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Where and how the report goes.
     #[command(flatten)]
     pub report: ReportArgs,
     /// Hashing threads [default: all cores; on object storage at least 16, as GETs wait on the network];
@@ -182,12 +202,15 @@ pub struct CheckArgs {
     /// [default: where the config's http section says it listens].
     #[arg(long, value_name = "URL", conflicts_with_all = ["redis", "cache_dump", "storage_only"])]
     pub registry_url: Option<String>,
+    /// How to reach the running registry.
     #[command(flatten)]
     pub registry: RegistryAccessArgs,
 }
 
+/// The flags of `purge`.
 #[derive(Debug, Clone, Args)]
 pub struct PurgeArgs {
+    /// Where storage and the cache are.
     #[command(flatten)]
     pub source: SourceArgs,
     /// Report format [default: table on a terminal, json otherwise].
@@ -223,6 +246,7 @@ pub struct PurgeArgs {
     pub include_malformed: bool,
 }
 
+/// The flags of `restore`.
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
     /// The journal a purge wrote.
@@ -240,6 +264,7 @@ pub struct RestoreArgs {
     pub format: Option<Format>,
 }
 
+/// The flags of `export-cache`.
 #[derive(Debug, Clone, Args)]
 pub struct ExportArgs {
     /// The registry's config.yml, for its Redis settings.
@@ -257,6 +282,7 @@ pub struct ExportArgs {
     pub scan_count: usize,
 }
 
+/// The flags of `probe`.
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
     /// The registry's base URL, e.g. http://127.0.0.1:5000 or https://reg.example.
@@ -281,8 +307,10 @@ pub struct ProbeArgs {
     /// Seconds before one request is given up.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub timeout: u64,
+    /// How to reach the running registry.
     #[command(flatten)]
     pub access: RegistryAccessArgs,
+    /// Where and how the report goes.
     #[command(flatten)]
     pub report: ReportArgs,
 }
@@ -307,8 +335,10 @@ pub struct RegistryAccessArgs {
     pub insecure: bool,
 }
 
+/// The flags of `gc`.
 #[derive(Debug, Clone, Args)]
 pub struct GcArgs {
+    /// Where storage and the cache are.
     #[command(flatten)]
     pub source: SourceArgs,
     /// The running registry, to confirm live phantoms of an in-memory cache with `probe`.
@@ -324,23 +354,36 @@ pub struct GcArgs {
     /// Hashing threads for the audits [default: all cores; on object storage at least 16, as GETs wait on the network].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
+    /// Where and how the report goes.
     #[command(flatten)]
     pub report: ReportArgs,
+    /// With the in-memory cache: after the GC, restart the registry with this shell
+    /// command (run with `sh -c`, e.g. `systemctl restart docker-registry`), wait until
+    /// it answers at --registry-url, and probe every deleted blob where it was linked.
+    #[arg(long, value_name = "COMMAND", requires = "registry_url")]
+    pub restart_command: Option<String>,
+    /// How long the restart may take, the command and the wait for the registry
+    /// together (90s, 2m, ...).
+    #[arg(long, value_name = "DURATION", default_value = "2m")]
+    pub restart_timeout: String,
     /// The GC command and its arguments, after `--`, e.g.
     /// `-- registry garbage-collect /etc/docker/registry/config.yml --delete-untagged`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
+/// The flags of `merge`.
 #[derive(Debug, Clone, Args)]
 pub struct MergeArgs {
     /// The shard reports (JSON), one per shard.
     #[arg(required = true, value_name = "REPORT")]
     pub reports: Vec<PathBuf>,
+    /// Where and how the merged report goes.
     #[command(flatten)]
     pub report: MergeReportArgs,
 }
 
+/// Where and how the merged report goes.
 #[derive(Debug, Clone, Args)]
 pub struct MergeReportArgs {
     /// Report format [default: table on a terminal, json otherwise].
@@ -353,4 +396,37 @@ pub struct MergeReportArgs {
     /// Exit 1 when a finding of this severity or worse is found [default: the shards'].
     #[arg(long = "fail-on", value_enum)]
     pub fail_on_given: Option<FailOn>,
+    /// Pushing the metrics to a Pushgateway.
+    #[command(flatten)]
+    pub push: PushArgs,
+}
+
+/// Where the run's metrics are pushed, besides the report (see `pushgateway`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct PushArgs {
+    /// Push the metrics (those of --format prometheus) to this Prometheus Pushgateway,
+    /// e.g. http://pushgateway:9091; a run that could not run pushes
+    /// registry_audit_last_run_success 0. A failed push exits 2.
+    #[arg(long, value_name = "URL")]
+    pub push_gateway: Option<String>,
+    /// The job name of the pushed metrics (the storage root or bucket is the other
+    /// grouping label).
+    #[arg(long, value_name = "NAME", default_value = "registry-audit")]
+    pub push_job: String,
+}
+
+/// The flags of `completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// The flags of `man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// One command's page (registry-audit-check(1), ...) instead of the tool's.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
 }

@@ -5,7 +5,7 @@
 
 mod audit;
 mod cache;
-mod cli;
+pub mod cli;
 mod commands;
 mod digest;
 mod files;
@@ -32,10 +32,15 @@ pub const EXIT_CANNOT_RUN: u8 = 2;
 /// Runs one command; `Ok` carries the exit status (0 clean, 1 findings at or above
 /// the threshold), `Err` a one-line message for exit status 2.
 pub fn run(cli: cli::Cli) -> Result<u8, String> {
+    use commands::pushgateway;
     match cli.command {
         cli::Command::Check(args) => {
-            let result =
-                settings::CheckSettings::from_args(&args).and_then(|s| commands::check::run(&s));
+            let result = pushgateway::around(
+                &args.report.push,
+                args.shard.as_deref(),
+                || pushgateway::storage_of(&args.source),
+                || settings::CheckSettings::from_args(&args).and_then(|s| commands::check::run(&s)),
+            );
             // A run that could not run still updates the failure metrics it can write.
             if let (Err(message), Some(cli::Format::Prometheus), Some(path)) =
                 (&result, args.report.format, &args.report.output)
@@ -48,9 +53,26 @@ pub fn run(cli: cli::Cli) -> Result<u8, String> {
         cli::Command::Purge(args) => commands::purge::run(&args),
         cli::Command::Restore(args) => commands::restore::run(&args),
         cli::Command::ExportCache(args) => commands::export::run(&args),
-        cli::Command::Probe(args) => commands::probe::run(&args),
-        cli::Command::Gc(args) => commands::gc::run(&args),
-        cli::Command::Merge(args) => commands::merge::run(&args),
+        cli::Command::Probe(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of_probe(&args),
+            || commands::probe::run(&args),
+        ),
+        cli::Command::Gc(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of(&args.source),
+            || commands::gc::run(&args),
+        ),
+        cli::Command::Merge(args) => pushgateway::around(
+            &args.report.push,
+            None,
+            || pushgateway::storage_of_reports(&args.reports),
+            || commands::merge::run(&args),
+        ),
+        cli::Command::Completions(args) => commands::completions::print_completions(args.shell),
+        cli::Command::Man(args) => commands::completions::print_man(args.command.as_deref()),
     }
 }
 

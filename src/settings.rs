@@ -68,6 +68,8 @@ pub(crate) struct ReportSettings {
     pub format: Format,
     pub output: Option<PathBuf>,
     pub fail_on: FailOn,
+    /// `--push-gateway`, checked by `pushgateway::preflight` before the run.
+    pub push: crate::cli::PushArgs,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +267,7 @@ impl ReportSettings {
             format: default_format(args.format, output.as_deref()),
             output,
             fail_on: args.fail_on,
+            push: args.push.clone(),
         })
     }
 }

@@ -174,6 +174,9 @@ pub(crate) struct GcCounts {
     pub journal: Option<String>,
     /// The in-memory cache still serves deleted blobs: only a restart clears it.
     pub restart_needed: bool,
+    /// What `--restart-command` did, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartCounts>,
     pub output_tail: Vec<String>,
 }
 
@@ -203,4 +206,22 @@ impl SourceInfo {
             (None, None, None) => "no cache (storage only)".into(),
         }
     }
+}
+
+/// What the restart did, for `summary.gc.restart` (the command itself is not recorded:
+/// it may hold a token).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RestartCounts {
+    /// The command ran (not when the GC deleted nothing).
+    pub restarted: bool,
+    /// From the command's start until the registry answered again.
+    pub ms_until_answering: u64,
+    /// (repository, digest) pairs asked after the restart.
+    pub probed: u64,
+    /// Of those, still answered as present when --restart-timeout ran out.
+    pub still_served: u64,
+    /// Of those, never answered (neither present nor unknown).
+    pub failed: u64,
+    /// Deleted blobs no repository linked before the GC: no HEAD can reach them.
+    pub deleted_blobs_linked_nowhere: u64,
 }

@@ -98,5 +98,6 @@ pub(crate) fn run(settings: &CheckSettings) -> Result<u8, String> {
     report.notes = notes;
     report.shard = settings.shard.map(|s| s.to_string());
     report.write(settings.report.format, settings.report.output.as_deref())?;
+    crate::commands::pushgateway::push_report(&settings.report.push, &report)?;
     Ok(code)
 }

@@ -158,6 +158,9 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
         _ => None,
     };
 
+    // With --restart-command: the registry answers, and where each blob is linked.
+    let restart = crate::commands::restart::Plan::prepare(args, &source.cache, &storage)?;
+
     // 2. The GC, as given.
     let mut command = args.command.clone();
     if args.dry_run {
@@ -269,6 +272,13 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
             }
         }
         _ if args.dry_run => {}
+        _ if restart.is_some() => {
+            let outcome = crate::commands::restart::after_gc(restart.as_ref(), &deleted)?;
+            counts.restart_needed = !outcome.findings.is_empty();
+            counts.restart = Some(outcome.counts);
+            findings.extend(outcome.findings);
+            notes.extend(outcome.notes);
+        }
         _ => {
             counts.restart_needed = !deleted.is_empty();
             if let Some(url) = &args.registry_url {
@@ -380,6 +390,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     report.notes = notes;
     report.complete = complete;
     report.write(report_settings.format, report_settings.output.as_deref())?;
+    crate::commands::pushgateway::push_report(&report_settings.push, &report)?;
     Ok(code)
 }
 

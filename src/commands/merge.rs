@@ -34,10 +34,12 @@ pub(crate) fn run(args: &MergeArgs) -> Result<u8, String> {
         format: settings::default_format(args.report.format, output.as_deref()),
         output,
         fail_on,
+        push: args.report.push.clone(),
     };
     let code = report::exit_code(&merged.findings, settings.fail_on);
     let text = report::render(&merged, settings.format);
     crate::files::write_output(&text, settings.output.as_deref())?;
+    crate::commands::pushgateway::push_report(&settings.push, &merged)?;
     Ok(code)
 }
 

@@ -5,12 +5,15 @@
 //! module here (`live_probe`).
 
 pub(crate) mod check;
+pub(crate) mod completions;
 pub(crate) mod export;
 pub(crate) mod gc;
 pub(crate) mod live_probe;
 pub(crate) mod merge;
 pub(crate) mod probe;
 pub(crate) mod purge;
+pub(crate) mod pushgateway;
+pub(crate) mod restart;
 pub(crate) mod restore;
 
 use crate::audit::{self, AuditOptions};

@@ -118,6 +118,7 @@ pub(crate) fn run(args: &ProbeArgs) -> Result<u8, String> {
     );
     report.complete = complete;
     report.write(report_settings.format, report_settings.output.as_deref())?;
+    crate::commands::pushgateway::push_report(&report_settings.push, &report)?;
     Ok(code)
 }
 

@@ -203,6 +203,11 @@ impl Registry {
         panic!("registry did not restart");
     }
 
+    /// The id of the registry process this harness started, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.0.id())
+    }
+
     pub(crate) fn url(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
