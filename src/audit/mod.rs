@@ -317,3 +317,138 @@ fn repo_inert_reason(entry: &DigestEntry, r: &RepoEntry) -> &'static str {
         "the repository hash has no mediatype field"
     }
 }
+
+/// The engine alone: `run` on a scratch storage root and a hand-built `CacheIndex`,
+/// no Redis and no registry.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::index::{HashFields, RepoHash};
+    use crate::storage::filesystem::tests::Scratch;
+    use sha2::Digest as _;
+
+    fn sha256(bytes: &[u8]) -> Digest {
+        Digest::from_raw(
+            crate::digest::Algorithm::Sha256,
+            &sha2::Sha256::digest(bytes),
+        )
+        .expect("digest")
+    }
+
+    /// Writes a blob into storage and links it into `repo` as a layer.
+    fn put(root: &std::path::Path, repo: &str, bytes: &[u8]) -> Digest {
+        let d = sha256(bytes);
+        let hex = d.hex();
+        let v2 = root.join("docker/registry/v2");
+        let data = v2.join("blobs/sha256").join(&hex[..2]).join(&hex);
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("data"), bytes).expect("write");
+        let link = v2
+            .join("repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(&hex);
+        std::fs::create_dir_all(&link).expect("mkdir");
+        std::fs::write(link.join("link"), d.to_string()).expect("link");
+        d
+    }
+
+    /// The registry's three entries for `d` in `repo`, cached with `size`.
+    fn cache(idx: &mut CacheIndex, repo: &str, d: Digest, size: &str) {
+        let text = d.to_string();
+        idx.add_global(
+            format!("blobs::{text}").as_bytes(),
+            d,
+            HashFields {
+                digest: Some(text.as_bytes()),
+                size: Some(size.as_bytes()),
+                length: None,
+                mediatype: Some(b"application/octet-stream"),
+            },
+        );
+        let set = format!("repository::{repo}::blobs");
+        idx.add_member(set.as_bytes(), repo, text.as_bytes());
+        idx.add_repo_hash(
+            format!("{set}::{text}").as_bytes(),
+            repo,
+            d,
+            RepoHash::WithMediatype,
+            "hash",
+        );
+    }
+
+    #[test]
+    fn judges_a_cache_against_storage_without_any_server() {
+        let scratch = Scratch::new("engine");
+        let good = put(&scratch.0, "team/app", b"a layer that is there");
+        let corrupt = put(&scratch.0, "team/app", b"a layer about to rot");
+        let hex = corrupt.hex();
+        std::fs::write(
+            scratch
+                .0
+                .join("docker/registry/v2/blobs/sha256")
+                .join(&hex[..2])
+                .join(&hex)
+                .join("data"),
+            b"a layer that rotted",
+        )
+        .expect("corrupt it");
+        let gone = sha256(b"a layer GC deleted");
+        let mut idx = CacheIndex::new();
+        cache(&mut idx, "team/app", good, "21");
+        cache(&mut idx, "team/app", gone, "18");
+        cache(&mut idx, "team/app", corrupt, "20");
+        // The right blob, the wrong size.
+        cache(&mut idx, "other", good, "99");
+
+        let storage = Storage::open_fs(&scratch.0).expect("storage");
+        let audit = run(
+            &storage,
+            idx,
+            AuditOptions {
+                hashing: Policy::simple(2, false),
+                verify_storage: true,
+                shard: Shard::ALL,
+            },
+        )
+        .expect("audit");
+        let got: Vec<(Kind, Option<&str>, Option<Digest>, bool)> = audit
+            .findings
+            .iter()
+            .map(|f| (f.kind, f.repository.as_deref(), f.digest, f.live))
+            .collect();
+        assert!(got.contains(&(Kind::PhantomBlobDescriptor, None, Some(gone), true)));
+        assert!(got.contains(&(
+            Kind::PhantomRepositoryBlob,
+            Some("team/app"),
+            Some(gone),
+            true
+        )));
+        assert!(
+            got.iter()
+                .any(|g| g.0 == Kind::DigestMismatch && g.2 == Some(corrupt)),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.0 == Kind::SizeMismatch && g.2 == Some(good))
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.0 == Kind::UnlinkedRepositoryBlob && g.1 == Some("other")),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter()
+                .any(|g| g.2 == Some(good) && g.0 == Kind::PhantomBlobDescriptor)
+        );
+        assert!(audit.incomplete.is_empty());
+        assert_eq!(audit.summary.blobs_checked, 3);
+        assert_eq!(audit.summary.blobs_absent, 1);
+        assert_eq!(audit.summary.storage.map(|s| s.repositories), Some(1));
+        // Sorted, so two runs print the same bytes.
+        let mut sorted = audit.findings.clone();
+        finding::sort(&mut sorted);
+        assert_eq!(sorted, audit.findings);
+    }
+}

@@ -138,3 +138,85 @@ pub(crate) fn merge(reports: Vec<(PathBuf, Report)>) -> Result<Report, String> {
     merged.verdict = report::verdict(&merged.summary, &merged.findings, merged.complete);
     Ok(merged)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::FailOn;
+    use crate::digest::Digest;
+    use crate::finding::{Finding, Kind, Severity};
+    use crate::output::report::Options;
+    use crate::summary::SourceInfo;
+
+    fn shard(k: u32, complete: bool, findings: Vec<Finding>) -> (PathBuf, Report) {
+        let source = SourceInfo {
+            storage_root: "/var/lib/registry".into(),
+            cache: "redis".into(),
+            redis: Some("redis://127.0.0.1:6379/0".into()),
+            cache_dump: None,
+            registry_url: None,
+            config: None,
+        };
+        let mut summary = Summary {
+            keys_scanned: 10,
+            blobs_checked: 4,
+            ..Summary::default()
+        };
+        summary.tally(&findings);
+        let mut r = Report::new(
+            "check",
+            std::time::SystemTime::UNIX_EPOCH,
+            std::time::Instant::now(),
+            source,
+            Options::new(true, FailOn::Error),
+            summary,
+            findings,
+            String::new(),
+        );
+        r.shard = Some(format!("{k}/2"));
+        r.complete = complete;
+        (PathBuf::from(format!("shard-{k}.json")), r)
+    }
+
+    fn phantom(c: char) -> Finding {
+        let d = Digest::parse_str(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest");
+        Finding::cache(
+            Kind::PhantomBlobDescriptor,
+            Severity::Error,
+            true,
+            Some(d),
+            None,
+            format!("blobs::{d}"),
+            "gone".into(),
+        )
+    }
+
+    #[test]
+    fn shards_join_into_one_sorted_report_that_is_incomplete_if_any_was() {
+        let merged = merge(vec![
+            shard(2, true, vec![phantom('b')]),
+            shard(1, false, vec![phantom('a')]),
+        ])
+        .expect("merge");
+        assert_eq!(merged.summary.keys_scanned, 20);
+        assert_eq!(merged.summary.errors, 2);
+        let digests: Vec<String> = merged
+            .findings
+            .iter()
+            .filter_map(|f| f.digest.map(|d| d.to_string()))
+            .collect();
+        assert!(digests[0] < digests[1]);
+        assert!(!merged.complete);
+        assert!(
+            merged.verdict.starts_with("INCOMPLETE"),
+            "{}",
+            merged.verdict
+        );
+        assert!(merged.shard.is_none());
+
+        let err = merge(vec![shard(1, true, vec![])]).expect_err("a shard missing");
+        assert!(err.contains("missing shard reports: 2/2"), "{err}");
+        let err = merge(vec![shard(1, true, vec![]), shard(1, true, vec![])]).expect_err("twice");
+        assert!(err.contains("given twice"), "{err}");
+    }
+}

@@ -336,6 +336,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn renders_the_same_report_as_json_and_a_table_with_names_escaped() {
+        let d = crate::digest::Digest::parse_str(&format!("sha256:{}", "c".repeat(64)))
+            .expect("digest");
+        let mut f = Finding::storage(
+            Kind::DanglingTag,
+            Severity::Error,
+            Some(d),
+            Some("team/app".into()),
+            "docker/registry/v2/repositories/team/app/_manifests/tags/v1/current/link".into(),
+            "tag v1 points to a manifest that is gone \u{1b}[2J".into(),
+        );
+        f.tag = Some("v1".into());
+        let mut summary = Summary::default();
+        summary.tally(std::slice::from_ref(&f));
+        let verdict = verdict(&summary, std::slice::from_ref(&f), true);
+        let mut r = Report::new(
+            "check",
+            std::time::SystemTime::UNIX_EPOCH,
+            std::time::Instant::now(),
+            SourceInfo {
+                storage_root: "/r".into(),
+                cache: "none".into(),
+                redis: None,
+                cache_dump: None,
+                registry_url: None,
+                config: None,
+            },
+            Options::new(false, crate::cli::FailOn::Error),
+            summary,
+            vec![f],
+            verdict,
+        );
+        r.notes.push("a note".into());
+        let json: serde_json::Value =
+            serde_json::from_str(&render_json(&r)).expect("the JSON report parses");
+        assert_eq!(json["findings"][0]["kind"], "dangling-tag");
+        assert_eq!(json["summary"]["findings_by_kind"]["dangling-tag"], 1);
+        let table = render_table(&r);
+        assert!(table.contains("dangling-tag (1)"), "{table}");
+        assert!(table.contains("note: a note"), "{table}");
+        assert!(!table.contains('\u{1b}'), "{table}");
+        assert_eq!(exit_code(&r.findings, crate::cli::FailOn::Error), 1);
+        assert_eq!(exit_code(&r.findings, crate::cli::FailOn::Never), 0);
+    }
+
+    #[test]
     fn human_sizes() {
         assert_eq!(human_bytes(5), "5 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
