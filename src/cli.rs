@@ -315,6 +315,22 @@ pub struct ProbeArgs {
     pub report: ReportArgs,
 }
 
+impl ProbeArgs {
+    /// Where storage is, as the other commands' flags say it (probe reads no cache).
+    pub fn source_args(&self) -> SourceArgs {
+        SourceArgs {
+            config: self.config.clone(),
+            root: self.root.clone(),
+            storage: None,
+            storage_endpoint: None,
+            s3_region: None,
+            redis: None,
+            scan_count: 1000,
+            redis_cluster: false,
+        }
+    }
+}
+
 /// How to talk to a running registry's API: credentials and TLS.
 #[derive(Debug, Clone, Default, Args)]
 pub struct RegistryAccessArgs {

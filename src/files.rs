@@ -4,8 +4,9 @@
 //! a bound per line; every output is written only over nothing or a regular file, never
 //! over a symlink, directory, FIFO, socket or device. This module owns those checks and
 //! the messages that name the path and the limit; it knows nothing of what the files
-//! hold, and it never creates, replaces or removes a file itself (except the temporary
-//! file of an atomic write, through `report::write_atomically`).
+//! hold. Its writes are the reports' and state's: `write_output` and `write_atomically`
+//! replace a file through a temporary file in the same directory, only over nothing or
+//! a regular file.
 
 use std::fmt;
 use std::fs::{File, FileType, Metadata, OpenOptions};

@@ -1,7 +1,7 @@
 //! registry-audit: finds the blob-descriptor cache entries of a container registry that
 //! its storage no longer backs, and verifies the blobs themselves. The binary only
-//! parses the command line and calls [`run`]; every command lives in a module a test can
-//! call.
+//! parses the command line and calls [`run`]; the layers live in private modules (see
+//! README's design section), tested by their own unit tests.
 
 mod audit;
 mod cache;

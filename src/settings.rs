@@ -149,7 +149,7 @@ impl CheckSettings {
             notes: jobs_note.into_iter().collect(),
             verify_storage: !args.skip_storage,
             state: args.state.clone(),
-            reverify_after: crate::audit::state::parse_duration(&args.reverify_after)
+            reverify_after: crate::timestamp::parse_duration(&args.reverify_after)
                 .map_err(|e| format!("--reverify-after: {e}"))?,
             sample_spec: args.sample.clone(),
             sample: args
@@ -160,7 +160,7 @@ impl CheckSettings {
             max_duration: args
                 .max_duration
                 .as_deref()
-                .map(crate::audit::state::parse_duration)
+                .map(crate::timestamp::parse_duration)
                 .transpose()
                 .map_err(|e| format!("--max-duration: {e}"))?,
             lock,

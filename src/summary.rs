@@ -37,7 +37,7 @@ pub(crate) struct Summary {
     /// What `gc` ran, freed and purged; `None` for other commands.
     pub gc: Option<GcCounts>,
     /// Requests and bytes of object storage; `None` on a filesystem.
-    pub object_storage: Option<crate::storage::object::ObjectCounts>,
+    pub object_storage: Option<ObjectCounts>,
 }
 
 impl Summary {
@@ -224,4 +224,18 @@ pub(crate) struct RestartCounts {
     pub failed: u64,
     /// Deleted blobs no repository linked before the GC: no HEAD can reach them.
     pub deleted_blobs_linked_nowhere: u64,
+}
+
+/// What reading object storage cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ObjectCounts {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+impl ObjectCounts {
+    pub(crate) fn add(&mut self, o: &ObjectCounts) {
+        self.requests += o.requests;
+        self.bytes += o.bytes;
+    }
 }

@@ -1,7 +1,7 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
 //! how large is it, and (unless a policy says to skip it) does it hash to its digest.
 //! This is the one place with parallel code (`parallel_map` lends the same machinery to
-//! `probe`): a rayon pool of `jobs` threads, each blob read once with a reused buffer of
+//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of `jobs` threads, each blob read once with a reused buffer of
 //! a few hundred KiB, never held in memory whole. It reads storage only, and knows
 //! nothing about the cache; the verification state it consults and updates is `state`.
 

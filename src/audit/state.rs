@@ -198,45 +198,12 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Parses `30d`, `12h`, `20m`, `90s`, `500ms` (or a bare number of seconds).
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration (like 30d, 12h, 20m, 90s)"))?;
-    let secs = |m: u64| Duration::from_secs(n.saturating_mul(m));
-    match unit {
-        "" | "s" => Ok(secs(1)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(secs(60)),
-        "h" => Ok(secs(3600)),
-        "d" => Ok(secs(86_400)),
-        "w" => Ok(secs(7 * 86_400)),
-        _ => Err(format!(
-            "'{text}' has an unknown unit (use ms, s, m, h, d or w)"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn d(c: char) -> Digest {
         Digest::parse_str(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest")
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5y").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `repository::<name>::blobs`, `repository::<name>::blobs::<digest>`), the checks that
 //! turn an unusable entry into a `malformed-cache-entry` finding, and the registry's rule
 //! for when an entry is served as a hit (`live`). It never talks to Redis or storage:
-//! `redis_cache` feeds it.
+//! `cache::redis` and `cache::dump` feed it.
 
 use std::collections::HashMap;
 

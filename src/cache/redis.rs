@@ -2,7 +2,7 @@
 //! the credentials of the registry's config; a single server or any node of a Redis
 //! Cluster), then streaming every key with SCAN - on every master of a cluster - and
 //! reading the registry-shaped ones with pipelines, a batch per round trip, into a
-//! `CacheIndex`. It reads Redis and never writes - writes live in `purge`.
+//! `CacheIndex`. It reads Redis and never writes - writes live in `repair`.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};

@@ -21,7 +21,7 @@ use crate::finding::{self, Finding, Kind, Severity};
 use crate::output::report::{self, Options, Report};
 use crate::registry::client::{Answer, ClientOptions, RegistryClient};
 use crate::registry::gc_log::GcLog;
-use crate::repair as purge;
+use crate::repair;
 use crate::settings::{self, CacheSource, ReportSettings, Source, Want};
 use crate::storage::{BlobStat, Storage};
 use crate::summary::{GcCounts, Summary};
@@ -226,11 +226,11 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
                 .findings
                 .into_iter()
                 .filter(|f| {
-                    f.digest.is_some_and(|d| deleted.contains(&d)) && purge::purges(f.kind, false)
+                    f.digest.is_some_and(|d| deleted.contains(&d)) && repair::purges(f.kind, false)
                 })
                 .collect();
             let mut conn = target.connect_cache()?;
-            let plan = purge::build_plan(
+            let plan = repair::build_plan(
                 conn.router(),
                 &storage,
                 &ours,
@@ -242,8 +242,8 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
                 let journal = args
                     .journal
                     .clone()
-                    .unwrap_or_else(|| purge::default_journal(started));
-                let summary = purge::apply(
+                    .unwrap_or_else(|| repair::default_journal(started));
+                let summary = repair::apply(
                     &mut conn,
                     &storage,
                     &plan,

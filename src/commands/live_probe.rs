@@ -1,6 +1,6 @@
 //! Live phantoms of a running registry, the step `probe` and `check` (on an in-memory
-//! cache) share: which (repository, digest) pairs to ask about - the links storage verification found dangling - and one HEAD per
-//! pair through `registry_client`, turned into findings and counts. It reads no storage
+//! cache) share: which (repository, digest) pairs to ask about - the links storage
+//! verification found dangling - and one HEAD per pair through `registry::client`, turned into findings and counts. It reads no storage
 //! and writes nothing; deciding exit statuses and writing reports is the commands' job.
 
 use std::collections::{BTreeMap, BTreeSet};

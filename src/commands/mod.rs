@@ -1,8 +1,8 @@
-//! The commands, one module each: `check`, `purge` and `restore`, `probe`,
-//! `export-cache`, `gc`, `merge`. Each wires the layers below in order - settings,
+//! The commands, one module each: `check`, `purge`, `restore`, `probe`, `export-cache`
+//! (`export`), `gc`, `merge`, `completions` and `man` (`completions`). Each wires the layers below in order - settings,
 //! readers, the audit, repair, output - and decides its exit status. A command never
 //! calls another command; what several share lives in this module or a helper
-//! module here (`live_probe`).
+//! module here (`live_probe`, `pushgateway`; `restart` is `gc`'s).
 
 pub(crate) mod check;
 pub(crate) mod completions;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::audit::verify;
-use crate::cli::{ProbeArgs, SourceArgs};
+use crate::cli::ProbeArgs;
 use crate::commands::live_probe;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -28,20 +28,7 @@ pub(crate) fn run(args: &ProbeArgs) -> Result<u8, String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
-    let source = Source::resolve(
-        &SourceArgs {
-            config: args.config.clone(),
-            root: args.root.clone(),
-            storage: None,
-            storage_endpoint: None,
-            s3_region: None,
-            redis: None,
-            scan_count: 1000,
-            redis_cluster: false,
-        },
-        None,
-        Want::Nothing,
-    )?;
+    let source = Source::resolve(&args.source_args(), None, Want::Nothing)?;
     let report_settings = ReportSettings::from_args(&args.report)?;
     let endpoint = Endpoint::parse(&args.registry_url)?;
     let access = &args.access;

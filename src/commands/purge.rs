@@ -1,6 +1,6 @@
-//! The `purge` and `restore` commands: audit (or load a saved plan), show the plan, get
-//! a confirmation, apply it step by step reporting each result, and print the summary.
-//! The removal itself, its safety checks and the journal live in `purge`; this module
+//! The `purge` command: audit (or load a saved plan), show the plan, get a
+//! confirmation, apply it step by step reporting each result, and print the summary.
+//! The removal itself, its safety checks and the journal live in `repair`; this module
 //! only sequences them and talks to the operator.
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -14,7 +14,7 @@ use crate::audit::AuditOptions;
 use crate::cli::{FailOn, Format, PurgeArgs};
 use crate::finding::Severity;
 use crate::output::report::{self, Tool};
-use crate::repair::{self as purge, ApplySummary, Outcome, Plan};
+use crate::repair::{self, ApplySummary, Outcome, Plan};
 use crate::settings::{self, Source};
 use crate::storage::Storage;
 
@@ -96,7 +96,7 @@ pub(crate) fn run(args: &PurgeArgs) -> Result<u8, String> {
             };
             let (storage, audit) = super::audit_source(&source, scan_count, opts)?;
             let mut conn = source.redis()?.connect_cache()?;
-            let plan = purge::build_plan(
+            let plan = repair::build_plan(
                 conn.router(),
                 &storage,
                 &audit.findings,
@@ -136,12 +136,12 @@ pub(crate) fn run(args: &PurgeArgs) -> Result<u8, String> {
         let journal = s
             .journal
             .clone()
-            .unwrap_or_else(|| purge::default_journal(started));
+            .unwrap_or_else(|| repair::default_journal(started));
         let mut conn = source.redis()?.connect_cache()?;
         if table {
             println!("\nApplying; journal: {}", journal.display());
         }
-        let summary = purge::apply(
+        let summary = repair::apply(
             &mut conn,
             &storage,
             &plan,
@@ -282,24 +282,24 @@ fn render_plan(plan: &Plan) -> String {
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into());
             let storage = match g.blob {
-                purge::BlobState::Absent => "absent".to_string(),
-                purge::BlobState::Present { size } => format!("present, {size} B"),
-                purge::BlobState::NotChecked => "-".into(),
+                repair::BlobState::Absent => "absent".to_string(),
+                repair::BlobState::Present { size } => format!("present, {size} B"),
+                repair::BlobState::NotChecked => "-".into(),
             };
             for e in &g.entries {
                 let removal = match &e.op {
-                    purge::Op::Fields {
+                    repair::Op::Fields {
                         fields,
                         exact: true,
                     } => format!("DEL ({} fields)", fields.len()),
-                    purge::Op::Fields { fields, .. } => {
+                    repair::Op::Fields { fields, .. } => {
                         format!(
                             "HDEL {}",
                             fields.keys().cloned().collect::<Vec<_>>().join(" ")
                         )
                     }
-                    purge::Op::Member { member } => format!("SREM {member}"),
-                    purge::Op::Key { redis_type, .. } => format!("DEL ({redis_type})"),
+                    repair::Op::Member { member } => format!("SREM {member}"),
+                    repair::Op::Key { redis_type, .. } => format!("DEL ({redis_type})"),
                 };
                 table.add_row([
                     digest.clone(),

@@ -283,27 +283,16 @@ pub(crate) fn storage_of(source: &SourceArgs) -> String {
 
 /// The storage label of a `probe` that could not run.
 pub(crate) fn storage_of_probe(args: &crate::cli::ProbeArgs) -> String {
-    storage_of(&SourceArgs {
-        config: args.config.clone(),
-        root: args.root.clone(),
-        storage: None,
-        storage_endpoint: None,
-        s3_region: None,
-        redis: None,
-        scan_count: 1000,
-        redis_cluster: false,
-    })
+    storage_of(&args.source_args())
 }
 
 /// The storage label of a `merge` that could not run: the storage root of the first
 /// report that can be read, else empty.
 pub(crate) fn storage_of_reports(reports: &[std::path::PathBuf]) -> String {
-    const MAX: u64 = 256 << 20;
     reports
         .iter()
         .find_map(|p| {
-            let f = crate::storage::open_regular(p).ok()?;
-            let bytes = crate::storage::read_bounded(f, MAX).ok()?;
+            let bytes = crate::files::read("report", p, crate::files::MAX_REPORT_BYTES).ok()?;
             let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
             v["source"]["storage_root"].as_str().map(str::to_string)
         })

@@ -3,7 +3,7 @@
 //! checks that the registry answers and remembers which repositories link each blob (a
 //! v3 GC removes the links of what it deletes); after the GC it runs the operator's
 //! command with `sh -c`, waits until the registry answers again, then asks (HEAD, with
-//! `registry_client`) for every deleted blob in every repository that linked it, again
+//! `registry::client`) for every deleted blob in every repository that linked it, again
 //! until none is served or `--restart-timeout` runs out. It changes nothing itself: the
 //! restart is the command's, and it never sends anything but HEAD to the registry.
 //! Without `--restart-command`, `gc` keeps reporting that a restart is needed.
@@ -61,7 +61,7 @@ impl Plan {
         if command.trim().is_empty() {
             return Err("--restart-command is empty".into());
         }
-        let timeout = crate::audit::state::parse_duration(&args.restart_timeout)
+        let timeout = crate::timestamp::parse_duration(&args.restart_timeout)
             .map_err(|e| format!("--restart-timeout: {e}"))?;
         if timeout.is_zero() {
             return Err("--restart-timeout must be more than 0".into());

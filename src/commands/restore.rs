@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::cli::{Format, RestoreArgs};
 use crate::output::report::{self, Tool};
-use crate::registry_config as config;
-use crate::repair::{self as purge, RestoreSummary};
+use crate::registry_config;
+use crate::repair::{self, RestoreSummary};
 use crate::settings;
 use crate::summary::SourceInfo;
 
@@ -27,12 +27,12 @@ pub(crate) fn run(args: &RestoreArgs) -> Result<u8, String> {
         .as_ref()
         .or(recorded.config.as_ref().map(PathBuf::from).as_ref())
     {
-        Some(p) => Some(config::load(p, std::env::vars())?),
+        Some(p) => Some(registry_config::load(p, std::env::vars())?),
         None => None,
     };
     let target = settings::redis_target(args.redis.as_deref(), file.as_ref(), Some(&recorded))?;
     let mut conn = target.connect_cache()?;
-    let summary = purge::restore(&mut conn, &args.journal)?;
+    let summary = repair::restore(&mut conn, &args.journal)?;
     match settings::default_format(args.format, None) {
         Format::Prometheus => return Err("restore writes table or json, not prometheus".into()),
         Format::Table => {

@@ -1,6 +1,6 @@
 //! The report as Prometheus metrics, in the node_exporter textfile format, and the
-//! failure metrics a run that could not run still writes. Writing the file atomically
-//! is `report::write_output`'s job; this module only renders text.
+//! failure metrics a run that could not run still writes (`write_failure`), through
+//! `files::write_output`, which replaces the file atomically.
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! verifies they still hold the audited values - global descriptor first, so a script
 //! Redis fails part-way leaves nothing served - reads back and reports such a failure,
 //! and journals what it removed (fsync'd before each removal) so `restore` can put it
-//! back. It never touches storage.
+//! back. It reads storage (the re-check) and never writes it.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

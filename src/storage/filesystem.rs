@@ -10,7 +10,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use super::{BlobStat, Unread, is_absent, not_regular, open_regular, read_bounded};
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::{BlobStat, Unread};
 use crate::digest::Digest;
 
 /// The registry's storage root (`rootdirectory`) on a filesystem, opened for reading.
@@ -403,6 +405,49 @@ impl FsStorage {
         }
         fs::metadata(&resolved)
     }
+}
+
+/// Whether an error means "nothing there": not found, or a path through a file.
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// Opens a file for reading only if it is a regular file: the open never blocks (a FIFO
+/// swapped in after a stat is opened non-blocking, then refused), and the type is
+/// checked on the open file itself.
+pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(f)
+}
+
+/// Reads all of `f`, failing past `max` bytes (the size on disk may change meanwhile).
+pub(crate) fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    io::Read::read_to_end(&mut f.take(max.saturating_add(1)), &mut out)?;
+    if out.len() as u64 > max {
+        return Err(io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(out)
+}
+
+fn not_regular(meta: &Metadata) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "a {}, not a regular file",
+            crate::files::kind_of(&meta.file_type())
+        ),
+    )
 }
 
 #[cfg(test)]

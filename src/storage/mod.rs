@@ -1,5 +1,5 @@
-//! Read-only access to the registry's storage - its filesystem driver here, object
-//! storage through `object` - behind one `Storage` type: where a blob's data and
+//! Read-only access to the registry's storage - its filesystem driver through
+//! `filesystem`, object storage through `object` - behind one `Storage` type: where a blob's data and
 //! a repository's links live, whether they exist, and opening a blob for hashing. Places
 //! in storage are named by their path below `docker/registry/v2/` (a "loc"), built from
 //! an already validated `Digest` and repository name; on a filesystem a blob reached
@@ -11,9 +11,7 @@ pub(crate) mod object;
 pub(crate) mod object_spec;
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, Metadata};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -242,7 +240,7 @@ impl Storage {
     }
 
     /// Requests and bytes of object storage; `None` on a filesystem.
-    pub(crate) fn object_counts(&self) -> Option<object::ObjectCounts> {
+    pub(crate) fn object_counts(&self) -> Option<crate::summary::ObjectCounts> {
         match self {
             Storage::Fs(_) => None,
             Storage::Object(o) => Some(o.counts()),
@@ -254,47 +252,4 @@ impl Storage {
 pub(crate) fn blob_loc(d: &Digest) -> String {
     let hex = d.hex();
     format!("blobs/{}/{}/{hex}/data", d.algorithm().name(), &hex[..2])
-}
-
-/// Whether an error means "nothing there": not found, or a path through a file.
-fn is_absent(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-    )
-}
-
-/// Opens a file for reading only if it is a regular file: the open never blocks (a FIFO
-/// swapped in after a stat is opened non-blocking, then refused), and the type is
-/// checked on the open file itself.
-pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(not_regular(&meta));
-    }
-    Ok(f)
-}
-
-/// Reads all of `f`, failing past `max` bytes (the size on disk may change meanwhile).
-pub(crate) fn read_bounded(f: impl io::Read, max: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    io::Read::read_to_end(&mut f.take(max.saturating_add(1)), &mut out)?;
-    if out.len() as u64 > max {
-        return Err(io::Error::other(format!("larger than {max} bytes")));
-    }
-    Ok(out)
-}
-
-fn not_regular(meta: &Metadata) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!(
-            "a {}, not a regular file",
-            crate::files::kind_of(&meta.file_type())
-        ),
-    )
 }

@@ -16,25 +16,11 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::storage::BlobStat;
 pub(crate) use crate::storage::object_spec::{ObjectSpec, Service};
-
-/// What reading object storage cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ObjectCounts {
-    pub requests: u64,
-    pub bytes: u64,
-}
-
-impl ObjectCounts {
-    pub(crate) fn add(&mut self, o: &ObjectCounts) {
-        self.requests += o.requests;
-        self.bytes += o.bytes;
-    }
-}
+use crate::summary::ObjectCounts;
 
 pub(crate) struct ObjectStorage {
     spec: ObjectSpec,

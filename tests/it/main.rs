@@ -6,6 +6,7 @@
 
 mod common;
 
+mod architecture;
 mod azure_gcs;
 mod check_cases;
 mod check_inmemory;
