@@ -91,6 +91,15 @@ struct Run {
 }
 
 impl Run {
+    /// Fails unless the tool logged a peak memory (`-v`) below `mib` MiB.
+    fn assert_memory_below(&self, mib: u64) {
+        assert!(
+            (1..mib * 1024).contains(&self.max_rss_kib),
+            "peak memory {} KiB, over {mib} MiB (0: not logged){self}",
+            self.max_rss_kib
+        );
+    }
+
     fn report(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
     }
@@ -371,11 +380,7 @@ fn index_dags_are_walked_once_per_manifest() {
         assert_eq!(vias, expected, "{run}");
     }
     assert!(findings(&report, "bad-manifest").is_empty(), "{run}");
-    assert!(
-        (1..100 * 1024).contains(&run.max_rss_kib),
-        "peak memory {} KiB for 113 manifests",
-        run.max_rss_kib
-    );
+    run.assert_memory_below(100);
 }
 
 /// A chain of indexes deeper than the limit is an error finding, and the missing blob
@@ -642,11 +647,7 @@ fn hostile_link_files_are_bad_links() {
     };
     assert!(detail(&layer).contains("FIFO"), "{run}");
     assert!(detail(&other).contains("larger than 1024 bytes"), "{run}");
-    assert!(
-        (1..100 * 1024).contains(&run.max_rss_kib),
-        "{}",
-        run.max_rss_kib
-    );
+    run.assert_memory_below(100);
 }
 
 /// Links the registry cannot parse (white space around the digest: it answers 500),
@@ -828,9 +829,5 @@ fn problems_are_bounded_per_tag_and_never_copied_up_the_graph() {
             more[0]
         );
     }
-    assert!(
-        (1..200 * 1024).contains(&run.max_rss_kib),
-        "peak memory {} KiB",
-        run.max_rss_kib
-    );
+    run.assert_memory_below(200);
 }
