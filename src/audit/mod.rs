@@ -4,6 +4,8 @@
 //! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
 //! and never reads Redis itself.
 
+#[cfg(test)]
+mod random_registries;
 pub(crate) mod rehash;
 pub(crate) mod state;
 pub(crate) mod verify;

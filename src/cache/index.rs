@@ -242,6 +242,11 @@ impl CacheIndex {
         &self.repos[id as usize]
     }
 
+    /// Every repository named by an entry, by id.
+    pub(crate) fn repo_names(&self) -> &[String] {
+        &self.repos
+    }
+
     pub(crate) fn digests(&self) -> impl Iterator<Item = (&Digest, &DigestEntry)> {
         self.digests.iter()
     }

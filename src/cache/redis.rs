@@ -13,7 +13,8 @@ use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, 
 
 use crate::cache::cluster::{self as redis_cluster, Cluster};
 
-use crate::cache::index::{CacheIndex, HashFields, KeyShape, classify};
+use crate::cache::index::{self as cache_index, CacheIndex, HashFields, KeyShape, classify};
+use crate::digest::Digest;
 
 /// The registry's fields of a descriptor hash, in this order; purge removes these and
 /// no others from a global descriptor.
@@ -622,6 +623,128 @@ fn read_set(
             index.add_member(key, repo, &m);
         }
     })
+}
+
+/// Commands sent per pipeline by `read_digests`.
+const TARGETED_BATCH: usize = 1000;
+
+/// Sends `cmds` and returns one reply each: one pipeline per batch on a single server;
+/// on a cluster each command is routed by its key's slot.
+fn run_commands(conn: &mut CacheConn, cmds: &[redis::Cmd]) -> Result<Vec<Value>, String> {
+    let mut replies = Vec::with_capacity(cmds.len());
+    for chunk in cmds.chunks(TARGETED_BATCH) {
+        match conn {
+            CacheConn::Single(c) => {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for cmd in chunk {
+                    pipe.add_command(cmd.clone());
+                }
+                let got: Vec<Value> = pipe
+                    .query(c)
+                    .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
+                replies.extend(got);
+            }
+            CacheConn::Cluster(cluster) => {
+                for cmd in chunk {
+                    replies.push(cmd.query::<Value>(&mut cluster.router).map_err(|e| {
+                        format!(
+                            "reading cache keys from Redis Cluster failed: {}",
+                            brief(&e)
+                        )
+                    })?);
+                }
+            }
+        }
+    }
+    Ok(replies)
+}
+
+/// Reads only the keys of `wanted` digests into `index`: for each digest its global
+/// descriptor `blobs::D`, and for each repository given with it the membership of D in
+/// `repository::R::blobs` (SISMEMBER) and `repository::R::blobs::D`. Each key's TYPE
+/// comes first, so a key of another type is recorded as such and never read as a hash
+/// or set. Two pipelined rounds, a few commands per key: what `gc` reads after its GC
+/// instead of scanning the whole cache again.
+pub(crate) fn read_digests(
+    conn: &mut CacheConn,
+    index: &mut CacheIndex,
+    wanted: &[(Digest, Vec<String>)],
+) -> Result<(), String> {
+    // Round 1: the type of every key.
+    let mut keys: Vec<(Vec<u8>, Digest, Option<&str>)> = Vec::new();
+    let mut sets: Vec<&str> = Vec::new();
+    for (d, repos) in wanted {
+        keys.push((cache_index::global_key(d).into_bytes(), *d, None));
+        for r in repos {
+            keys.push((cache_index::repo_hash_key(r, d).into_bytes(), *d, Some(r)));
+            sets.push(r);
+        }
+    }
+    sets.sort_unstable();
+    sets.dedup();
+    let type_of = |key: &[u8]| redis::cmd("TYPE").arg(key).clone();
+    let mut cmds: Vec<redis::Cmd> = keys.iter().map(|(k, _, _)| type_of(k)).collect();
+    cmds.extend(
+        sets.iter()
+            .map(|r| type_of(cache_index::repo_set_key(r).as_bytes())),
+    );
+    let types: Vec<String> = run_commands(conn, &cmds)?
+        .into_iter()
+        .map(|v| type_name(Some(v)))
+        .collect();
+    let (key_types, set_types) = types.split_at(keys.len());
+    let is_set: HashSet<&str> = sets
+        .iter()
+        .zip(set_types)
+        .filter(|(_, t)| t.as_str() == "set")
+        .map(|(r, _)| *r)
+        .collect();
+
+    // Round 2: the fields of every hash, and the memberships in every set.
+    let mut cmds = Vec::new();
+    for ((key, _, _), ty) in keys.iter().zip(key_types) {
+        if ty == "hash" {
+            cmds.push(redis::cmd("HMGET").arg(key).arg(&HASH_FIELDS[..]).clone());
+        }
+    }
+    let mut members: Vec<(&str, Digest)> = Vec::new();
+    for (d, repos) in wanted {
+        for r in repos {
+            if is_set.contains(r.as_str()) {
+                members.push((r, *d));
+            }
+        }
+    }
+    cmds.extend(members.iter().map(|(r, d)| {
+        redis::cmd("SISMEMBER")
+            .arg(cache_index::repo_set_key(r))
+            .arg(d.to_string())
+            .clone()
+    }));
+    let mut replies = run_commands(conn, &cmds)?.into_iter();
+    for ((key, _, _), ty) in keys.iter().zip(key_types) {
+        let values = if ty == "hash" {
+            bulk_list(replies.next())
+        } else {
+            Vec::new()
+        };
+        let field = |i: usize| values.get(i).and_then(|v| v.as_deref());
+        let fields = HashFields {
+            digest: field(0),
+            size: field(1),
+            length: field(2),
+            mediatype: field(3),
+        };
+        index.ingest(key, classify(key), ty, &fields);
+    }
+    for ((r, d), reply) in members.iter().zip(replies) {
+        if matches!(reply, Value::Int(1) | Value::Boolean(true)) {
+            let set = cache_index::repo_set_key(r);
+            index.add_member(set.as_bytes(), r, d.to_string().as_bytes());
+        }
+    }
+    Ok(())
 }
 
 fn type_name(v: Option<Value>) -> String {

@@ -1,10 +1,11 @@
 //! The `gc` command: the registry's own garbage collection with the cache fixed and the
 //! result verified, in one step. Before: verify storage (remembering which tags pull)
-//! and audit the cache. Then run the GC command as given, passing its output through
-//! and parsing what it deleted. After: purge exactly the cache entries of the deleted
-//! blobs (with all of `purge`'s safety), or with the in-memory cache confirm the live
-//! phantoms with `probe`'s client; then verify again and report every tag GC broke. It
-//! writes nothing itself but the cache entries `purge` removes; the GC command is the
+//! and audit the cache, reading it whole once. Then run the GC command as given, passing
+//! its output through and parsing what it deleted. After: read again only the cache keys
+//! of the deleted blobs (in the repositories the first read knew for them), purge exactly
+//! those entries (with all of `purge`'s safety), or with the in-memory cache confirm the
+//! live phantoms with `probe`'s client; then verify again and report every tag GC broke.
+//! It writes nothing itself but the cache entries `purge` removes; the GC command is the
 //! operator's.
 
 use std::collections::{BTreeSet, HashMap};
@@ -12,9 +13,11 @@ use std::io::BufReader;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::audit::AuditOptions;
 use crate::audit::rehash::Policy;
 use crate::audit::verify;
+use crate::audit::{self, AuditOptions};
+use crate::cache::index::CacheIndex;
+use crate::cache::redis::CacheConn;
 use crate::cli::GcArgs;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -151,9 +154,14 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     let (before_storage, _) = verify::verify(&storage);
     let (pullable_before, _) = pullable_tags(&storage, &before_storage);
     let sizes: HashMap<Digest, u64> = storage.blob_sizes().into_iter().collect();
+    // The one full read of the cache; what it knew of each digest's repositories is
+    // kept, so that after the GC only the keys of the deleted digests are read again.
+    let mut cache_repos = CacheRepos::default();
     let cache_before = match &source.cache {
         CacheSource::Redis(_) => {
-            Some(super::audit_with(&storage, &source, args.source.scan_count, quick)?.0)
+            let (index, _, _) = super::read_cache(&source, args.source.scan_count, quick)?;
+            cache_repos = CacheRepos::of(&index);
+            Some(audit::run(&storage, index, quick)?)
         }
         _ => None,
     };
@@ -213,7 +221,8 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     match &source.cache {
         CacheSource::Redis(target) if args.dry_run => {
             let mut conn = target.connect_cache()?;
-            counts.cache_entries_purged = count_entries(&mut conn, &deleted)?;
+            let index = cache_repos.read(&mut conn, &deleted)?;
+            counts.cache_entries_purged = count_entries(&index, &deleted);
             notes.push(format!(
                 "dry run: the GC would delete {} blobs; {} cache entries name them and would be purged",
                 deleted.len(),
@@ -221,15 +230,17 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
             ));
         }
         CacheSource::Redis(target) => {
-            let (audit, _) = super::audit_with(&storage, &source, args.source.scan_count, quick)?;
+            let mut conn = target.connect_cache()?;
+            let index = cache_repos.read(&mut conn, &deleted)?;
+            let audit = audit::run(&storage, index, quick)?;
             let ours: Vec<Finding> = audit
                 .findings
-                .into_iter()
+                .iter()
                 .filter(|f| {
                     f.digest.is_some_and(|d| deleted.contains(&d)) && repair::purges(f.kind, false)
                 })
+                .cloned()
                 .collect();
-            let mut conn = target.connect_cache()?;
             let plan = repair::build_plan(
                 conn.router(),
                 &storage,
@@ -257,8 +268,14 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
                 counts.cache_entries_purged = summary.entries_removed;
                 counts.journal = Some(summary.journal);
             }
-            // Every phantom of a deleted blob left now is an error.
-            let (after, _) = super::audit_with(&storage, &source, args.source.scan_count, quick)?;
+            // Every phantom of a deleted blob left now is an error (read again only
+            // when something was purged: otherwise nothing changed since the read).
+            let after = if plan.groups.is_empty() {
+                audit
+            } else {
+                let index = cache_repos.read(&mut conn, &deleted)?;
+                audit::run(&storage, index, quick)?
+            };
             for mut f in after.findings {
                 if f.digest.is_some_and(|d| deleted.contains(&d))
                     && matches!(
@@ -394,15 +411,50 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     Ok(code)
 }
 
+/// What the full read of the cache knew of each digest: the repositories with any entry
+/// for it (a set membership or a per-repository hash), by id.
+#[derive(Default)]
+struct CacheRepos {
+    names: Vec<String>,
+    by_digest: HashMap<Digest, Vec<u32>>,
+}
+
+impl CacheRepos {
+    fn of(index: &CacheIndex) -> CacheRepos {
+        CacheRepos {
+            names: index.repo_names().to_vec(),
+            by_digest: index
+                .digests()
+                .filter(|(_, e)| !e.repos.is_empty())
+                .map(|(d, e)| (*d, e.repos.iter().map(|r| r.repo).collect()))
+                .collect(),
+        }
+    }
+
+    /// Reads the cache keys of `digests` only: each global descriptor, and the set
+    /// membership and per-repository hash in every repository the full read knew for it.
+    fn read(&self, conn: &mut CacheConn, digests: &BTreeSet<Digest>) -> Result<CacheIndex, String> {
+        let wanted: Vec<(Digest, Vec<String>)> = digests
+            .iter()
+            .map(|d| {
+                let repos = self.by_digest.get(d).map_or_else(Vec::new, |ids| {
+                    ids.iter()
+                        .map(|&i| self.names[i as usize].clone())
+                        .collect()
+                });
+                (*d, repos)
+            })
+            .collect();
+        let mut index = CacheIndex::new();
+        crate::cache::redis::read_digests(conn, &mut index, &wanted)?;
+        Ok(index)
+    }
+}
+
 /// Cache entries naming any of `digests`: global descriptors, set memberships and
-/// repository hashes (read-only; for --dry-run).
-fn count_entries(
-    conn: &mut crate::cache::redis::CacheConn,
-    digests: &BTreeSet<Digest>,
-) -> Result<u64, String> {
-    let mut index = crate::cache::index::CacheIndex::new();
-    crate::cache::redis::scan(conn, &mut index, 1000, &indicatif::ProgressBar::hidden())?;
-    Ok(digests
+/// repository hashes (for --dry-run).
+fn count_entries(index: &CacheIndex, digests: &BTreeSet<Digest>) -> u64 {
+    digests
         .iter()
         .filter_map(|d| index.entry(d))
         .map(|e| {
@@ -415,5 +467,5 @@ fn count_entries(
                     })
                     .sum::<u64>()
         })
-        .sum())
+        .sum()
 }

@@ -43,6 +43,20 @@ pub(crate) fn audit_with(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<(audit::Audit, Vec<String>), String> {
+    let (index, notes, dump_incomplete) = read_cache(source, scan_count, opts)?;
+    let mut audit = audit::run(storage, index, opts)?;
+    // What the dump held is audited; that it may not be the whole cache is said.
+    audit.incomplete.extend(dump_incomplete);
+    Ok((audit, notes))
+}
+
+/// Reads the whole cache (this run's shard of it) into an index: the notes about the
+/// scan, and why a dump may not be the whole cache.
+pub(crate) fn read_cache(
+    source: &Source,
+    scan_count: usize,
+    opts: AuditOptions<'_>,
+) -> Result<(CacheIndex, Vec<String>, Option<String>), String> {
     let mut notes = Vec::new();
     let mut dump_incomplete = None;
     let mut index = CacheIndex::for_shard(opts.shard);
@@ -69,10 +83,7 @@ pub(crate) fn audit_with(
         digests = index.digest_count(),
         "cache read; checking storage"
     );
-    let mut audit = audit::run(storage, index, opts)?;
-    // What the dump held is audited; that it may not be the whole cache is said.
-    audit.incomplete.extend(dump_incomplete);
-    Ok((audit, notes))
+    Ok((index, notes, dump_incomplete))
 }
 
 pub(crate) fn source_info(source: &Source) -> SourceInfo {

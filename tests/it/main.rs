@@ -23,6 +23,7 @@ mod probe_registry;
 mod purge_registry;
 mod purge_repair;
 mod pushgateway;
+mod s3;
 mod shards;
 mod storage_and_dumps;
 mod synth_smoke;
