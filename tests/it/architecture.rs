@@ -205,3 +205,22 @@ fn only_repair_writes_to_redis() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Every file of this test binary is one of its modules: a suite left out of
+/// `main.rs` would compile nowhere and prove nothing, silently.
+#[test]
+fn every_suite_is_a_module_of_the_test_binary() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it");
+    let main = fs::read_to_string(dir.join("main.rs")).expect("read main.rs");
+    let mut missing = Vec::new();
+    for e in fs::read_dir(&dir).expect("read tests/it").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(module) = name.strip_suffix(".rs")
+            && module != "main"
+            && !main.lines().any(|l| l.trim() == format!("mod {module};"))
+        {
+            missing.push(module.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "not in tests/it/main.rs: {missing:?}");
+}
