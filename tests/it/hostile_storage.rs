@@ -184,15 +184,20 @@ fn tempfile(name: &str) -> std::path::PathBuf {
 }
 
 fn check(store: &Store) -> Run {
+    check_as(None, store, "json")
+}
+
+/// `check --storage-only` of `store` (as `user`), in `format`, logging its peak memory.
+fn check_as(user: Option<&str>, store: &Store, format: &str) -> Run {
     run_as(
-        None,
+        user,
         &[
             "check",
             "--storage-only",
             "--root",
             &store.root(),
             "--format",
-            "json",
+            format,
             "-v",
         ],
     )
@@ -467,17 +472,7 @@ fn unreadable_directories_make_the_run_incomplete() {
     // nobody:nogroup
     let user = root.then_some("65534");
 
-    let run = run_as(
-        user,
-        &[
-            "check",
-            "--storage-only",
-            "--root",
-            &store.root(),
-            "--format",
-            "json",
-        ],
-    );
+    let run = check_as(user, &store, "json");
     assert_eq!(run.code, 1, "{run}");
     let report = run.report();
     assert_eq!(report["complete"], false, "{run}");
@@ -511,17 +506,7 @@ fn unreadable_directories_make_the_run_incomplete() {
     );
 
     // The table says so too, and never "OK".
-    let table = run_as(
-        user,
-        &[
-            "check",
-            "--storage-only",
-            "--root",
-            &store.root(),
-            "--format",
-            "table",
-        ],
-    );
+    let table = check_as(user, &store, "table");
     assert_eq!(table.code, 1, "{table}");
     assert!(table.stdout.contains("INCOMPLETE"), "{table}");
     assert!(!table.stdout.contains("OK:"), "{table}");
@@ -583,18 +568,7 @@ fn control_characters_in_names_are_escaped() {
     assert_eq!(tag["severity"], "error");
     assert!(bad.iter().all(|f| f["severity"] == "error"), "{run}");
 
-    let table = run_as(
-        None,
-        &[
-            "check",
-            "--storage-only",
-            "--root",
-            &store.root(),
-            "--format",
-            "table",
-            "-v",
-        ],
-    );
+    let table = check_as(None, &store, "table");
     assert_eq!(table.code, 1, "{table}");
     for text in [&table.stdout, &table.stderr] {
         assert!(
