@@ -83,6 +83,22 @@ pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, Ve
     (v.findings, v.counts)
 }
 
+/// Whether every place of storage was read: no `unreadable-storage` finding.
+pub(crate) fn all_read(findings: &[Finding]) -> bool {
+    !findings.iter().any(|f| f.kind == Kind::UnreadableStorage)
+}
+
+/// Storage findings as context for another job (`probe`, `gc`): warnings, except what
+/// could not be read, which stays an error (the run is incomplete).
+pub(crate) fn as_context(findings: &mut [Finding]) {
+    for f in findings
+        .iter_mut()
+        .filter(|f| f.kind != Kind::UnreadableStorage)
+    {
+        f.severity = Severity::Warning;
+    }
+}
+
 /// The places of storage that could not be read since the last call, as
 /// `unreadable-storage` findings (errors: what was not read is never sound).
 pub(crate) fn unread_findings(storage: &Storage) -> Vec<Finding> {

@@ -356,17 +356,10 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
         f.tag = Some(tag.clone());
         findings.push(f);
     }
-    // What could not be read stays an error: the run is incomplete.
-    let complete = !after_storage
-        .iter()
-        .chain(&before_storage)
-        .any(|f| f.kind == Kind::UnreadableStorage);
-    for mut f in after_storage {
-        if f.kind != Kind::UnreadableStorage {
-            f.severity = Severity::Warning;
-        }
-        findings.push(f);
-    }
+    let complete = verify::all_read(&before_storage) && verify::all_read(&after_storage);
+    let mut after_storage = after_storage;
+    verify::as_context(&mut after_storage);
+    findings.extend(after_storage);
     finding::sort(&mut findings);
     let mut summary = Summary {
         storage: Some(storage_counts),

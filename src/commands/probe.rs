@@ -13,7 +13,7 @@ use crate::audit::verify;
 use crate::cli::ProbeArgs;
 use crate::commands::live_probe;
 use crate::digest::Digest;
-use crate::finding::{self, Finding, Kind, Severity};
+use crate::finding::{self, Finding};
 use crate::output::report::{self, Options, Report};
 use crate::registry::client::ClientOptions;
 use crate::registry::endpoint::{self, Endpoint};
@@ -48,16 +48,8 @@ pub(crate) fn run(args: &ProbeArgs) -> Result<u8, String> {
 
     // Storage verification: its findings are warnings here, and give the candidates.
     let (mut storage_findings, storage_counts) = verify::verify(&storage);
-    // What could not be read stays an error: the run is incomplete.
-    let complete = !storage_findings
-        .iter()
-        .any(|f| f.kind == Kind::UnreadableStorage);
-    for f in storage_findings
-        .iter_mut()
-        .filter(|f| f.kind != Kind::UnreadableStorage)
-    {
-        f.severity = Severity::Warning;
-    }
+    let complete = verify::all_read(&storage_findings);
+    verify::as_context(&mut storage_findings);
     let (repos, _) = storage.repositories();
     let mut counts = ProbeCounts::default();
     let candidates = candidates(&storage, &storage_findings, &repos, args, &mut counts)?;
