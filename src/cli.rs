@@ -165,6 +165,11 @@ pub struct CheckArgs {
     /// Check existence and size only; do not re-hash blobs.
     #[arg(long)]
     pub quick: bool,
+    /// Threads that read storage's metadata - directory listings, stats, links - while
+    /// the cache is read [default: 16]; the work waits on the disk, not the CPU, so more
+    /// threads than cores help a slow disk or a network filesystem. At most 256.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub io_threads: Option<u16>,
     /// Audit a cache dump (written by `export-cache`) instead of Redis.
     #[arg(long, value_name = "FILE", conflicts_with = "redis")]
     pub cache_dump: Option<PathBuf>,

@@ -77,6 +77,8 @@ pub(crate) struct CheckSettings {
     pub source: Source,
     pub report: ReportSettings,
     pub jobs: usize,
+    /// `--io-threads`, or the default.
+    pub io_threads: usize,
     pub quick: bool,
     pub scan_count: usize,
     pub verify_storage: bool,
@@ -180,6 +182,9 @@ impl CheckSettings {
             },
             report,
             jobs,
+            io_threads: args
+                .io_threads
+                .map_or(crate::audit::verify::DEFAULT_IO_THREADS, usize::from),
             source,
             quick: args.quick,
             scan_count: scan_count(&args.source)?,

@@ -11,6 +11,9 @@ pub(crate) mod state;
 pub(crate) mod verify;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
 
 use self::rehash::{BlobCheck, Content, Policy};
 use crate::cache::index::{
@@ -19,7 +22,8 @@ use crate::cache::index::{
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
 use crate::shard::Shard;
-use crate::storage::Storage;
+use crate::storage::blobs::{BlobListing, BlobTable};
+use crate::storage::{BlobStat, Storage};
 use crate::summary::Summary;
 
 #[derive(Clone, Copy)]
@@ -30,6 +34,8 @@ pub(crate) struct AuditOptions<'a> {
     pub verify_storage: bool,
     /// The slice of the work this run does (the index is already built for it).
     pub shard: Shard,
+    /// Threads that read storage's metadata (listings, stats, links).
+    pub io_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -48,26 +54,110 @@ pub(crate) fn run(
     index: CacheIndex,
     opts: AuditOptions<'_>,
 ) -> Result<Audit, String> {
+    let pool = verify::io_pool(opts.io_threads)?;
+    let walk = walk_storage(storage, opts, &pool, &AtomicBool::new(false));
+    judge_all(storage, index, walk, opts, &pool)
+}
+
+/// Audits the cache that `read` returns against `storage`, walking storage on another
+/// thread while `read` runs on this one (reading Redis waits on the network, walking
+/// storage on the disk: together they take about as long as the longer of the two).
+/// When `read` fails, the walk stops early and its error is returned.
+pub(crate) fn run_reading<T>(
+    storage: &Storage,
+    opts: AuditOptions<'_>,
+    read: impl FnOnce() -> Result<(CacheIndex, T), String>,
+) -> Result<(Audit, T), String> {
+    let pool = verify::io_pool(opts.io_threads)?;
+    let cancel = AtomicBool::new(false);
+    let (walk, read) = std::thread::scope(|s| {
+        let walker = s.spawn(|| walk_storage(storage, opts, &pool, &cancel));
+        let read = read();
+        if read.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        (walker.join(), read)
+    });
+    let (index, extra) = read?;
+    let walk = walk.map_err(|_| "the storage walk stopped unexpectedly".to_string())?;
+    Ok((judge_all(storage, index, walk, opts, &pool)?, extra))
+}
+
+/// One walk of storage: the blob directories listed and, when storage is verified, every
+/// repository's links read (see [`verify::Walk`]).
+fn walk_storage(
+    storage: &Storage,
+    opts: AuditOptions<'_>,
+    pool: &rayon::ThreadPool,
+    cancel: &AtomicBool,
+) -> verify::Walk {
+    let blobs = BlobTable::new(BlobListing::list(storage, pool));
+    tracing::info!(blobs = blobs.listing().len(), "blob directories listed");
+    let walk = if opts.verify_storage {
+        verify::walk(storage, opts.shard, blobs, pool, cancel)
+    } else {
+        verify::Walk {
+            blobs,
+            ..verify::Walk::default()
+        }
+    };
+    tracing::info!(
+        repositories = walk.counts.repositories,
+        links = walk.counts.links_checked,
+        "storage walked"
+    );
+    walk
+}
+
+/// Judges every cache entry against what the walk found, asking storage only what the
+/// walk did not (blobs it did not need, links of repositories it did not read).
+fn judge_all(
+    storage: &Storage,
+    index: CacheIndex,
+    mut walk: verify::Walk,
+    opts: AuditOptions<'_>,
+    pool: &rayon::ThreadPool,
+) -> Result<Audit, String> {
     let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
     digests.sort_unstable();
-    let (checks, hash_counts) = rehash::verify(storage, &digests, opts.hashing)?;
-
-    // Links of the repositories that list a present blob, checked in parallel.
-    let link_checks: Vec<(u32, Digest)> = digests
+    walk.blobs.stat_all(storage, &digests, pool);
+    let stats: Vec<BlobStat> = digests
         .iter()
-        .zip(&checks)
-        .filter(|(_, c)| matches!(c, BlobCheck::Present { .. }))
-        .filter_map(|(d, _)| index.entry(d).map(|e| (d, e)))
-        .flat_map(|(d, e)| e.repos.iter().filter(|r| r.member).map(|r| (r.repo, *d)))
+        .map(|d| walk.blobs.stat(storage, d))
         .collect();
-    let linked = rehash::parallel_map(&link_checks, opts.hashing.jobs, |(repo, d)| {
-        storage.is_linked(index.repo_name(*repo), d)
-    })?;
-    let unlinked: HashSet<(u32, Digest)> = link_checks
-        .into_iter()
-        .zip(linked)
-        .filter_map(|(pair, linked)| (!linked).then_some(pair))
-        .collect();
+    let (checks, hash_counts) = rehash::verify(storage, &digests, stats, opts.hashing)?;
+
+    // Links of the repositories that list a present blob: from the walk, or asked of
+    // storage (in parallel) for the repositories it did not read.
+    let mut unlinked: HashSet<(u32, Digest)> = HashSet::new();
+    let mut ask: Vec<(u32, Digest)> = Vec::new();
+    for (d, check) in digests.iter().zip(&checks) {
+        if !matches!(check, BlobCheck::Present { .. }) {
+            continue;
+        }
+        let Some(entry) = index.entry(d) else {
+            continue;
+        };
+        for r in entry.repos.iter().filter(|r| r.member) {
+            match walk.linked(index.repo_name(r.repo), d) {
+                Some(true) => {}
+                Some(false) => {
+                    unlinked.insert((r.repo, *d));
+                }
+                None => ask.push((r.repo, *d)),
+            }
+        }
+    }
+    let linked = pool.install(|| {
+        ask.par_iter()
+            .map(|(repo, d)| storage.is_linked(index.repo_name(*repo), d))
+            .collect::<Vec<bool>>()
+    });
+    unlinked.extend(
+        ask.into_iter()
+            .zip(linked)
+            .filter_map(|(pair, linked)| (!linked).then_some(pair)),
+    );
 
     let mut findings = Vec::new();
     let mut absent = 0;
@@ -84,9 +174,8 @@ pub(crate) fn run(
     let counts = index.counts;
     findings.extend(index.into_malformed());
     let storage_counts = if opts.verify_storage {
-        let (more, c) = verify::verify_shard(storage, opts.shard);
-        findings.extend(more);
-        Some(c)
+        findings.append(&mut walk.findings);
+        Some(walk.counts)
     } else {
         None
     };
@@ -411,6 +500,7 @@ mod tests {
                 hashing: Policy::simple(2, false),
                 verify_storage: true,
                 shard: Shard::ALL,
+                io_threads: 4,
             },
         )
         .expect("audit");

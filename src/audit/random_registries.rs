@@ -398,6 +398,7 @@ fn random_registries_match_a_reference_check_key_by_key() {
                 hashing: Policy::simple(2, false),
                 verify_storage: false,
                 shard: Shard::ALL,
+                io_threads: 4,
             },
         )
         .expect("audit");

@@ -142,12 +142,14 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(
     Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
-/// Checks every digest; the result is in the same order as `digests`. First every blob
-/// is stat'ed (existence and size are checked every run), then the ones the policy
-/// selects are hashed, with a progress bar of the bytes to go.
+/// Checks every digest, given what a stat of each found (`stats`, in the same order:
+/// existence and size are checked every run); the result is in the same order as
+/// `digests`. The blobs the policy selects are hashed, with a progress bar of the bytes
+/// to go.
 pub(crate) fn verify(
     storage: &Storage,
     digests: &[Digest],
+    stats: Vec<BlobStat>,
     policy: Policy<'_>,
 ) -> Result<(Vec<BlobCheck>, HashCounts), String> {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -155,8 +157,6 @@ pub(crate) fn verify(
         .thread_name(|i| format!("rehash-{i}"))
         .build()
         .map_err(|e| format!("cannot start {} hashing threads: {e}", policy.jobs))?;
-    let stats: Vec<BlobStat> =
-        pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
 
     let totals = Totals::default();
     let now = state::unix_now();
@@ -432,12 +432,9 @@ mod tests {
         put(&st, &good, b"good");
         put(&st, &large, &big);
         put(&st, &corrupt, b"tampered");
-        let (out, counts) = verify(
-            &st,
-            &[good, large, corrupt, absent],
-            Policy::simple(2, false),
-        )
-        .expect("verify");
+        let all = [good, large, corrupt, absent];
+        let stats = all.iter().map(|d| st.stat_blob(d)).collect();
+        let (out, counts) = verify(&st, &all, stats, Policy::simple(2, false)).expect("verify");
         assert_eq!(
             out[0],
             BlobCheck::Present {
@@ -463,7 +460,8 @@ mod tests {
         assert_eq!(counts.bytes_hashed, 4 + big.len() as u64 + 8);
         assert_eq!(counts.blobs_hashed, 3);
 
-        let (quick, _) = verify(&st, &[corrupt], Policy::simple(1, true)).expect("verify");
+        let stats = vec![st.stat_blob(&corrupt)];
+        let (quick, _) = verify(&st, &[corrupt], stats, Policy::simple(1, true)).expect("verify");
         assert_eq!(
             quick[0],
             BlobCheck::Present {

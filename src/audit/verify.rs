@@ -12,10 +12,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
 use crate::shard::Shard;
+use crate::storage::blobs::{BlobListing, BlobTable, DigestSet};
 use crate::storage::{BlobStat, Storage};
 use crate::summary::VerifyCounts;
 
@@ -42,14 +46,77 @@ pub(crate) fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
 
 /// Verifies the repositories `shard` owns.
 pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCounts) {
+    let pool = match io_pool(DEFAULT_IO_THREADS) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("{e}; reading storage on one thread");
+            match io_pool(1) {
+                Ok(p) => p,
+                Err(_) => return (Vec::new(), VerifyCounts::default()),
+            }
+        }
+    };
+    let blobs = BlobTable::new(BlobListing::list(storage, &pool));
+    let w = walk(storage, shard, blobs, &pool, &AtomicBool::new(false));
+    (w.findings, w.counts)
+}
+
+/// Threads for reading storage's metadata (directory listings, stats, links) when the
+/// command line does not say: the work waits on the kernel and the disk, not the CPU,
+/// so more threads than cores keep a slow disk or network filesystem busy.
+pub(crate) const DEFAULT_IO_THREADS: usize = 16;
+
+/// A pool of `threads` threads for reading storage's metadata.
+pub(crate) fn io_pool(threads: usize) -> Result<rayon::ThreadPool, String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("storage-{i}"))
+        .build()
+        .map_err(|e| format!("cannot start {threads} threads to read storage: {e}"))
+}
+
+/// What one walk of storage found: the verification's findings and counts, the blob
+/// stats it needed (kept for the cache check), and the links of every repository it
+/// read completely, so the cache check asks storage nothing twice.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    pub findings: Vec<Finding>,
+    pub counts: VerifyCounts,
+    pub blobs: BlobTable,
+    /// Per repository read completely: the digests it links, as a layer or a manifest
+    /// revision (a link file exists for the digest's directory). A repository missing
+    /// here was not read (another shard's, or something below it could not be read),
+    /// and is asked about link by link.
+    pub links: HashMap<String, DigestSet>,
+}
+
+impl Walk {
+    /// Whether `repo` links `d`, when the walk knows.
+    pub(crate) fn linked(&self, repo: &str, d: &Digest) -> Option<bool> {
+        self.links.get(repo).map(|set| set.contains(d))
+    }
+}
+
+/// Walks the repositories `shard` owns: verification, blob stats and link sets (see
+/// [`Walk`]). Links are read and blobs stat-ed on `pool`; the manifests are followed on
+/// this thread. When `cancel` is set (the cache could not be read), it stops early.
+pub(crate) fn walk(
+    storage: &Storage,
+    shard: Shard,
+    blobs: BlobTable,
+    pool: &rayon::ThreadPool,
+    cancel: &AtomicBool,
+) -> Walk {
     let mut v = Verifier {
         storage,
-        present: HashMap::new(),
+        pool,
+        blobs,
         nodes: HashMap::new(),
         under: HashMap::new(),
         findings: Vec::new(),
         counts: VerifyCounts::default(),
         followed: HashSet::new(),
+        links: HashMap::new(),
     };
     let (repos, bad) = storage.repositories();
     let bad: Vec<String> = if shard.owns_unsharded() {
@@ -72,6 +139,9 @@ pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, Ve
     let owned: Vec<&String> = repos.iter().filter(|r| shard.owns_repository(r)).collect();
     let mut batch: Vec<Read> = Vec::new();
     for repo in owned {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
         v.counts.repositories += 1;
         batch.extend(v.reads(repo));
         if batch.len() >= PREFETCH {
@@ -80,7 +150,21 @@ pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, Ve
     }
     v.batch(batch);
     v.findings.extend(unread_findings(storage));
-    (v.findings, v.counts)
+    Walk {
+        findings: v.findings,
+        counts: v.counts,
+        blobs: v.blobs,
+        links: v
+            .links
+            .into_iter()
+            .filter_map(|(repo, set)| {
+                set.map(|mut set| {
+                    set.seal();
+                    (repo, set)
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Whether every place of storage was read: no `unreadable-storage` finding.
@@ -225,8 +309,13 @@ enum LinkKind {
 
 struct Verifier<'a> {
     storage: &'a Storage,
+    /// Where links are read and blobs stat-ed.
+    pool: &'a rayon::ThreadPool,
     /// Blob presence, checked once per digest.
-    present: HashMap<Digest, Presence>,
+    blobs: BlobTable,
+    /// The digests each repository links (see [`Walk::links`]); `None` once something
+    /// below the repository's links could not be read.
+    links: HashMap<String, Option<DigestSet>>,
     /// Each manifest already followed.
     nodes: HashMap<Digest, Rc<Node>>,
     /// What is wrong below each tagged manifest already checked.
@@ -242,6 +331,7 @@ impl Verifier<'_> {
     fn reads(&mut self, repo: &str) -> Vec<Read> {
         let storage = self.storage;
         let mut out = Vec::new();
+        let unread_before = storage.unread_len();
         for (sub, kind, severity, what) in [
             (
                 "_layers",
@@ -256,7 +346,7 @@ impl Verifier<'_> {
                 "manifest revision",
             ),
         ] {
-            for (path, alg, hex) in storage.links(repo, sub) {
+            for (path, alg, hex) in storage.link_dirs(repo, sub) {
                 out.push(Read {
                     repo: repo.to_string(),
                     path,
@@ -269,6 +359,12 @@ impl Verifier<'_> {
                 });
             }
         }
+        // The link set is only as good as the listing: with anything unread below the
+        // repository's links, the cache check asks storage link by link instead.
+        self.links.insert(
+            repo.to_string(),
+            (storage.unread_len() == unread_before).then(DigestSet::default),
+        );
         for tag in storage.tags(repo) {
             self.counts.tags_checked += 1;
             if !crate::repo_name::is_valid_tag(&tag) {
@@ -312,16 +408,11 @@ impl Verifier<'_> {
 
     /// Whether storage has blob `d`; an unreadable blob is not "absent".
     fn presence(&mut self, d: &Digest) -> Presence {
-        if let Some(p) = self.present.get(d) {
-            return p.clone();
-        }
-        let p = match self.storage.stat_blob(d) {
+        match self.blobs.stat(self.storage, d) {
             BlobStat::Absent => Presence::Absent,
             BlobStat::Present { .. } => Presence::Present,
             BlobStat::Unreadable { reason } => Presence::Unreadable(reason),
-        };
-        self.present.insert(*d, p.clone());
-        p
+        }
     }
 
     fn has_blob(&mut self, d: &Digest) -> bool {
@@ -337,7 +428,25 @@ impl Verifier<'_> {
         for window in reads.chunks(PREFETCH) {
             let paths: Vec<String> = window.iter().map(|r| r.path.clone()).collect();
             self.storage.prefetch(&paths, MAX_LINK);
-            for r in window {
+            let contents = self.read_all(window);
+            // The blobs the links name, stat-ed together (each once per run).
+            let named: Vec<Digest> = window
+                .iter()
+                .zip(&contents)
+                .filter_map(|(r, c)| match (&r.what, c) {
+                    (LinkKind::Named { expected, .. }, Some(Ok(_))) => *expected,
+                    _ => None,
+                })
+                .collect();
+            self.blobs.stat_all(self.storage, &named, self.pool);
+            for (r, content) in window.iter().zip(contents) {
+                // The link file is not there: the directory holds no link.
+                let Some(content) = content else {
+                    continue;
+                };
+                if content.as_ref().is_err_and(|e| e.raw_os_error().is_some()) {
+                    self.links.insert(r.repo.clone(), None);
+                }
                 match &r.what {
                     LinkKind::Named {
                         expected,
@@ -346,7 +455,12 @@ impl Verifier<'_> {
                         what,
                     } => {
                         self.counts.links_checked += 1;
-                        let Some(d) = self.read_link(&r.repo, &r.path, Some(*expected), None)
+                        if let (Some(e), Some(Some(set))) = (expected, self.links.get_mut(&r.repo))
+                        {
+                            set.push(*e);
+                        }
+                        let Some(d) =
+                            self.read_link(&r.repo, &r.path, Some(*expected), None, content)
                         else {
                             continue;
                         };
@@ -371,7 +485,9 @@ impl Verifier<'_> {
                         }
                     }
                     LinkKind::Tag(tag) => {
-                        if let Some(manifest) = self.read_link(&r.repo, &r.path, None, Some(tag)) {
+                        if let Some(manifest) =
+                            self.read_link(&r.repo, &r.path, None, Some(tag), content)
+                        {
                             tags.push((r, tag, manifest));
                         }
                     }
@@ -495,6 +611,35 @@ impl Verifier<'_> {
         self.findings.extend(found);
     }
 
+    /// The content of every link of `window`, read on the pool: `None` when the link
+    /// file is not there at all (its directory holds no link), nothing read for a
+    /// directory not named after a digest (`Ok` empty: only its name is reported).
+    fn read_all(&self, window: &[Read]) -> Vec<Option<io::Result<Vec<u8>>>> {
+        let storage = self.storage;
+        self.pool.install(|| {
+            window
+                .par_iter()
+                .map(|r| {
+                    let unnamed = matches!(r.what, LinkKind::Named { expected: None, .. });
+                    let content = if unnamed {
+                        Ok(Vec::new())
+                    } else {
+                        storage.read_small(&r.path, MAX_LINK)
+                    };
+                    match content {
+                        // Not found, yet something is there (a symlink that leads
+                        // nowhere): read_link reports it.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            storage.exists(&r.path).then_some(Err(e))
+                        }
+                        Ok(_) if unnamed && !storage.exists(&r.path) => None,
+                        other => Some(other),
+                    }
+                })
+                .collect()
+        })
+    }
+
     /// Reads a link; reports it as `bad-link` when it is not exactly a digest (the
     /// registry does not trim a link: whitespace around the digest makes it answer 500),
     /// or not the one its path names. A link that cannot be read for an I/O reason is
@@ -505,6 +650,7 @@ impl Verifier<'_> {
         path: &str,
         expected: Option<Option<Digest>>,
         tag: Option<&str>,
+        content: io::Result<Vec<u8>>,
     ) -> Option<Digest> {
         let bad = |v: &mut Self, why: String| {
             let mut f = Finding::storage(
@@ -525,7 +671,7 @@ impl Verifier<'_> {
                 "the link's directory is not named after a valid digest".into(),
             );
         }
-        let content = match self.storage.read_small(path, MAX_LINK) {
+        let content = match content {
             Ok(c) => c,
             Err(e) if e.raw_os_error().is_some() => {
                 self.storage

@@ -49,6 +49,7 @@ pub(crate) fn run(settings: &CheckSettings) -> Result<u8, String> {
         },
         verify_storage: settings.verify_storage,
         shard: settings.shard.unwrap_or(crate::shard::Shard::ALL),
+        io_threads: settings.io_threads,
     };
     let (mut audit, scan_notes) =
         super::audit_with(&storage, &settings.source, settings.scan_count, opts)?;

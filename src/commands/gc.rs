@@ -148,6 +148,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
         hashing: Policy::simple(jobs, true),
         verify_storage: false,
         shard: crate::shard::Shard::ALL,
+        io_threads: crate::audit::verify::DEFAULT_IO_THREADS,
     };
 
     // 1. Before.

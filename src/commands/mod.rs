@@ -43,8 +43,10 @@ pub(crate) fn audit_with(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<(audit::Audit, Vec<String>), String> {
-    let (index, notes, dump_incomplete) = read_cache(source, scan_count, opts)?;
-    let mut audit = audit::run(storage, index, opts)?;
+    // Storage is walked while the cache is read.
+    let (mut audit, (notes, dump_incomplete)) = audit::run_reading(storage, opts, || {
+        read_cache(source, scan_count, opts).map(|(index, notes, dump)| (index, (notes, dump)))
+    })?;
     // What the dump held is audited; that it may not be the whole cache is said.
     audit.incomplete.extend(dump_incomplete);
     Ok((audit, notes))

@@ -93,6 +93,7 @@ pub(crate) fn run(args: &PurgeArgs) -> Result<u8, String> {
                 ),
                 verify_storage: false,
                 shard: crate::shard::Shard::ALL,
+                io_threads: crate::audit::verify::DEFAULT_IO_THREADS,
             };
             let (storage, audit) = super::audit_source(&source, scan_count, opts)?;
             let mut conn = source.redis()?.connect_cache()?;

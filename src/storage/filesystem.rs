@@ -281,17 +281,24 @@ impl FsStorage {
         out
     }
 
-    /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link`, as (path, alg, hex dir),
-    /// sorted; `sub` is `_layers` or `_manifests/revisions`.
+    /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link` that exist, as (path,
+    /// alg, hex dir), sorted; `sub` is `_layers` or `_manifests/revisions`.
     pub(crate) fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
+        let mut out = self.link_dirs(repo, sub);
+        out.retain(|(link, _, _)| self.exists_path(link));
+        out
+    }
+
+    /// The link directories `<repo>/<sub>/<alg>/<hex>/`, as (path of their `link`,
+    /// alg, hex dir), sorted; `sub` is `_layers` or `_manifests/revisions`. Each
+    /// directory is read once and no link is stat-ed here: whether the `link` file is
+    /// there shows when it is read.
+    pub(crate) fn link_dirs(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
         let base = self.repository_path(repo).join(sub);
         let mut out = Vec::new();
         for (alg, alg_dir) in self.dir_entries(&base) {
             for (hex, hex_dir) in self.dir_entries(&alg_dir) {
-                let link = hex_dir.join("link");
-                if self.exists_path(&link) {
-                    out.push((link, alg.clone(), hex));
-                }
+                out.push((hex_dir.join("link"), alg.clone(), hex));
             }
         }
         out

@@ -6,6 +6,7 @@
 //! through a symlink is opened only when the link resolves inside the root. This module
 //! never writes, renames or deletes anything.
 
+pub(crate) mod blobs;
 pub(crate) mod filesystem;
 pub(crate) mod object;
 pub(crate) mod object_spec;
@@ -36,6 +37,10 @@ impl Unread {
             .unwrap_or_else(|p| p.into_inner())
             .entry(path)
             .or_insert(why);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Everything recorded so far, sorted by path; the list starts again empty.
@@ -178,6 +183,20 @@ impl Storage {
         }
     }
 
+    /// Like [`Storage::links`], but on a filesystem every link directory, listed
+    /// without a call per link: a directory without its `link` file shows when the link
+    /// is read (object storage lists the link objects themselves).
+    pub(crate) fn link_dirs(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
+        match self {
+            Storage::Fs(fs) => fs
+                .link_dirs(repo, sub)
+                .into_iter()
+                .map(|(p, a, h)| (fs.loc_of(&p), a, h))
+                .collect(),
+            Storage::Object(o) => o.links(repo, sub),
+        }
+    }
+
     pub(crate) fn tags(&self, repo: &str) -> Vec<String> {
         match self {
             Storage::Fs(fs) => fs.tags(repo),
@@ -227,6 +246,15 @@ impl Storage {
         match self {
             Storage::Fs(fs) => fs.unread.record(path, why),
             Storage::Object(_) => tracing::warn!("cannot read {path}: {why}"),
+        }
+    }
+
+    /// How many places are recorded as unread so far (to tell whether a listing was
+    /// complete).
+    pub(crate) fn unread_len(&self) -> usize {
+        match self {
+            Storage::Fs(fs) => fs.unread.len(),
+            Storage::Object(_) => 0,
         }
     }
 
