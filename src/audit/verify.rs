@@ -621,10 +621,10 @@ impl Verifier<'_> {
                 .par_iter()
                 .map(|r| {
                     let unnamed = matches!(r.what, LinkKind::Named { expected: None, .. });
-                    let content = if unnamed {
-                        Ok(Vec::new())
-                    } else {
-                        storage.read_small(&r.path, MAX_LINK)
+                    let content = match r.what {
+                        LinkKind::Named { expected: None, .. } => Ok(Vec::new()),
+                        LinkKind::Named { .. } => storage.read_listed(&r.path, MAX_LINK),
+                        LinkKind::Tag(_) => storage.read_small(&r.path, MAX_LINK),
                     };
                     match content {
                         // Not found, yet something is there (a symlink that leads

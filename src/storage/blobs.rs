@@ -15,19 +15,24 @@ use rayon::prelude::*;
 use super::{BlobStat, Storage};
 use crate::digest::{Algorithm, Digest};
 
-/// A set of digests kept compact: sha256 digests as their 32 raw bytes in a sorted
+/// A set of digests kept compact: sha256 digests as their 32 raw bytes (four
+/// big-endian words, so they sort as bytes and compare without `memcmp`) in a sorted
 /// vector, the rare other algorithms apart.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct DigestSet {
-    sha256: Vec<[u8; 32]>,
+    sha256: Vec<[u64; 4]>,
     other: Vec<Digest>,
 }
 
-fn sha256_key(d: &Digest) -> Option<[u8; 32]> {
-    match d.algorithm() {
-        Algorithm::Sha256 => d.raw().try_into().ok(),
-        _ => None,
+fn sha256_key(d: &Digest) -> Option<[u64; 4]> {
+    if d.algorithm() != Algorithm::Sha256 {
+        return None;
     }
+    let mut key = [0u64; 4];
+    for (word, bytes) in key.iter_mut().zip(d.raw().chunks_exact(8)) {
+        *word = u64::from_be_bytes(bytes.try_into().ok()?);
+    }
+    Some(key)
 }
 
 impl DigestSet {

@@ -369,6 +369,43 @@ impl FsStorage {
         read_bounded(open_regular(path)?, max)
     }
 
+    /// Reads a small file in a directory this run listed itself (a link of the storage
+    /// walk, whose directories were checked on the way down), at most `max` bytes:
+    /// one open that does not follow a final symlink, one `fstat`, one read, one close.
+    /// A symlink takes [`FsStorage::read_small`]'s checked path instead.
+    pub(crate) fn read_listed(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+        let f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return self.read_small(path, max),
+            Err(e) => return Err(e),
+        };
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(not_regular(&meta));
+        }
+        if meta.len() > max {
+            return Err(io::Error::other(format!("larger than {max} bytes")));
+        }
+        let len = meta.len() as usize;
+        let mut out = vec![0u8; len + 1];
+        let n = io::Read::read(&mut &f, &mut out)?;
+        out.truncate(n);
+        if n == len {
+            return Ok(out);
+        }
+        // It changed since the fstat: read the rest, still bounded.
+        let more = read_bounded(&f, max - (n as u64).min(max))?;
+        out.extend_from_slice(&more);
+        if out.len() as u64 > max {
+            return Err(io::Error::other(format!("larger than {max} bytes")));
+        }
+        Ok(out)
+    }
+
     /// Metadata of `path` (below the root), following symlinks only when every one of
     /// them resolves inside the root. The fast path costs one `lstat` per component
     /// below `blobs/`; only a symlink triggers a full resolution.

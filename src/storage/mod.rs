@@ -232,6 +232,15 @@ impl Storage {
         }
     }
 
+    /// Like [`Storage::read_small`], for a file in a directory this run listed itself
+    /// (a link from [`Storage::link_dirs`]): on a filesystem, four calls per file.
+    pub(crate) fn read_listed(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
+        match self {
+            Storage::Fs(fs) => fs.read_listed(&fs.v2.join(loc), max),
+            Storage::Object(o) => o.read_small(loc, max),
+        }
+    }
+
     #[cfg(test)]
     /// The file behind a loc, on a filesystem (for tests that build storage).
     pub(crate) fn fs_path(&self, loc: &str) -> Option<PathBuf> {
