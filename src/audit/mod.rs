@@ -1,8 +1,10 @@
 //! The audit: every entry of a `CacheIndex` judged against what storage holds, plus
 //! (when asked) the storage verification of `verify`, producing findings and a summary.
 //! It decides kinds, severities and `live` of cache findings; blob checks come from
-//! `rehash` (the parallel part), link checks from `storage`. It never writes anything,
-//! and never reads Redis itself.
+//! `rehash` (the parallel hashing), links and blob stats from the one storage walk of
+//! `verify` (parallel on a pool of I/O threads), which `run_reading` runs on its own
+//! thread while the cache is read. It never writes anything, and never reads Redis
+//! itself.
 
 #[cfg(test)]
 mod random_registries;

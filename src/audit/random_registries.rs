@@ -13,7 +13,7 @@ use super::rehash::Policy;
 use super::{AuditOptions, run};
 use crate::cache::index::{CacheIndex, HashFields, RepoHash};
 use crate::digest::{Algorithm, Digest};
-use crate::finding::Kind;
+use crate::finding::{Finding, Kind};
 use crate::shard::Shard;
 use crate::storage::Storage;
 use crate::storage::filesystem::tests::Scratch;
@@ -419,6 +419,26 @@ fn random_registries_match_a_reference_check_key_by_key() {
         // Every finding is about a cache key: one per key, nothing said twice.
         assert_eq!(got.len(), audit.findings.len(), "seed {seed}");
         assert!(audit.incomplete.is_empty(), "seed {seed}");
+        // With storage verified, the cache check answers links from the walk's link
+        // sets instead of asking storage per key: the same cache findings, to the byte.
+        let walked = run(
+            &storage,
+            build_index(&blobs, &malformed_members),
+            AuditOptions {
+                hashing: Policy::simple(2, false),
+                verify_storage: true,
+                shard: Shard::ALL,
+                io_threads: 3,
+            },
+        )
+        .expect("audit with the walk");
+        let cache_findings: Vec<&Finding> =
+            walked.findings.iter().filter(|f| f.key.is_some()).collect();
+        assert_eq!(
+            cache_findings,
+            audit.findings.iter().collect::<Vec<_>>(),
+            "seed {seed}"
+        );
         // A digest is in the cache when any of its keys is.
         let in_cache = |b: &&Blob| {
             !matches!(b.global, Global::Absent)

@@ -7,7 +7,11 @@
 //! recursion and without a depth at which they silently stop, and a manifest that cannot
 //! be used (not a regular file, unreadable, too large, not JSON, not a manifest, not the
 //! content its digest names, cyclic, nested past [`MAX_NESTING`]) is an error finding
-//! naming the tag. It reads storage only and knows nothing about the cache.
+//! naming the tag. It is also the one walk of storage a `check` makes ([`walk`]): each
+//! link directory is listed once, links are read and blobs stat-ed on a pool of I/O
+//! threads (a blob once per run, through `storage::blobs`), and each repository's set of
+//! linked digests is kept, so the cache check asks storage nothing twice. It reads
+//! storage only and knows nothing about the cache.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -623,7 +627,14 @@ impl Verifier<'_> {
                     let unnamed = matches!(r.what, LinkKind::Named { expected: None, .. });
                     let content = match r.what {
                         LinkKind::Named { expected: None, .. } => Ok(Vec::new()),
-                        LinkKind::Named { .. } => storage.read_listed(&r.path, MAX_LINK),
+                        // Content that is not a digest is read again the checked
+                        // way, which tells a regular file from anything else.
+                        LinkKind::Named { .. } => match storage.read_listed(&r.path, MAX_LINK) {
+                            Ok(c) if Digest::parse(&c).is_none() => {
+                                storage.read_small(&r.path, MAX_LINK)
+                            }
+                            other => other,
+                        },
                         LinkKind::Tag(_) => storage.read_small(&r.path, MAX_LINK),
                     };
                     match content {

@@ -324,3 +324,75 @@ impl BlobTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::filesystem::tests::Scratch;
+    use std::fs;
+
+    fn digest(c: char) -> Digest {
+        Digest::parse_str(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest")
+    }
+
+    fn pool() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool")
+    }
+
+    #[test]
+    fn the_listing_rules_out_only_what_it_read() {
+        let s = Scratch::new("listing");
+        let storage = Storage::open_fs(&s.0).expect("storage");
+        let v2 = s.0.join("docker/registry/v2");
+        let (a, b, c, e) = (digest('a'), digest('b'), digest('c'), digest('e'));
+        // a: a blob; b: its directory in the wrong prefix; c: absent; e: under a
+        // symlinked prefix directory (inside the root), so the listing is not sure.
+        let pa = storage.fs_path(&storage.blob_loc(&a)).expect("path");
+        fs::create_dir_all(pa.parent().expect("parent")).expect("mkdir");
+        fs::write(&pa, b"a").expect("write");
+        fs::create_dir_all(v2.join("blobs/sha256/aa").join(b.hex())).expect("mkdir");
+        fs::create_dir_all(v2.join("elsewhere").join(e.hex())).expect("mkdir");
+        fs::write(v2.join("elsewhere").join(e.hex()).join("data"), b"e").expect("write");
+        std::os::unix::fs::symlink(v2.join("elsewhere"), v2.join("blobs/sha256/ee"))
+            .expect("symlink");
+
+        let listing = BlobListing::list(&storage, &pool());
+        assert_eq!(listing.len(), 1);
+        assert!(listing.may_hold(&a));
+        assert!(!listing.may_hold(&b));
+        assert!(!listing.may_hold(&c));
+        assert!(listing.may_hold(&e), "a symlinked prefix is asked about");
+
+        let mut table = BlobTable::new(listing);
+        table.stat_all(&storage, &[a, b, c, e, a], &pool());
+        assert!(matches!(
+            table.stat(&storage, &a),
+            BlobStat::Present { size: 1, .. }
+        ));
+        assert_eq!(table.stat(&storage, &b), BlobStat::Absent);
+        assert_eq!(table.stat(&storage, &c), BlobStat::Absent);
+        assert!(matches!(
+            table.stat(&storage, &e),
+            BlobStat::Present { size: 1, .. }
+        ));
+        // The memo answers without storage: the blob removed now still reads as it was.
+        fs::remove_file(&pa).expect("rm");
+        assert!(matches!(table.stat(&storage, &a), BlobStat::Present { .. }));
+    }
+
+    #[test]
+    fn digest_sets_hold_every_algorithm() {
+        let mut set = DigestSet::default();
+        let long = Digest::parse_str(&format!("sha512:{}", "ab".repeat(64))).expect("digest");
+        for d in [digest('f'), long, digest('0'), digest('f')] {
+            set.push(d);
+        }
+        set.seal();
+        assert_eq!(set.len(), 3);
+        assert!(set.contains(&long) && set.contains(&digest('0')));
+        assert!(!set.contains(&digest('1')));
+    }
+}

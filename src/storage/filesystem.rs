@@ -370,9 +370,12 @@ impl FsStorage {
     }
 
     /// Reads a small file in a directory this run listed itself (a link of the storage
-    /// walk, whose directories were checked on the way down), at most `max` bytes:
-    /// one open that does not follow a final symlink, one `fstat`, one read, one close.
-    /// A symlink takes [`FsStorage::read_small`]'s checked path instead.
+    /// walk, whose directories were checked on the way down), at most `max` bytes, in
+    /// three calls: an open that neither follows a final symlink nor blocks, one read of
+    /// up to `max + 1` bytes, a close. What that read cannot vouch for - a symlink, an
+    /// error, content that is empty or over `max` - takes [`FsStorage::read_small`]'s
+    /// checked path instead, which names what is there (a FIFO, a directory, a file too
+    /// large). Content the caller finds odd deserves the same second look.
     pub(crate) fn read_listed(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
         let f = match fs::OpenOptions::new()
             .read(true)
@@ -383,27 +386,18 @@ impl FsStorage {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return self.read_small(path, max),
             Err(e) => return Err(e),
         };
-        let meta = f.metadata()?;
-        if !meta.is_file() {
-            return Err(not_regular(&meta));
+        let mut out = vec![0u8; usize::try_from(max).unwrap_or(usize::MAX).min(64 * 1024) + 1];
+        match io::Read::read(&mut &f, &mut out) {
+            // A regular file answers a read with all it has up to the request.
+            Ok(n) if n > 0 && (n as u64) <= max && n < out.len() => {
+                out.truncate(n);
+                Ok(out)
+            }
+            _ => {
+                drop(f);
+                self.read_small(path, max)
+            }
         }
-        if meta.len() > max {
-            return Err(io::Error::other(format!("larger than {max} bytes")));
-        }
-        let len = meta.len() as usize;
-        let mut out = vec![0u8; len + 1];
-        let n = io::Read::read(&mut &f, &mut out)?;
-        out.truncate(n);
-        if n == len {
-            return Ok(out);
-        }
-        // It changed since the fstat: read the rest, still bounded.
-        let more = read_bounded(&f, max - (n as u64).min(max))?;
-        out.extend_from_slice(&more);
-        if out.len() as u64 > max {
-            return Err(io::Error::other(format!("larger than {max} bytes")));
-        }
-        Ok(out)
     }
 
     /// Metadata of `path` (below the root), following symlinks only when every one of
