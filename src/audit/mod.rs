@@ -48,7 +48,7 @@ pub(crate) fn run(
     index: CacheIndex,
     opts: AuditOptions<'_>,
 ) -> Result<Audit, String> {
-    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
+    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| d).collect();
     digests.sort_unstable();
     let (checks, hash_counts) = rehash::verify(storage, &digests, opts.hashing)?;
 
@@ -78,7 +78,7 @@ pub(crate) fn run(
         if *check == BlobCheck::Absent {
             absent += 1;
         }
-        judge(&index, &unlinked, d, entry, check, &mut findings);
+        judge(&index, &unlinked, d, &entry, check, &mut findings);
     }
 
     let counts = index.counts;
@@ -178,7 +178,7 @@ fn judge(
                     detail,
                 ));
             }
-            for r in &entry.repos {
+            for r in entry.repos {
                 let repo = index.repo_name(r.repo);
                 let Some(key) = repo_entry_key(repo, d, r) else {
                     continue;
@@ -240,7 +240,7 @@ fn judge(
                     ),
                 ));
             }
-            for r in &entry.repos {
+            for r in entry.repos {
                 let repo = index.repo_name(r.repo);
                 if r.member {
                     if unlinked.contains(&(r.repo, *d)) {

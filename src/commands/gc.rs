@@ -419,7 +419,7 @@ impl CacheRepos {
             by_digest: index
                 .digests()
                 .filter(|(_, e)| !e.repos.is_empty())
-                .map(|(d, e)| (*d, e.repos.iter().map(|r| r.repo).collect()))
+                .map(|(d, e)| (d, e.repos.iter().map(|r| r.repo).collect()))
                 .collect(),
         }
     }
