@@ -809,6 +809,7 @@ fn malformed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest as _;
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -940,6 +941,132 @@ mod tests {
         assert_eq!(idx.malformed().len(), 1);
         assert!(idx.malformed()[0].live);
         assert!(idx.malformed()[0].detail.contains("negative"));
+    }
+
+    #[test]
+    fn reads_after_a_look_up_merge_with_what_was_read() {
+        let long = Digest::parse_str(&format!("sha512:{}", "ab".repeat(64))).expect("sha512");
+        let mut idx = CacheIndex::new();
+        let set = b"repository::a::blobs";
+        idx.add_member(set, "a", D.as_bytes());
+        idx.add_repo_hash(b"k", "b", long, RepoHash::WithoutMediatype, "hash");
+        let e = idx.entry(&d()).expect("entry");
+        assert_eq!(e.global, None);
+        assert_eq!(e.repos.len(), 1);
+        // More read after that look-up: the later read of a hash wins, membership stays.
+        idx.add_repo_hash(b"k", "a", d(), RepoHash::WithoutMediatype, "hash");
+        idx.add_repo_hash(b"k", "a", d(), RepoHash::WithMediatype, "hash");
+        idx.add_repo_hash(b"k", "c", d(), RepoHash::Absent, "none");
+        idx.add_member(b"repository::b::blobs", "b", long.to_string().as_bytes());
+        idx.add_global_wrong_type(b"k", long, "string");
+        idx.finish();
+        let a = RepoEntry {
+            repo: 0,
+            member: true,
+            hash: RepoHash::WithMediatype,
+        };
+        let c = RepoEntry {
+            repo: 2,
+            member: false,
+            hash: RepoHash::Absent,
+        };
+        assert_eq!(idx.entry(&d()).expect("entry").repos, &[a, c]);
+        let e = idx.entry(&long).expect("sha512 entry");
+        assert_eq!(e.global, Some(GlobalEntry::WrongType));
+        assert_eq!(
+            e.repos,
+            &[RepoEntry {
+                repo: 1,
+                member: true,
+                hash: RepoHash::WithoutMediatype
+            }]
+        );
+        let all: Vec<Digest> = idx.digests().map(|(d, _)| d).collect();
+        assert_eq!(all, vec![d(), long]);
+        assert_eq!(idx.digest_count(), 2);
+        assert!(idx.entry(&Digest::sha256([7; 32])).is_none());
+    }
+
+    #[test]
+    fn every_global_entry_round_trips_through_its_packed_form() {
+        let sizes = [
+            SizeField::Missing,
+            SizeField::Invalid,
+            SizeField::Valid(0),
+            SizeField::Valid(-1),
+            SizeField::Valid(i64::MAX),
+        ];
+        let mut all = vec![GlobalEntry::WrongType];
+        for has_digest in [false, true] {
+            all.extend(sizes.map(|size| GlobalEntry::Hash { has_digest, size }));
+        }
+        for g in all {
+            let (code, size) = pack_global(g);
+            assert!(code != 0 && code & LONG == 0);
+            assert_eq!(unpack_global(code, size), Some(g));
+        }
+    }
+
+    /// What the index costs on ~1M keys (330,000 blobs, each in two repositories'
+    /// sets with a repository hash): peak and retained resident memory of this process
+    /// while it reads them, per key. Alone, since it reads the process's peak:
+    /// `cargo test --lib -- --ignored --exact cache::index::tests::a_million_keys_stay_compact --nocapture`
+    #[test]
+    #[ignore = "measures the whole process's memory: run alone"]
+    fn a_million_keys_stay_compact() {
+        fn status(field: &str) -> Option<u64> {
+            let text = std::fs::read_to_string("/proc/self/status").ok()?;
+            let line = text.lines().find(|l| l.starts_with(field))?;
+            line.split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+                .map(|kb| kb * 1024)
+        }
+        let Some(before) = status("VmRSS:") else {
+            return; // not Linux
+        };
+        const BLOBS: u32 = 330_000;
+        let mut idx = CacheIndex::new();
+        let mut keys = 0u64;
+        for i in 0..BLOBS {
+            let raw: [u8; 32] = sha2::Sha256::digest(i.to_le_bytes()).into();
+            let digest = Digest::sha256(raw);
+            let text = digest.to_string();
+            let key = global_key(&digest);
+            let fields = HashFields {
+                digest: Some(text.as_bytes()),
+                size: Some(b"1234"),
+                length: None,
+                mediatype: Some(b"application/octet-stream"),
+            };
+            idx.ingest(key.as_bytes(), classify(key.as_bytes()), "hash", &fields);
+            keys += 1;
+            for r in [i % 1000, (i + 1) % 1000] {
+                let repo = format!("team/repo{r}");
+                let key = repo_hash_key(&repo, &digest);
+                idx.ingest(key.as_bytes(), classify(key.as_bytes()), "hash", &fields);
+                idx.add_member(repo_set_key(&repo).as_bytes(), &repo, text.as_bytes());
+                keys += 1;
+            }
+        }
+        keys += 1000; // the sets
+        idx.finish();
+        let e = idx
+            .entry(&idx.digests().next().expect("one").0)
+            .expect("entry");
+        assert!(e.repos.iter().all(|r| e.repo_live(r)) && e.repos.len() == 2);
+        let peak = status("VmHWM:").unwrap_or(0).saturating_sub(before);
+        let kept = status("VmRSS:").unwrap_or(0).saturating_sub(before);
+        println!(
+            "{keys} keys, {} digests: peak {:.1} MB ({} bytes per key), retained {:.1} MB ({} bytes per key)",
+            idx.digest_count(),
+            peak as f64 / 1e6,
+            peak / keys,
+            kept as f64 / 1e6,
+            kept / keys
+        );
+        assert!(peak / keys <= 100, "peak {peak} bytes for {keys} keys");
     }
 
     #[test]
