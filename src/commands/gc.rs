@@ -17,7 +17,7 @@ use crate::audit::rehash::Policy;
 use crate::audit::verify;
 use crate::audit::{self, AuditOptions};
 use crate::cache::index::CacheIndex;
-use crate::cache::redis::CacheConn;
+use crate::cache::redis::{CacheConn, Expect};
 use crate::cli::GcArgs;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -221,7 +221,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     match &source.cache {
         CacheSource::Redis(target) if args.dry_run => {
             let mut conn = target.connect_cache()?;
-            let index = cache_repos.read(&mut conn, &deleted)?;
+            let index = cache_repos.read(&mut conn, &deleted, Expect::Present)?;
             counts.cache_entries_purged = count_entries(&index, &deleted);
             notes.push(format!(
                 "dry run: the GC would delete {} blobs; {} cache entries name them and would be purged",
@@ -231,7 +231,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
         }
         CacheSource::Redis(target) => {
             let mut conn = target.connect_cache()?;
-            let index = cache_repos.read(&mut conn, &deleted)?;
+            let index = cache_repos.read(&mut conn, &deleted, Expect::Present)?;
             let audit = audit::run(&storage, index, quick)?;
             let ours: Vec<Finding> = audit
                 .findings
@@ -273,7 +273,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
             let after = if plan.groups.is_empty() {
                 audit
             } else {
-                let index = cache_repos.read(&mut conn, &deleted)?;
+                let index = cache_repos.read(&mut conn, &deleted, Expect::Gone)?;
                 audit::run(&storage, index, quick)?
             };
             for mut f in after.findings {
@@ -426,7 +426,12 @@ impl CacheRepos {
 
     /// Reads the cache keys of `digests` only: each global descriptor, and the set
     /// membership and per-repository hash in every repository the full read knew for it.
-    fn read(&self, conn: &mut CacheConn, digests: &BTreeSet<Digest>) -> Result<CacheIndex, String> {
+    fn read(
+        &self,
+        conn: &mut CacheConn,
+        digests: &BTreeSet<Digest>,
+        expect: Expect,
+    ) -> Result<CacheIndex, String> {
         let wanted: Vec<(Digest, Vec<String>)> = digests
             .iter()
             .map(|d| {
@@ -439,7 +444,7 @@ impl CacheRepos {
             })
             .collect();
         let mut index = CacheIndex::new();
-        crate::cache::redis::read_digests(conn, &mut index, &wanted)?;
+        crate::cache::redis::read_digests(conn, &mut index, &wanted, expect)?;
         Ok(index)
     }
 }
