@@ -79,6 +79,16 @@ impl Digest {
         Some(Digest { alg, bytes })
     }
 
+    /// A sha256 digest from its 32 raw bytes (how compact indexes keep them).
+    pub(crate) fn sha256(raw: [u8; 32]) -> Digest {
+        let mut bytes = [0u8; 64];
+        bytes[..32].copy_from_slice(&raw);
+        Digest {
+            alg: Algorithm::Sha256,
+            bytes,
+        }
+    }
+
     pub(crate) fn algorithm(&self) -> Algorithm {
         self.alg
     }

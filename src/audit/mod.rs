@@ -120,7 +120,7 @@ fn judge_all(
     opts: AuditOptions<'_>,
     pool: &rayon::ThreadPool,
 ) -> Result<Audit, String> {
-    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| *d).collect();
+    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| d).collect();
     digests.sort_unstable();
     walk.blobs.stat_all(storage, &digests, pool);
     let stats: Vec<BlobStat> = digests
@@ -170,7 +170,7 @@ fn judge_all(
         if *check == BlobCheck::Absent {
             absent += 1;
         }
-        judge(&index, &unlinked, d, entry, check, &mut findings);
+        judge(&index, &unlinked, d, &entry, check, &mut findings);
     }
 
     let counts = index.counts;
@@ -269,7 +269,7 @@ fn judge(
                     detail,
                 ));
             }
-            for r in &entry.repos {
+            for r in entry.repos {
                 let repo = index.repo_name(r.repo);
                 let Some(key) = repo_entry_key(repo, d, r) else {
                     continue;
@@ -331,7 +331,7 @@ fn judge(
                     ),
                 ));
             }
-            for r in &entry.repos {
+            for r in entry.repos {
                 let repo = index.repo_name(r.repo);
                 if r.member {
                     if unlinked.contains(&(r.repo, *d)) {

@@ -4,7 +4,7 @@
 //! reading the registry-shaped ones with pipelines, a batch per round trip, into a
 //! `CacheIndex`. It reads Redis and never writes - writes live in `repair`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
@@ -628,9 +628,10 @@ fn read_set(
 /// Commands sent per pipeline by `read_digests`.
 const TARGETED_BATCH: usize = 1000;
 
-/// Sends `cmds` and returns one reply each: one pipeline per batch on a single server;
-/// on a cluster each command is routed by its key's slot.
-fn run_commands(conn: &mut CacheConn, cmds: &[redis::Cmd]) -> Result<Vec<Value>, String> {
+/// Sends `cmds` and returns one reply each, `None` for an error reply (a key of
+/// another type, a command the server refuses): one pipeline per batch on a single
+/// server; on a cluster each command is routed by its key's slot.
+fn run_commands(conn: &mut CacheConn, cmds: &[redis::Cmd]) -> Result<Vec<Option<Value>>, String> {
     let mut replies = Vec::with_capacity(cmds.len());
     for chunk in cmds.chunks(TARGETED_BATCH) {
         match conn {
@@ -643,16 +644,23 @@ fn run_commands(conn: &mut CacheConn, cmds: &[redis::Cmd]) -> Result<Vec<Value>,
                 let got: Vec<Value> = pipe
                     .query(c)
                     .map_err(|e| format!("reading cache keys from Redis failed: {}", brief(&e)))?;
-                replies.extend(got);
+                replies.extend(
+                    got.into_iter()
+                        .map(|v| (!matches!(v, Value::ServerError(_))).then_some(v)),
+                );
             }
             CacheConn::Cluster(cluster) => {
                 for cmd in chunk {
-                    replies.push(cmd.query::<Value>(&mut cluster.router).map_err(|e| {
-                        format!(
-                            "reading cache keys from Redis Cluster failed: {}",
-                            brief(&e)
-                        )
-                    })?);
+                    replies.push(match cmd.query::<Value>(&mut cluster.router) {
+                        Ok(v) => Some(v),
+                        Err(e) if e.code().is_some() && !e.is_io_error() => None,
+                        Err(e) => {
+                            return Err(format!(
+                                "reading cache keys from Redis Cluster failed: {}",
+                                brief(&e)
+                            ));
+                        }
+                    });
                 }
             }
         }
@@ -660,72 +668,125 @@ fn run_commands(conn: &mut CacheConn, cmds: &[redis::Cmd]) -> Result<Vec<Value>,
     Ok(replies)
 }
 
+/// Members asked about per SMISMEMBER by `read_digests`.
+const MEMBERS_PER_CHECK: usize = 500;
+
+/// What `read_digests` expects of the keys it reads, to send the fewest commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// Mostly there: each hash key's HMGET first, its TYPE only when the reply cannot
+    /// tell (no field, or an error), as `scan` reads.
+    Present,
+    /// Mostly gone (just purged): each key's TYPE first, HMGET only of the hashes.
+    Gone,
+}
+
 /// Reads only the keys of `wanted` digests into `index`: for each digest its global
 /// descriptor `blobs::D`, and for each repository given with it the membership of D in
-/// `repository::R::blobs` (SISMEMBER) and `repository::R::blobs::D`. Each key's TYPE
-/// comes first, so a key of another type is recorded as such and never read as a hash
-/// or set. Two pipelined rounds, a few commands per key: what `gc` reads after its GC
-/// instead of scanning the whole cache again.
+/// `repository::R::blobs` and `repository::R::blobs::D`. A key of another type is
+/// recorded as such and never read as a hash (see `Expect` for the order of HMGET and
+/// TYPE); a set's TYPE comes first, and only a set is asked about its members, many per
+/// SMISMEMBER (per member with SISMEMBER where the server refuses that, before Redis
+/// 6.2). Two pipelined rounds (three on such a server), one to two commands per key:
+/// what `gc` reads after its GC instead of scanning the whole cache again.
 pub(crate) fn read_digests(
     conn: &mut CacheConn,
     index: &mut CacheIndex,
     wanted: &[(Digest, Vec<String>)],
+    expect: Expect,
 ) -> Result<(), String> {
-    // Round 1: the type of every key.
-    let mut keys: Vec<(Vec<u8>, Digest, Option<&str>)> = Vec::new();
+    // Round 1: the fields (or the type) of every hash key, and the type of every set.
+    let mut keys: Vec<Vec<u8>> = Vec::new();
     let mut sets: Vec<&str> = Vec::new();
     for (d, repos) in wanted {
-        keys.push((cache_index::global_key(d).into_bytes(), *d, None));
+        keys.push(cache_index::global_key(d).into_bytes());
         for r in repos {
-            keys.push((cache_index::repo_hash_key(r, d).into_bytes(), *d, Some(r)));
+            keys.push(cache_index::repo_hash_key(r, d).into_bytes());
             sets.push(r);
         }
     }
     sets.sort_unstable();
     sets.dedup();
     let type_of = |key: &[u8]| redis::cmd("TYPE").arg(key).clone();
-    let mut cmds: Vec<redis::Cmd> = keys.iter().map(|(k, _, _)| type_of(k)).collect();
+    let hmget = |key: &[u8]| redis::cmd("HMGET").arg(key).arg(&HASH_FIELDS[..]).clone();
+    let mut cmds: Vec<redis::Cmd> = keys
+        .iter()
+        .map(|k| match expect {
+            Expect::Present => hmget(k),
+            Expect::Gone => type_of(k),
+        })
+        .collect();
     cmds.extend(
         sets.iter()
             .map(|r| type_of(cache_index::repo_set_key(r).as_bytes())),
     );
-    let types: Vec<String> = run_commands(conn, &cmds)?
+    let mut first = run_commands(conn, &cmds)?;
+    let set_types: Vec<String> = first
+        .split_off(keys.len())
         .into_iter()
-        .map(|v| type_name(Some(v)))
+        .map(type_name)
         .collect();
-    let (key_types, set_types) = types.split_at(keys.len());
     let is_set: HashSet<&str> = sets
         .iter()
-        .zip(set_types)
+        .zip(&set_types)
         .filter(|(_, t)| t.as_str() == "set")
         .map(|(r, _)| *r)
         .collect();
+    let (mut fields, mut types): (Vec<Option<Value>>, Vec<Option<String>>) = match expect {
+        Expect::Present => (first, vec![None; keys.len()]),
+        Expect::Gone => (
+            vec![None; keys.len()],
+            first.into_iter().map(|t| Some(type_name(t))).collect(),
+        ),
+    };
 
-    // Round 2: the fields of every hash, and the memberships in every set.
-    let mut cmds = Vec::new();
-    for ((key, _, _), ty) in keys.iter().zip(key_types) {
-        if ty == "hash" {
-            cmds.push(redis::cmd("HMGET").arg(key).arg(&HASH_FIELDS[..]).clone());
-        }
-    }
-    let mut members: Vec<(&str, Digest)> = Vec::new();
+    // Round 2: what round 1 left open of each key, and the memberships.
+    let open: Vec<usize> = (0..keys.len())
+        .filter(|&i| match (expect, &fields[i], types[i].as_deref()) {
+            (Expect::Present, Some(Value::Array(items)), _) => {
+                items.iter().all(|v| *v == Value::Nil)
+            }
+            (Expect::Present, _, _) => true,
+            (Expect::Gone, _, t) => t == Some("hash"),
+        })
+        .collect();
+    let mut by_set: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (d, repos) in wanted {
         for r in repos {
             if is_set.contains(r.as_str()) {
-                members.push((r, *d));
+                by_set.entry(r).or_default().push(d.to_string());
             }
         }
     }
-    cmds.extend(members.iter().map(|(r, d)| {
-        redis::cmd("SISMEMBER")
+    let mut asks: Vec<(&str, &[String])> = Vec::new();
+    for (r, members) in &by_set {
+        asks.extend(members.chunks(MEMBERS_PER_CHECK).map(|c| (*r, c)));
+    }
+    let mut cmds: Vec<redis::Cmd> = open
+        .iter()
+        .map(|&i| match expect {
+            Expect::Present => type_of(&keys[i]),
+            Expect::Gone => hmget(&keys[i]),
+        })
+        .collect();
+    cmds.extend(asks.iter().map(|(r, members)| {
+        redis::cmd("SMISMEMBER")
             .arg(cache_index::repo_set_key(r))
-            .arg(d.to_string())
+            .arg(*members)
             .clone()
     }));
-    let mut replies = run_commands(conn, &cmds)?.into_iter();
-    for ((key, _, _), ty) in keys.iter().zip(key_types) {
+    let mut answers = run_commands(conn, &cmds)?;
+    let checks = answers.split_off(open.len());
+    for (&i, answer) in open.iter().zip(answers) {
+        match expect {
+            Expect::Present => types[i] = Some(type_name(answer)),
+            Expect::Gone => fields[i] = answer,
+        }
+    }
+    for ((key, reply), ty) in keys.iter().zip(fields).zip(types) {
+        let ty = ty.unwrap_or_else(|| "hash".to_string());
         let values = if ty == "hash" {
-            bulk_list(replies.next())
+            bulk_list(reply)
         } else {
             Vec::new()
         };
@@ -736,12 +797,42 @@ pub(crate) fn read_digests(
             length: field(2),
             mediatype: field(3),
         };
-        index.ingest(key, classify(key), ty, &fields);
+        index.ingest(key, classify(key), &ty, &fields);
     }
-    for ((r, d), reply) in members.iter().zip(replies) {
-        if matches!(reply, Value::Int(1) | Value::Boolean(true)) {
+
+    // Round 3, only where SMISMEMBER was refused: one SISMEMBER per member.
+    let mut members: Vec<(&str, &String, Option<Value>)> = Vec::new();
+    let mut singles: Vec<(&str, &String)> = Vec::new();
+    for ((r, chunk), reply) in asks.iter().zip(checks) {
+        match reply {
+            Some(Value::Array(flags)) if flags.len() == chunk.len() => {
+                members.extend(chunk.iter().zip(flags).map(|(m, f)| (*r, m, Some(f))))
+            }
+            _ => singles.extend(chunk.iter().map(|m| (*r, m))),
+        }
+    }
+    if !singles.is_empty() {
+        let cmds: Vec<redis::Cmd> = singles
+            .iter()
+            .map(|(r, m)| {
+                redis::cmd("SISMEMBER")
+                    .arg(cache_index::repo_set_key(r))
+                    .arg(m.as_str())
+                    .clone()
+            })
+            .collect();
+        let replies = run_commands(conn, &cmds)?;
+        members.extend(
+            singles
+                .into_iter()
+                .zip(replies)
+                .map(|((r, m), v)| (r, m, v)),
+        );
+    }
+    for (r, m, reply) in members {
+        if matches!(reply, Some(Value::Int(1) | Value::Boolean(true))) {
             let set = cache_index::repo_set_key(r);
-            index.add_member(set.as_bytes(), r, d.to_string().as_bytes());
+            index.add_member(set.as_bytes(), r, m.as_bytes());
         }
     }
     Ok(())

@@ -17,7 +17,7 @@ use crate::audit::rehash::Policy;
 use crate::audit::verify;
 use crate::audit::{self, AuditOptions};
 use crate::cache::index::CacheIndex;
-use crate::cache::redis::CacheConn;
+use crate::cache::redis::{CacheConn, Expect};
 use crate::cli::GcArgs;
 use crate::digest::Digest;
 use crate::finding::{self, Finding, Kind, Severity};
@@ -222,7 +222,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
     match &source.cache {
         CacheSource::Redis(target) if args.dry_run => {
             let mut conn = target.connect_cache()?;
-            let index = cache_repos.read(&mut conn, &deleted)?;
+            let index = cache_repos.read(&mut conn, &deleted, Expect::Present)?;
             counts.cache_entries_purged = count_entries(&index, &deleted);
             notes.push(format!(
                 "dry run: the GC would delete {} blobs; {} cache entries name them and would be purged",
@@ -232,7 +232,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
         }
         CacheSource::Redis(target) => {
             let mut conn = target.connect_cache()?;
-            let index = cache_repos.read(&mut conn, &deleted)?;
+            let index = cache_repos.read(&mut conn, &deleted, Expect::Present)?;
             let audit = audit::run(&storage, index, quick)?;
             let ours: Vec<Finding> = audit
                 .findings
@@ -274,7 +274,7 @@ pub(crate) fn run(args: &GcArgs) -> Result<u8, String> {
             let after = if plan.groups.is_empty() {
                 audit
             } else {
-                let index = cache_repos.read(&mut conn, &deleted)?;
+                let index = cache_repos.read(&mut conn, &deleted, Expect::Gone)?;
                 audit::run(&storage, index, quick)?
             };
             for mut f in after.findings {
@@ -420,14 +420,19 @@ impl CacheRepos {
             by_digest: index
                 .digests()
                 .filter(|(_, e)| !e.repos.is_empty())
-                .map(|(d, e)| (*d, e.repos.iter().map(|r| r.repo).collect()))
+                .map(|(d, e)| (d, e.repos.iter().map(|r| r.repo).collect()))
                 .collect(),
         }
     }
 
     /// Reads the cache keys of `digests` only: each global descriptor, and the set
     /// membership and per-repository hash in every repository the full read knew for it.
-    fn read(&self, conn: &mut CacheConn, digests: &BTreeSet<Digest>) -> Result<CacheIndex, String> {
+    fn read(
+        &self,
+        conn: &mut CacheConn,
+        digests: &BTreeSet<Digest>,
+        expect: Expect,
+    ) -> Result<CacheIndex, String> {
         let wanted: Vec<(Digest, Vec<String>)> = digests
             .iter()
             .map(|d| {
@@ -440,7 +445,7 @@ impl CacheRepos {
             })
             .collect();
         let mut index = CacheIndex::new();
-        crate::cache::redis::read_digests(conn, &mut index, &wanted)?;
+        crate::cache::redis::read_digests(conn, &mut index, &wanted, expect)?;
         Ok(index)
     }
 }

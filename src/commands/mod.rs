@@ -80,6 +80,7 @@ pub(crate) fn read_cache(
         CacheSource::Registry(_) | CacheSource::None => {}
     }
     keys.finish();
+    index.finish();
     tracing::info!(
         keys = index.counts.keys,
         digests = index.digest_count(),

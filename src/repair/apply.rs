@@ -367,10 +367,11 @@ pub(super) fn served_lookups(
             .arg(cache_index::repo_set_key(r))
             .arg(d.to_string())
             .query(conn)?;
-        let hash: bool = redis::cmd("HEXISTS")
+        let mediatype: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
             .arg(cache_index::repo_hash_key(r, d))
             .arg("mediatype")
             .query(conn)?;
+        let hash = mediatype.iter().any(Option::is_some);
         if member && hash {
             out.push(format!("repository {r}"));
         }
@@ -446,15 +447,17 @@ pub(super) fn entry_present(conn: &mut dyn ConnectionLike, e: &Entry) -> redis::
         Op::Fields { fields, .. } => {
             let ty: String = redis::cmd("TYPE").arg(&raw).query(conn)?;
             if ty == "hash" {
-                let mut any = false;
-                for f in fields.keys() {
-                    let name = finding::unescape(f).unwrap_or_default();
-                    any |= redis::cmd("HEXISTS")
+                let names: Vec<Vec<u8>> = fields
+                    .keys()
+                    .map(|f| finding::unescape(f).unwrap_or_default())
+                    .collect();
+                !names.is_empty()
+                    && redis::cmd("HMGET")
                         .arg(&raw)
-                        .arg(name)
-                        .query::<bool>(conn)?;
-                }
-                any
+                        .arg(names)
+                        .query::<Vec<Option<Vec<u8>>>>(conn)?
+                        .iter()
+                        .any(Option::is_some)
             } else {
                 ty != "none"
             }

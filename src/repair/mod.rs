@@ -285,7 +285,7 @@ mod tests {
                     has_digest: self.global.contains_key("digest"),
                     size,
                 }),
-                repos: Vec::new(),
+                repos: &[],
             };
             let mut out = std::collections::BTreeSet::new();
             if entry.global_live() {

@@ -469,10 +469,14 @@ pub(super) fn snapshot(conn: &mut dyn ConnectionLike, f: &Finding) -> Result<Vec
                     ));
                 }
             }
-            let ty: String = redis::cmd("TYPE").arg(&hash).query(conn).map_err(err)?;
-            if ty == "hash" {
-                let all: Vec<(Vec<u8>, Vec<u8>)> =
-                    redis::cmd("HGETALL").arg(&hash).query(conn).map_err(err)?;
+            // HGETALL alone says what TYPE would: an error for a key of another type
+            // (nothing of a repository descriptor to remove), nothing for no key.
+            let all: Vec<(Vec<u8>, Vec<u8>)> = match redis::cmd("HGETALL").arg(&hash).query(conn) {
+                Ok(all) => all,
+                Err(e) if e.code() == Some("WRONGTYPE") => Vec::new(),
+                Err(e) => return Err(err(e)),
+            };
+            if !all.is_empty() {
                 let fields = all
                     .into_iter()
                     .map(|(k, v)| (finding::escape(&k), finding::escape(&v)))
