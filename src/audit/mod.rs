@@ -127,14 +127,13 @@ fn judge_all(
         .iter()
         .map(|d| walk.blobs.stat(storage, d))
         .collect();
-    let (checks, hash_counts) = rehash::verify(storage, &digests, stats, opts.hashing)?;
 
     // Links of the repositories that list a present blob: from the walk, or asked of
     // storage (in parallel) for the repositories it did not read.
     let mut unlinked: HashSet<(u32, Digest)> = HashSet::new();
     let mut ask: Vec<(u32, Digest)> = Vec::new();
-    for (d, check) in digests.iter().zip(&checks) {
-        if !matches!(check, BlobCheck::Present { .. }) {
+    for (d, stat) in digests.iter().zip(&stats) {
+        if !matches!(stat, BlobStat::Present { .. }) {
             continue;
         }
         let Some(entry) = index.entry(d) else {
@@ -160,6 +159,12 @@ fn judge_all(
             .zip(linked)
             .filter_map(|(pair, linked)| (!linked).then_some(pair)),
     );
+    // What the walk kept is no longer needed while blobs are hashed.
+    let (storage_findings, storage_counts) = (walk.findings, walk.counts);
+    drop(walk.blobs);
+    drop(walk.links);
+
+    let (checks, hash_counts) = rehash::verify(storage, &digests, stats, opts.hashing)?;
 
     let mut findings = Vec::new();
     let mut absent = 0;
@@ -176,8 +181,8 @@ fn judge_all(
     let counts = index.counts;
     findings.extend(index.into_malformed());
     let storage_counts = if opts.verify_storage {
-        findings.append(&mut walk.findings);
-        Some(walk.counts)
+        findings.extend(storage_findings);
+        Some(storage_counts)
     } else {
         None
     };
