@@ -128,6 +128,18 @@ struct Totals {
     not_reached: AtomicU64,
 }
 
+impl Totals {
+    fn counts(&self) -> HashCounts {
+        HashCounts {
+            bytes_hashed: self.bytes.load(Ordering::Relaxed),
+            blobs_hashed: self.hashed.load(Ordering::Relaxed),
+            blobs_trusted: self.trusted.load(Ordering::Relaxed),
+            blobs_not_sampled: self.not_sampled.load(Ordering::Relaxed),
+            blobs_not_reached: self.not_reached.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Maps `f` over `items` on `threads` threads; results keep the order of `items`. The
 /// one parallel primitive besides hashing: `probe` uses it to bound its requests.
 pub(crate) fn parallel_map<T: Sync, R: Send>(
@@ -155,11 +167,41 @@ pub(crate) fn verify(
         .thread_name(|i| format!("rehash-{i}"))
         .build()
         .map_err(|e| format!("cannot start {} hashing threads: {e}", policy.jobs))?;
-    let stats: Vec<BlobStat> =
-        pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
-
     let totals = Totals::default();
     let now = state::unix_now();
+    let bar = crate::progress::bytes(0);
+
+    // One pass when every blob is to be hashed and no bar needs the total up front: each
+    // blob is opened once, and the open file says whether it is there, its type and its
+    // size. Otherwise (or on object storage) every blob is stat'ed first.
+    if let Storage::Fs(fs) = storage
+        && !policy.quick
+        && policy.sample.is_none()
+        && policy.state.is_none()
+        && bar.is_hidden()
+    {
+        let checks: Vec<BlobCheck> = pool.install(|| {
+            digests
+                .par_iter()
+                .map_init(
+                    || vec![0u8; READ_BUFFER],
+                    |buf, d| {
+                        let (st, file) = if policy.deadline.is_some_and(|t| Instant::now() >= t) {
+                            (fs.stat_blob(d), None)
+                        } else {
+                            fs.stat_and_open(d)
+                        };
+                        check_one(storage, d, st, None, &policy, buf, &totals, &bar, now, file)
+                    },
+                )
+                .collect()
+        });
+        bar.finish();
+        return Ok((checks, totals.counts()));
+    }
+
+    let stats: Vec<BlobStat> =
+        pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
     let plan: Vec<Option<Skip>> = digests
         .iter()
         .zip(&stats)
@@ -184,7 +226,7 @@ pub(crate) fn verify(
             _ => None,
         })
         .sum();
-    let bar = crate::progress::bytes(to_hash);
+    bar.set_length(to_hash);
     let checks: Vec<BlobCheck> = pool.install(|| {
         digests
             .par_iter()
@@ -193,7 +235,9 @@ pub(crate) fn verify(
             .map_init(
                 || vec![0u8; READ_BUFFER],
                 |buf, ((d, st), skip)| {
-                    let check = check_one(storage, d, st, *skip, &policy, buf, &totals, &bar, now);
+                    let check = check_one(
+                        storage, d, st, *skip, &policy, buf, &totals, &bar, now, None,
+                    );
                     if let Some(state) = policy.state {
                         state.maybe_save();
                     }
@@ -203,16 +247,7 @@ pub(crate) fn verify(
             .collect()
     });
     bar.finish();
-    Ok((
-        checks,
-        HashCounts {
-            bytes_hashed: totals.bytes.load(Ordering::Relaxed),
-            blobs_hashed: totals.hashed.load(Ordering::Relaxed),
-            blobs_trusted: totals.trusted.load(Ordering::Relaxed),
-            blobs_not_sampled: totals.not_sampled.load(Ordering::Relaxed),
-            blobs_not_reached: totals.not_reached.load(Ordering::Relaxed),
-        },
-    ))
+    Ok((checks, totals.counts()))
 }
 
 fn skip_reason(
@@ -248,6 +283,7 @@ fn check_one(
     totals: &Totals,
     bar: &indicatif::ProgressBar,
     now: u64,
+    file: Option<io::Result<std::fs::File>>,
 ) -> BlobCheck {
     let (size, modified) = match st {
         BlobStat::Absent => {
@@ -272,14 +308,36 @@ fn check_one(
             content: Content::NotHashed(Skip::Deadline),
         };
     }
-    let hashed = storage.open_blob(d).and_then(|mut f| {
-        let mut reader = Metered {
-            inner: &mut f,
-            bar,
-            deadline: policy.deadline,
-        };
-        hash_reader(d.algorithm(), &mut reader, buf)
-    });
+    // A blob file is hashed expecting the size of the open file (`size`, from its
+    // `fstat`): a small blob takes one read of size + 1 bytes (a short read at that size
+    // is its end; a full one means it grew, and reading goes on to the end).
+    let (file, expected) = match (file, storage) {
+        (Some(f), _) => (Some(f), size),
+        (None, Storage::Fs(fs)) => match fs.stat_and_open(d) {
+            (BlobStat::Present { size, .. }, Some(f)) => (Some(f), size),
+            (BlobStat::Unreadable { reason }, _) => return BlobCheck::Unreadable { reason },
+            _ => (Some(Err(io::ErrorKind::NotFound.into())), size),
+        },
+        (None, _) => (None, size),
+    };
+    let hashed = match file {
+        Some(file) => file.and_then(|mut f| {
+            let mut reader = Metered {
+                inner: &mut f,
+                bar,
+                deadline: policy.deadline,
+            };
+            hash_sized(d.algorithm(), &mut reader, buf, Some(expected))
+        }),
+        None => storage.open_blob(d).and_then(|mut f| {
+            let mut reader = Metered {
+                inner: &mut f,
+                bar,
+                deadline: policy.deadline,
+            };
+            hash_reader(d.algorithm(), &mut reader, buf)
+        }),
+    };
     match hashed {
         Ok((actual, read)) => {
             totals.bytes.fetch_add(read, Ordering::Relaxed);
@@ -356,15 +414,35 @@ pub(crate) fn hash_reader(
     r: &mut dyn Read,
     buf: &mut [u8],
 ) -> io::Result<(Digest, u64)> {
+    hash_sized(alg, r, buf, None)
+}
+
+/// [`hash_reader`] for a file expected to hold `expected` bytes (its size on the open
+/// file): reads are sized to end one byte past it, so a file that has not grown ends
+/// with a short read at exactly that size, without a last read of nothing; one that
+/// grew is read on to its end. Either way every byte up to the end is hashed.
+fn hash_sized(
+    alg: Algorithm,
+    r: &mut dyn Read,
+    buf: &mut [u8],
+    expected: Option<u64>,
+) -> io::Result<(Digest, u64)> {
     fn run<H: sha2::Digest>(
         mut h: H,
         alg: Algorithm,
         r: &mut dyn Read,
         buf: &mut [u8],
+        expected: Option<u64>,
     ) -> io::Result<(Digest, u64)> {
         let mut total = 0u64;
         loop {
-            let n = match r.read(buf) {
+            let want = match expected {
+                Some(e) if total <= e => {
+                    usize::try_from(e - total + 1).map_or(buf.len(), |left| left.min(buf.len()))
+                }
+                _ => buf.len(),
+            };
+            let n = match r.read(&mut buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -372,6 +450,9 @@ pub(crate) fn hash_reader(
             };
             h.update(&buf[..n]);
             total += n as u64;
+            if n < want && expected == Some(total) {
+                break;
+            }
         }
         let out = h.finalize();
         Digest::from_raw(alg, &out)
@@ -379,9 +460,9 @@ pub(crate) fn hash_reader(
             .ok_or_else(|| io::Error::other("hash length does not match its algorithm"))
     }
     match alg {
-        Algorithm::Sha256 => run(sha2::Sha256::new(), alg, r, buf),
-        Algorithm::Sha384 => run(sha2::Sha384::new(), alg, r, buf),
-        Algorithm::Sha512 => run(sha2::Sha512::new(), alg, r, buf),
+        Algorithm::Sha256 => run(sha2::Sha256::new(), alg, r, buf, expected),
+        Algorithm::Sha384 => run(sha2::Sha384::new(), alg, r, buf, expected),
+        Algorithm::Sha512 => run(sha2::Sha512::new(), alg, r, buf, expected),
     }
 }
 

@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -25,6 +26,10 @@ pub(crate) struct FsStorage {
     /// Directories below `v2` already found not to be symlinks (nor under one), so a
     /// million blobs cost two `lstat`s each rather than six.
     plain_dirs: RwLock<HashSet<PathBuf>>,
+    /// The same knowledge for the blob directories, by algorithm and first byte:
+    /// `blobs`, `blobs/<alg>` and `blobs/<alg>/<xx>` all found to be real directories,
+    /// so opening a blob there needs no `lstat` of them (see [`FsStorage::open_fast`]).
+    plain_prefixes: [AtomicBool; 3 * 256],
     /// Places a walk could not read (see [`Unread`]).
     pub(super) unread: Unread,
 }
@@ -65,6 +70,7 @@ impl FsStorage {
             root: canonical,
             v2,
             plain_dirs: RwLock::new(HashSet::new()),
+            plain_prefixes: [const { AtomicBool::new(false) }; 3 * 256],
             unread: Unread::default(),
         })
     }
@@ -93,14 +99,7 @@ impl FsStorage {
     pub(crate) fn stat_blob(&self, digest: &Digest) -> BlobStat {
         let path = self.blob_data_path(digest);
         match self.checked_metadata(&path) {
-            Ok(meta) if meta.is_file() => BlobStat::Present {
-                size: meta.len(),
-                modified: meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos() as i128),
-            },
+            Ok(meta) if meta.is_file() => present(&meta),
             Ok(_) => BlobStat::Unreadable {
                 reason: format!("{} is not a regular file", self.relative(&path)),
             },
@@ -121,8 +120,101 @@ impl FsStorage {
     /// anything that is not a regular file.
     pub(crate) fn open_blob(&self, digest: &Digest) -> io::Result<File> {
         let path = self.blob_data_path(digest);
-        self.checked_metadata(&path)?;
-        open_regular(&path)
+        match self.open_fast(digest, &path) {
+            Fast::Absent(e) => Err(e),
+            Fast::Opened(f, meta) if meta.is_file() => Ok(f),
+            Fast::Opened(_, meta) => Err(not_regular(&meta)),
+            Fast::Slow => {
+                self.checked_metadata(&path)?;
+                open_regular(&path)
+            }
+        }
+    }
+
+    /// What [`FsStorage::stat_blob`] says of a blob, and when it is present, the blob
+    /// opened as [`FsStorage::open_blob`] opens it - in one `open` and one `fstat` on
+    /// the usual layout (no symlinks), instead of a stat, a second stat and an open.
+    /// The size and time of a present blob are those of the open file.
+    pub(crate) fn stat_and_open(&self, digest: &Digest) -> (BlobStat, Option<io::Result<File>>) {
+        let path = self.blob_data_path(digest);
+        match self.open_fast(digest, &path) {
+            Fast::Absent(_) => (BlobStat::Absent, None),
+            Fast::Opened(f, meta) if meta.is_file() => (present(&meta), Some(Ok(f))),
+            Fast::Opened(..) => (
+                BlobStat::Unreadable {
+                    reason: format!("{} is not a regular file", self.relative(&path)),
+                },
+                None,
+            ),
+            Fast::Slow => {
+                let st = self.stat_blob(digest);
+                let file = matches!(st, BlobStat::Present { .. }).then(|| {
+                    self.checked_metadata(&path)?;
+                    open_regular(&path)
+                });
+                (st, file)
+            }
+        }
+    }
+
+    /// The fast way to a blob's data, for the usual layout: when `blobs`, its algorithm
+    /// and prefix directories are known to be real directories and the blob's own
+    /// directory is one too (one `lstat`), `data` is opened with `O_NOFOLLOW` (a
+    /// symlink fails the open rather than being followed), non-blocking (a FIFO never
+    /// blocks) and without becoming a controlling terminal, and its type is read from
+    /// the open file. Anything else - a symlink anywhere below `v2`, an error other
+    /// than "not found" - is `Slow`: the caller takes the path of `checked_metadata`,
+    /// which resolves symlinks and keeps only those inside the root, exactly as before.
+    fn open_fast(&self, digest: &Digest, path: &Path) -> Fast {
+        if !self.plain_prefix(digest, path) {
+            return Fast::Slow;
+        }
+        let Some(hex_dir) = path.parent() else {
+            return Fast::Slow;
+        };
+        match fs::symlink_metadata(hex_dir) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if is_absent(&e) => return Fast::Absent(e),
+            _ => return Fast::Slow,
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+            .open(path);
+        match file {
+            Ok(f) => match f.metadata() {
+                Ok(meta) => Fast::Opened(f, meta),
+                Err(_) => Fast::Slow,
+            },
+            Err(e) if is_absent(&e) => Fast::Absent(e),
+            Err(_) => Fast::Slow,
+        }
+    }
+
+    /// Whether `blobs/<alg>/<xx>` and the two directories above it are real
+    /// directories (not symlinks); a yes is remembered for the run, as `plain_dirs`.
+    fn plain_prefix(&self, digest: &Digest, path: &Path) -> bool {
+        let alg = match digest.algorithm() {
+            crate::digest::Algorithm::Sha256 => 0,
+            crate::digest::Algorithm::Sha384 => 1,
+            crate::digest::Algorithm::Sha512 => 2,
+        };
+        let flag = &self.plain_prefixes[alg * 256 + usize::from(digest.raw()[0])];
+        if flag.load(Ordering::Relaxed) {
+            return true;
+        }
+        // data -> hex -> prefix -> alg -> blobs
+        let prefix = path.ancestors().nth(2);
+        let plain = prefix.is_some_and(|prefix| {
+            prefix.ancestors().take(3).all(|d| {
+                d.starts_with(&self.v2)
+                    && fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir())
+            })
+        });
+        if plain {
+            flag.store(true, Ordering::Relaxed);
+        }
+        plain
     }
 
     /// Whether repository `repo` links `digest` as a layer or as a manifest revision.
@@ -404,6 +496,28 @@ impl FsStorage {
             ));
         }
         fs::metadata(&resolved)
+    }
+}
+
+/// How [`FsStorage::open_fast`] went.
+enum Fast {
+    /// Nothing there (the error says what).
+    Absent(io::Error),
+    /// Opened, with the metadata of the open file (of any type).
+    Opened(File, Metadata),
+    /// Not the usual layout, or an error: take the careful path.
+    Slow,
+}
+
+/// A regular file's size and modification time as a present blob.
+fn present(meta: &Metadata) -> BlobStat {
+    BlobStat::Present {
+        size: meta.len(),
+        modified: meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128),
     }
 }
 
