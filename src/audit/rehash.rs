@@ -6,7 +6,7 @@
 //! nothing about the cache; the verification state it consults and updates is `state`.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -154,9 +154,19 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(
     Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
-/// Checks every digest; the result is in the same order as `digests`. First every blob
-/// is stat'ed (existence and size are checked every run), then the ones the policy
-/// selects are hashed, with a progress bar of the bytes to go.
+/// Blobs at least this large are hashed after all the others, largest first, each by
+/// the next free thread: hashing one blob cannot be split, so a large blob started
+/// last would keep one thread busy while the others idle.
+const LARGE: u64 = 16 * READ_BUFFER as u64;
+
+/// Checks every digest; the result is in the same order as `digests`.
+///
+/// When every blob is to be hashed and no progress bar needs the total up front (on a
+/// filesystem), each blob is opened once and the open file says whether it is there,
+/// its type and its size. Otherwise every blob is stat'ed first (existence and size
+/// are checked every run), then the ones the policy selects are hashed, with a progress
+/// bar of the bytes to go. Either way blobs of [`LARGE`] bytes or more are hashed last,
+/// largest first.
 pub(crate) fn verify(
     storage: &Storage,
     digests: &[Digest],
@@ -170,82 +180,145 @@ pub(crate) fn verify(
     let totals = Totals::default();
     let now = state::unix_now();
     let bar = crate::progress::bytes(0);
+    let late = |st: &BlobStat, skip: Option<Skip>| {
+        skip.is_none() && matches!(st, BlobStat::Present { size, .. } if *size >= LARGE)
+    };
 
-    // One pass when every blob is to be hashed and no bar needs the total up front: each
-    // blob is opened once, and the open file says whether it is there, its type and its
-    // size. Otherwise (or on object storage) every blob is stat'ed first.
-    if let Storage::Fs(fs) = storage
-        && !policy.quick
-        && policy.sample.is_none()
-        && policy.state.is_none()
-        && bar.is_hidden()
-    {
-        let checks: Vec<BlobCheck> = pool.install(|| {
-            digests
-                .par_iter()
-                .map_init(
-                    || vec![0u8; READ_BUFFER],
-                    |buf, d| {
-                        let (st, file) = if policy.deadline.is_some_and(|t| Instant::now() >= t) {
-                            (fs.stat_blob(d), None)
-                        } else {
-                            fs.stat_and_open(d)
+    // First pass: a check for each blob, or its stat when it is a large one left for later.
+    let first: Vec<Result<BlobCheck, BlobStat>> = match storage {
+        Storage::Fs(fs)
+            if !policy.quick
+                && policy.sample.is_none()
+                && policy.state.is_none()
+                && bar.is_hidden() =>
+        {
+            pool.install(|| {
+                digests
+                    .par_iter()
+                    .map_init(
+                        || vec![0u8; READ_BUFFER],
+                        |buf, d| {
+                            let (st, file) = if policy.deadline.is_some_and(|t| Instant::now() >= t)
+                            {
+                                (fs.stat_blob(d), None)
+                            } else {
+                                fs.stat_and_open(d)
+                            };
+                            if late(&st, None) {
+                                return Err(st);
+                            }
+                            Ok(check_one(
+                                storage, d, st, None, &policy, buf, &totals, &bar, now, file,
+                            ))
+                        },
+                    )
+                    .collect()
+            })
+        }
+        _ => {
+            let stats: Vec<BlobStat> =
+                pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
+            let plan: Vec<Option<Skip>> = digests
+                .iter()
+                .zip(&stats)
+                .map(|(d, st)| match st {
+                    BlobStat::Present { size, modified } => {
+                        let skip = skip_reason(&policy, d, *size, *modified, now);
+                        match skip {
+                            Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
+                            Some(Skip::Sample) => {
+                                totals.not_sampled.fetch_add(1, Ordering::Relaxed)
+                            }
+                            _ => 0,
                         };
-                        check_one(storage, d, st, None, &policy, buf, &totals, &bar, now, file)
-                    },
-                )
-                .collect()
-        });
-        bar.finish();
-        return Ok((checks, totals.counts()));
-    }
+                        skip
+                    }
+                    _ => None,
+                })
+                .collect();
+            let to_hash: u64 = stats
+                .iter()
+                .zip(&plan)
+                .filter_map(|(st, skip)| match (st, skip) {
+                    (BlobStat::Present { size, .. }, None) => Some(*size),
+                    _ => None,
+                })
+                .sum();
+            bar.set_length(to_hash);
+            pool.install(|| {
+                digests
+                    .par_iter()
+                    .zip(stats.into_par_iter())
+                    .zip(plan.par_iter())
+                    .map_init(
+                        || vec![0u8; READ_BUFFER],
+                        |buf, ((d, st), skip)| {
+                            if late(&st, *skip) {
+                                return Err(st);
+                            }
+                            let check = check_one(
+                                storage, d, st, *skip, &policy, buf, &totals, &bar, now, None,
+                            );
+                            if let Some(state) = policy.state {
+                                state.maybe_save();
+                            }
+                            Ok(check)
+                        },
+                    )
+                    .collect()
+            })
+        }
+    };
 
-    let stats: Vec<BlobStat> =
-        pool.install(|| digests.par_iter().map(|d| storage.stat_blob(d)).collect());
-    let plan: Vec<Option<Skip>> = digests
+    // Then the large blobs, largest first, each taken by the next thread that is free.
+    let mut large: Vec<(usize, u64)> = first
         .iter()
-        .zip(&stats)
-        .map(|(d, st)| match st {
-            BlobStat::Present { size, modified } => {
-                let skip = skip_reason(&policy, d, *size, *modified, now);
-                match skip {
-                    Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
-                    Some(Skip::Sample) => totals.not_sampled.fetch_add(1, Ordering::Relaxed),
-                    _ => 0,
-                };
-                skip
-            }
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Err(BlobStat::Present { size, .. }) => Some((i, *size)),
             _ => None,
         })
         .collect();
-    let to_hash: u64 = stats
-        .iter()
-        .zip(&plan)
-        .filter_map(|(st, skip)| match (st, skip) {
-            (BlobStat::Present { size, .. }, None) => Some(*size),
-            _ => None,
-        })
-        .sum();
-    bar.set_length(to_hash);
-    let checks: Vec<BlobCheck> = pool.install(|| {
-        digests
-            .par_iter()
-            .zip(stats.into_par_iter())
-            .zip(plan.par_iter())
-            .map_init(
-                || vec![0u8; READ_BUFFER],
-                |buf, ((d, st), skip)| {
-                    let check = check_one(
-                        storage, d, st, *skip, &policy, buf, &totals, &bar, now, None,
-                    );
-                    if let Some(state) = policy.state {
-                        state.maybe_save();
-                    }
-                    check
-                },
-            )
-            .collect()
+    large.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let next = AtomicUsize::new(0);
+    let done: Vec<Vec<(usize, BlobCheck)>> = pool.broadcast(|_| {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(&(i, _)) = large.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let Err(st) = &first[i] else { continue };
+            buf.resize(READ_BUFFER, 0);
+            let check = check_one(
+                storage,
+                &digests[i],
+                st.clone(),
+                None,
+                &policy,
+                &mut buf,
+                &totals,
+                &bar,
+                now,
+                None,
+            );
+            if let Some(state) = policy.state {
+                state.maybe_save();
+            }
+            out.push((i, check));
+        }
+        out
     });
+    let mut late_checks: Vec<Option<BlobCheck>> = vec![None; first.len()];
+    for (i, check) in done.into_iter().flatten() {
+        late_checks[i] = Some(check);
+    }
+    let checks = first
+        .into_iter()
+        .zip(late_checks)
+        .map(|(r, late)| match (r, late) {
+            (Ok(check), _) => Ok(check),
+            (Err(_), Some(check)) => Ok(check),
+            (Err(_), None) => Err("a large blob was left unhashed".to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     bar.finish();
     Ok((checks, totals.counts()))
 }
@@ -552,6 +625,65 @@ mod tests {
                 content: Content::NotHashed(Skip::Quick)
             }
         );
+    }
+
+    #[test]
+    fn sized_reads_hash_every_byte_whether_the_file_grew_or_shrank() {
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let whole = digest_of(Algorithm::Sha256, &bytes);
+        for buf_len in [7, 4096, READ_BUFFER] {
+            let mut buf = vec![0u8; buf_len];
+            for expected in [0, 1, 99_999, 100_000, 100_001, 1 << 40] {
+                let (d, n) =
+                    hash_sized(Algorithm::Sha256, &mut &bytes[..], &mut buf, Some(expected))
+                        .expect("hash");
+                assert_eq!((d, n), (whole, bytes.len() as u64), "{buf_len} {expected}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_blobs_are_hashed_last_and_reported_in_order() {
+        let s = Scratch::new("rehash-large");
+        let st = Storage::open_fs(&s.0).expect("open");
+        let big: Vec<u8> = (0..LARGE as usize + 5).map(|i| (i % 241) as u8).collect();
+        let large = digest_of(Algorithm::Sha256, &big);
+        let tampered = digest_of(Algorithm::Sha256, &big[1..]);
+        let small = digest_of(Algorithm::Sha256, b"small");
+        put(&st, &large, &big);
+        put(&st, &tampered, &big);
+        put(&st, &small, b"small");
+        for stat_first in [false, true] {
+            let mut policy = Policy::simple(2, false);
+            if stat_first {
+                // A sample of everything takes the stat-first way.
+                policy.sample = Some(Sample::Basis(10_000));
+            }
+            let (out, counts) = verify(&st, &[small, large, tampered], policy).expect("verify");
+            assert_eq!(
+                out[0],
+                BlobCheck::Present {
+                    size: 5,
+                    content: Content::Verified
+                }
+            );
+            assert_eq!(
+                out[1],
+                BlobCheck::Present {
+                    size: big.len() as u64,
+                    content: Content::Verified
+                }
+            );
+            assert_eq!(
+                out[2],
+                BlobCheck::Present {
+                    size: big.len() as u64,
+                    content: Content::Mismatch { actual: large }
+                }
+            );
+            assert_eq!(counts.blobs_hashed, 3);
+            assert_eq!(counts.bytes_hashed, 5 + 2 * big.len() as u64);
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(crate) struct FsStorage {
     /// The same knowledge for the blob directories, by algorithm and first byte:
     /// `blobs`, `blobs/<alg>` and `blobs/<alg>/<xx>` all found to be real directories,
     /// so opening a blob there needs no `lstat` of them (see [`FsStorage::open_fast`]).
-    plain_prefixes: [AtomicBool; 3 * 256],
+    plain_prefixes: Box<[AtomicBool]>,
     /// Places a walk could not read (see [`Unread`]).
     pub(super) unread: Unread,
 }
@@ -70,7 +70,7 @@ impl FsStorage {
             root: canonical,
             v2,
             plain_dirs: RwLock::new(HashSet::new()),
-            plain_prefixes: [const { AtomicBool::new(false) }; 3 * 256],
+            plain_prefixes: (0..3 * 256).map(|_| AtomicBool::new(false)).collect(),
             unread: Unread::default(),
         })
     }
@@ -199,7 +199,12 @@ impl FsStorage {
             crate::digest::Algorithm::Sha384 => 1,
             crate::digest::Algorithm::Sha512 => 2,
         };
-        let flag = &self.plain_prefixes[alg * 256 + usize::from(digest.raw()[0])];
+        let Some(flag) = self
+            .plain_prefixes
+            .get(alg * 256 + usize::from(digest.raw()[0]))
+        else {
+            return false;
+        };
         if flag.load(Ordering::Relaxed) {
             return true;
         }
@@ -658,6 +663,81 @@ pub(crate) mod tests {
             st.stat_blob(&f),
             BlobStat::Present { size: 3, .. }
         ));
+    }
+
+    #[test]
+    fn stat_and_open_agrees_with_stat_blob_on_every_kind_of_entry() {
+        let s = Scratch::new("statopen");
+        let outside = Scratch::new("statopen-out");
+        fs::write(outside.0.join("data"), b"secret").expect("write");
+        let st = FsStorage::open(&s.0).expect("open");
+        let dir_of = |d: &Digest| {
+            let p = st.blob_data_path(d);
+            fs::create_dir_all(p.parent().expect("parent").parent().expect("prefix"))
+                .expect("mkdir");
+            p
+        };
+        let mkdir = |p: &Path| fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        // A regular file, an absent one, a directory as data, a FIFO.
+        let (a, b, c, f) = (digest('a'), digest('b'), digest('c'), digest('f'));
+        let pa = dir_of(&a);
+        mkdir(&pa);
+        fs::write(&pa, b"hello").expect("write");
+        dir_of(&b);
+        fs::create_dir_all(dir_of(&c)).expect("dir as data");
+        let pf = dir_of(&f);
+        mkdir(&pf);
+        let fifo = std::process::Command::new("mkfifo").arg(&pf).status();
+        // A data symlink inside the root, one out of it, and a symlinked blob directory.
+        let (i, o, h) = (digest('1'), digest('2'), digest('3'));
+        fs::write(s.0.join("docker/registry/v2/inside"), b"abc").expect("write");
+        let pi = dir_of(&i);
+        mkdir(&pi);
+        std::os::unix::fs::symlink(s.0.join("docker/registry/v2/inside"), &pi).expect("link");
+        let po = dir_of(&o);
+        mkdir(&po);
+        std::os::unix::fs::symlink(outside.0.join("data"), &po).expect("link");
+        let ph = dir_of(&h);
+        std::os::unix::fs::symlink(&outside.0, ph.parent().expect("hex")).expect("link");
+
+        for d in [a, b, c, f, i, o, h] {
+            if d == f && !fifo.as_ref().is_ok_and(|s| s.success()) {
+                continue;
+            }
+            let (stat, file) = st.stat_and_open(&d);
+            assert_eq!(stat, st.stat_blob(&d), "{d}");
+            assert_eq!(
+                file.is_some(),
+                matches!(stat, BlobStat::Present { .. }),
+                "{d}"
+            );
+            if let Some(file) = file {
+                let mut f = file.expect("opened");
+                let bytes = read_bounded(&mut f, 100).expect("read");
+                let BlobStat::Present { size, .. } = stat else {
+                    unreachable!()
+                };
+                assert_eq!(bytes.len() as u64, size);
+            }
+            assert_eq!(
+                st.open_blob(&d).is_ok(),
+                matches!(stat, BlobStat::Present { .. }),
+                "{d}"
+            );
+        }
+        assert!(matches!(
+            st.stat_and_open(&i).0,
+            BlobStat::Present { size: 3, .. }
+        ));
+        assert!(matches!(
+            st.stat_and_open(&o).0,
+            BlobStat::Unreadable { .. }
+        ));
+        assert!(matches!(
+            st.stat_and_open(&h).0,
+            BlobStat::Unreadable { .. }
+        ));
+        assert_eq!(st.stat_and_open(&b).0, BlobStat::Absent);
     }
 
     #[test]
