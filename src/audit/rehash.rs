@@ -1,9 +1,13 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
 //! how large is it, and (unless a policy says to skip it) does it hash to its digest.
 //! This is the one place with parallel code (`parallel_map` lends the same machinery to
-//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of `jobs` threads, each blob read once with a reused buffer of
-//! a few hundred KiB, never held in memory whole. It reads storage only, and knows
-//! nothing about the cache; the verification state it consults and updates is `state`.
+//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of
+//! `jobs` threads. On a filesystem each blob is opened once when all are hashed (the
+//! open file gives existence, type and size); a small blob is read in one read, a large
+//! one through a reused buffer of a few hundred KiB, never held in memory whole, and
+//! large blobs go last, largest first, so no thread is left idle at the end. It reads
+//! storage only, and knows nothing about the cache; the verification state it consults
+//! and updates is `state`.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -82,12 +82,16 @@ impl FsStorage {
     /// `<v2>/blobs/<alg>/<first two hex>/<hex>/data`
     pub(crate) fn blob_data_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.v2
-            .join("blobs")
-            .join(digest.algorithm().name())
-            .join(&hex[..2])
-            .join(&hex)
-            .join("data")
+        let alg = digest.algorithm().name();
+        // One allocation: this runs for every blob of every run.
+        let mut p = std::ffi::OsString::with_capacity(
+            self.v2.as_os_str().len() + "/blobs///data".len() + alg.len() + 2 + hex.len() + 8,
+        );
+        p.push(self.v2.as_os_str());
+        for part in ["/blobs/", alg, "/", &hex[..2], "/", &hex, "/data"] {
+            p.push(part);
+        }
+        PathBuf::from(p)
     }
 
     /// `<v2>/repositories/<name>`; `repo` must be a validated repository name.
