@@ -5,7 +5,7 @@
 //!
 //! SIZES is a comma-separated list of blob sizes in bytes, cycled (default: a mix of
 //! small manifests and configs and layers up to 400 KB). REPOS_PER_BLOB is how many
-//! repositories link each blob (default 3).
+//! repositories link (and cache) each blob (default 3).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

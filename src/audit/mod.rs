@@ -116,31 +116,40 @@ fn walk_storage(
 fn judge_all(
     storage: &Storage,
     index: CacheIndex,
-    mut walk: verify::Walk,
+    walk: verify::Walk,
     opts: AuditOptions<'_>,
     pool: &rayon::ThreadPool,
 ) -> Result<Audit, String> {
     let mut digests: Vec<Digest> = index.digests().map(|(d, _)| d).collect();
     digests.sort_unstable();
-    walk.blobs.stat_all(storage, &digests, pool);
-    let stats: Vec<BlobStat> = digests
-        .iter()
-        .map(|d| walk.blobs.stat(storage, d))
-        .collect();
+    // What the walk already knows of each blob (its memo, or absent by the listing);
+    // the rest is asked while hashing.
+    let verify::Walk {
+        findings: storage_findings,
+        counts: storage_counts,
+        blobs,
+        links,
+    } = walk;
+    let known: Vec<Option<BlobStat>> = digests.iter().map(|d| blobs.known(d)).collect();
+    drop(blobs);
+    let (checks, hash_counts) = rehash::verify(storage, &digests, known, opts.hashing)?;
 
     // Links of the repositories that list a present blob: from the walk, or asked of
     // storage (in parallel) for the repositories it did not read.
     let mut unlinked: HashSet<(u32, Digest)> = HashSet::new();
     let mut ask: Vec<(u32, Digest)> = Vec::new();
-    for (d, stat) in digests.iter().zip(&stats) {
-        if !matches!(stat, BlobStat::Present { .. }) {
+    for (d, check) in digests.iter().zip(&checks) {
+        if !matches!(check, BlobCheck::Present { .. }) {
             continue;
         }
         let Some(entry) = index.entry(d) else {
             continue;
         };
         for r in entry.repos.iter().filter(|r| r.member) {
-            match walk.linked(index.repo_name(r.repo), d) {
+            match links
+                .get(index.repo_name(r.repo))
+                .map(|set| set.contains(d))
+            {
                 Some(true) => {}
                 Some(false) => {
                     unlinked.insert((r.repo, *d));
@@ -149,6 +158,7 @@ fn judge_all(
             }
         }
     }
+    drop(links);
     let linked = pool.install(|| {
         ask.par_iter()
             .map(|(repo, d)| storage.is_linked(index.repo_name(*repo), d))
@@ -159,13 +169,6 @@ fn judge_all(
             .zip(linked)
             .filter_map(|(pair, linked)| (!linked).then_some(pair)),
     );
-    // What the walk kept is no longer needed while blobs are hashed.
-    let (storage_findings, storage_counts) = (walk.findings, walk.counts);
-    drop(walk.blobs);
-    drop(walk.links);
-
-    let (checks, hash_counts) = rehash::verify(storage, &digests, stats, opts.hashing)?;
-
     let mut findings = Vec::new();
     let mut absent = 0;
     for (d, check) in digests.iter().zip(&checks) {

@@ -1,12 +1,16 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
 //! how large is it, and (unless a policy says to skip it) does it hash to its digest.
 //! This is the one place with parallel code (`parallel_map` lends the same machinery to
-//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of `jobs` threads, each blob read once with a reused buffer of
-//! a few hundred KiB, never held in memory whole. It reads storage only, and knows
-//! nothing about the cache; the verification state it consults and updates is `state`.
+//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of
+//! `jobs` threads. On a filesystem each blob is opened once when all are hashed (the
+//! open file gives existence, type and size); a small blob is read in one read, a large
+//! one through a reused buffer of a few hundred KiB, never held in memory whole, and
+//! large blobs go last, largest first, so no thread is left idle at the end. It reads
+//! storage only, and knows nothing about the cache; the verification state it consults
+//! and updates is `state`.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -128,6 +132,18 @@ struct Totals {
     not_reached: AtomicU64,
 }
 
+impl Totals {
+    fn counts(&self) -> HashCounts {
+        HashCounts {
+            bytes_hashed: self.bytes.load(Ordering::Relaxed),
+            blobs_hashed: self.hashed.load(Ordering::Relaxed),
+            blobs_trusted: self.trusted.load(Ordering::Relaxed),
+            blobs_not_sampled: self.not_sampled.load(Ordering::Relaxed),
+            blobs_not_reached: self.not_reached.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Maps `f` over `items` on `threads` threads; results keep the order of `items`. The
 /// one parallel primitive besides hashing: `probe` uses it to bound its requests.
 pub(crate) fn parallel_map<T: Sync, R: Send>(
@@ -142,14 +158,25 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(
     Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
-/// Checks every digest, given what a stat of each found (`stats`, in the same order:
-/// existence and size are checked every run); the result is in the same order as
-/// `digests`. The blobs the policy selects are hashed, with a progress bar of the bytes
-/// to go.
+/// Blobs at least this large are hashed after all the others, largest first, each by
+/// the next free thread: hashing one blob cannot be split, so a large blob started
+/// last would keep one thread busy while the others idle.
+const LARGE: u64 = 16 * READ_BUFFER as u64;
+
+/// Checks every digest; the result is in the same order as `digests`. `known` holds,
+/// in the same order, what this run already knows of each blob (the storage walk's
+/// stat, or absent by its listing); `None` is asked here.
+///
+/// When every blob is to be hashed and no progress bar needs the total up front (on a
+/// filesystem), each blob not known yet is opened once and the open file says whether
+/// it is there, its type and its size. Otherwise every blob not known is stat'ed first
+/// (existence and size are checked every run), then the ones the policy selects are
+/// hashed, with a progress bar of the bytes to go. Either way blobs of [`LARGE`] bytes
+/// or more are hashed last, largest first.
 pub(crate) fn verify(
     storage: &Storage,
     digests: &[Digest],
-    stats: Vec<BlobStat>,
+    known: Vec<Option<BlobStat>>,
     policy: Policy<'_>,
 ) -> Result<(Vec<BlobCheck>, HashCounts), String> {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -157,62 +184,157 @@ pub(crate) fn verify(
         .thread_name(|i| format!("rehash-{i}"))
         .build()
         .map_err(|e| format!("cannot start {} hashing threads: {e}", policy.jobs))?;
-
     let totals = Totals::default();
     let now = state::unix_now();
-    let plan: Vec<Option<Skip>> = digests
+    let bar = crate::progress::bytes(0);
+    let late = |st: &BlobStat, skip: Option<Skip>| {
+        skip.is_none() && matches!(st, BlobStat::Present { size, .. } if *size >= LARGE)
+    };
+
+    // First pass: a check for each blob, or its stat when it is a large one left for later.
+    let first: Vec<Result<BlobCheck, BlobStat>> = match storage {
+        Storage::Fs(fs)
+            if !policy.quick
+                && policy.sample.is_none()
+                && policy.state.is_none()
+                && bar.is_hidden() =>
+        {
+            pool.install(|| {
+                digests
+                    .par_iter()
+                    .zip(known.into_par_iter())
+                    .map_init(
+                        || vec![0u8; READ_BUFFER],
+                        |buf, (d, known)| {
+                            let (st, file) = match known {
+                                Some(st) => (st, None),
+                                None if policy.deadline.is_some_and(|t| Instant::now() >= t) => {
+                                    (fs.stat_blob(d), None)
+                                }
+                                None => fs.stat_and_open(d),
+                            };
+                            if late(&st, None) {
+                                return Err(st);
+                            }
+                            Ok(check_one(
+                                storage, d, st, None, &policy, buf, &totals, &bar, now, file,
+                            ))
+                        },
+                    )
+                    .collect()
+            })
+        }
+        _ => {
+            let stats: Vec<BlobStat> = pool.install(|| {
+                digests
+                    .par_iter()
+                    .zip(known.into_par_iter())
+                    .map(|(d, known)| known.unwrap_or_else(|| storage.stat_blob(d)))
+                    .collect()
+            });
+            let plan: Vec<Option<Skip>> = digests
+                .iter()
+                .zip(&stats)
+                .map(|(d, st)| match st {
+                    BlobStat::Present { size, modified } => {
+                        let skip = skip_reason(&policy, d, *size, *modified, now);
+                        match skip {
+                            Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
+                            Some(Skip::Sample) => {
+                                totals.not_sampled.fetch_add(1, Ordering::Relaxed)
+                            }
+                            _ => 0,
+                        };
+                        skip
+                    }
+                    _ => None,
+                })
+                .collect();
+            let to_hash: u64 = stats
+                .iter()
+                .zip(&plan)
+                .filter_map(|(st, skip)| match (st, skip) {
+                    (BlobStat::Present { size, .. }, None) => Some(*size),
+                    _ => None,
+                })
+                .sum();
+            bar.set_length(to_hash);
+            pool.install(|| {
+                digests
+                    .par_iter()
+                    .zip(stats.into_par_iter())
+                    .zip(plan.par_iter())
+                    .map_init(
+                        || vec![0u8; READ_BUFFER],
+                        |buf, ((d, st), skip)| {
+                            if late(&st, *skip) {
+                                return Err(st);
+                            }
+                            let check = check_one(
+                                storage, d, st, *skip, &policy, buf, &totals, &bar, now, None,
+                            );
+                            if let Some(state) = policy.state {
+                                state.maybe_save();
+                            }
+                            Ok(check)
+                        },
+                    )
+                    .collect()
+            })
+        }
+    };
+
+    // Then the large blobs, largest first, each taken by the next thread that is free.
+    let mut large: Vec<(usize, u64)> = first
         .iter()
-        .zip(&stats)
-        .map(|(d, st)| match st {
-            BlobStat::Present { size, modified } => {
-                let skip = skip_reason(&policy, d, *size, *modified, now);
-                match skip {
-                    Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
-                    Some(Skip::Sample) => totals.not_sampled.fetch_add(1, Ordering::Relaxed),
-                    _ => 0,
-                };
-                skip
-            }
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Err(BlobStat::Present { size, .. }) => Some((i, *size)),
             _ => None,
         })
         .collect();
-    let to_hash: u64 = stats
-        .iter()
-        .zip(&plan)
-        .filter_map(|(st, skip)| match (st, skip) {
-            (BlobStat::Present { size, .. }, None) => Some(*size),
-            _ => None,
-        })
-        .sum();
-    let bar = crate::progress::bytes(to_hash);
-    let checks: Vec<BlobCheck> = pool.install(|| {
-        digests
-            .par_iter()
-            .zip(stats.into_par_iter())
-            .zip(plan.par_iter())
-            .map_init(
-                || vec![0u8; READ_BUFFER],
-                |buf, ((d, st), skip)| {
-                    let check = check_one(storage, d, st, *skip, &policy, buf, &totals, &bar, now);
-                    if let Some(state) = policy.state {
-                        state.maybe_save();
-                    }
-                    check
-                },
-            )
-            .collect()
+    large.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let next = AtomicUsize::new(0);
+    let done: Vec<Vec<(usize, BlobCheck)>> = pool.broadcast(|_| {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(&(i, _)) = large.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let Err(st) = &first[i] else { continue };
+            buf.resize(READ_BUFFER, 0);
+            let check = check_one(
+                storage,
+                &digests[i],
+                st.clone(),
+                None,
+                &policy,
+                &mut buf,
+                &totals,
+                &bar,
+                now,
+                None,
+            );
+            if let Some(state) = policy.state {
+                state.maybe_save();
+            }
+            out.push((i, check));
+        }
+        out
     });
+    let mut late_checks: Vec<Option<BlobCheck>> = vec![None; first.len()];
+    for (i, check) in done.into_iter().flatten() {
+        late_checks[i] = Some(check);
+    }
+    let checks = first
+        .into_iter()
+        .zip(late_checks)
+        .map(|(r, late)| match (r, late) {
+            (Ok(check), _) => Ok(check),
+            (Err(_), Some(check)) => Ok(check),
+            (Err(_), None) => Err("a large blob was left unhashed".to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     bar.finish();
-    Ok((
-        checks,
-        HashCounts {
-            bytes_hashed: totals.bytes.load(Ordering::Relaxed),
-            blobs_hashed: totals.hashed.load(Ordering::Relaxed),
-            blobs_trusted: totals.trusted.load(Ordering::Relaxed),
-            blobs_not_sampled: totals.not_sampled.load(Ordering::Relaxed),
-            blobs_not_reached: totals.not_reached.load(Ordering::Relaxed),
-        },
-    ))
+    Ok((checks, totals.counts()))
 }
 
 fn skip_reason(
@@ -248,6 +370,7 @@ fn check_one(
     totals: &Totals,
     bar: &indicatif::ProgressBar,
     now: u64,
+    file: Option<io::Result<std::fs::File>>,
 ) -> BlobCheck {
     let (size, modified) = match st {
         BlobStat::Absent => {
@@ -272,14 +395,36 @@ fn check_one(
             content: Content::NotHashed(Skip::Deadline),
         };
     }
-    let hashed = storage.open_blob(d).and_then(|mut f| {
-        let mut reader = Metered {
-            inner: &mut f,
-            bar,
-            deadline: policy.deadline,
-        };
-        hash_reader(d.algorithm(), &mut reader, buf)
-    });
+    // A blob file is hashed expecting the size of the open file (`size`, from its
+    // `fstat`): a small blob takes one read of size + 1 bytes (a short read at that size
+    // is its end; a full one means it grew, and reading goes on to the end).
+    let (file, expected) = match (file, storage) {
+        (Some(f), _) => (Some(f), size),
+        (None, Storage::Fs(fs)) => match fs.stat_and_open(d) {
+            (BlobStat::Present { size, .. }, Some(f)) => (Some(f), size),
+            (BlobStat::Unreadable { reason }, _) => return BlobCheck::Unreadable { reason },
+            _ => (Some(Err(io::ErrorKind::NotFound.into())), size),
+        },
+        (None, _) => (None, size),
+    };
+    let hashed = match file {
+        Some(file) => file.and_then(|mut f| {
+            let mut reader = Metered {
+                inner: &mut f,
+                bar,
+                deadline: policy.deadline,
+            };
+            hash_sized(d.algorithm(), &mut reader, buf, Some(expected))
+        }),
+        None => storage.open_blob(d).and_then(|mut f| {
+            let mut reader = Metered {
+                inner: &mut f,
+                bar,
+                deadline: policy.deadline,
+            };
+            hash_reader(d.algorithm(), &mut reader, buf)
+        }),
+    };
     match hashed {
         Ok((actual, read)) => {
             totals.bytes.fetch_add(read, Ordering::Relaxed);
@@ -356,15 +501,35 @@ pub(crate) fn hash_reader(
     r: &mut dyn Read,
     buf: &mut [u8],
 ) -> io::Result<(Digest, u64)> {
+    hash_sized(alg, r, buf, None)
+}
+
+/// [`hash_reader`] for a file expected to hold `expected` bytes (its size on the open
+/// file): reads are sized to end one byte past it, so a file that has not grown ends
+/// with a short read at exactly that size, without a last read of nothing; one that
+/// grew is read on to its end. Either way every byte up to the end is hashed.
+fn hash_sized(
+    alg: Algorithm,
+    r: &mut dyn Read,
+    buf: &mut [u8],
+    expected: Option<u64>,
+) -> io::Result<(Digest, u64)> {
     fn run<H: sha2::Digest>(
         mut h: H,
         alg: Algorithm,
         r: &mut dyn Read,
         buf: &mut [u8],
+        expected: Option<u64>,
     ) -> io::Result<(Digest, u64)> {
         let mut total = 0u64;
         loop {
-            let n = match r.read(buf) {
+            let want = match expected {
+                Some(e) if total <= e => {
+                    usize::try_from(e - total + 1).map_or(buf.len(), |left| left.min(buf.len()))
+                }
+                _ => buf.len(),
+            };
+            let n = match r.read(&mut buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -372,6 +537,9 @@ pub(crate) fn hash_reader(
             };
             h.update(&buf[..n]);
             total += n as u64;
+            if n < want && expected == Some(total) {
+                break;
+            }
         }
         let out = h.finalize();
         Digest::from_raw(alg, &out)
@@ -379,9 +547,9 @@ pub(crate) fn hash_reader(
             .ok_or_else(|| io::Error::other("hash length does not match its algorithm"))
     }
     match alg {
-        Algorithm::Sha256 => run(sha2::Sha256::new(), alg, r, buf),
-        Algorithm::Sha384 => run(sha2::Sha384::new(), alg, r, buf),
-        Algorithm::Sha512 => run(sha2::Sha512::new(), alg, r, buf),
+        Algorithm::Sha256 => run(sha2::Sha256::new(), alg, r, buf, expected),
+        Algorithm::Sha384 => run(sha2::Sha384::new(), alg, r, buf, expected),
+        Algorithm::Sha512 => run(sha2::Sha512::new(), alg, r, buf, expected),
     }
 }
 
@@ -432,9 +600,20 @@ mod tests {
         put(&st, &good, b"good");
         put(&st, &large, &big);
         put(&st, &corrupt, b"tampered");
-        let all = [good, large, corrupt, absent];
-        let stats = all.iter().map(|d| st.stat_blob(d)).collect();
-        let (out, counts) = verify(&st, &all, stats, Policy::simple(2, false)).expect("verify");
+        // Some blobs already known (as the storage walk knows them), the rest asked here.
+        let known = vec![
+            Some(st.stat_blob(&good)),
+            None,
+            None,
+            Some(BlobStat::Absent),
+        ];
+        let (out, counts) = verify(
+            &st,
+            &[good, large, corrupt, absent],
+            known,
+            Policy::simple(2, false),
+        )
+        .expect("verify");
         assert_eq!(
             out[0],
             BlobCheck::Present {
@@ -460,8 +639,8 @@ mod tests {
         assert_eq!(counts.bytes_hashed, 4 + big.len() as u64 + 8);
         assert_eq!(counts.blobs_hashed, 3);
 
-        let stats = vec![st.stat_blob(&corrupt)];
-        let (quick, _) = verify(&st, &[corrupt], stats, Policy::simple(1, true)).expect("verify");
+        let (quick, _) =
+            verify(&st, &[corrupt], vec![None], Policy::simple(1, true)).expect("verify");
         assert_eq!(
             quick[0],
             BlobCheck::Present {
@@ -469,6 +648,66 @@ mod tests {
                 content: Content::NotHashed(Skip::Quick)
             }
         );
+    }
+
+    #[test]
+    fn sized_reads_hash_every_byte_whether_the_file_grew_or_shrank() {
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let whole = digest_of(Algorithm::Sha256, &bytes);
+        for buf_len in [7, 4096, READ_BUFFER] {
+            let mut buf = vec![0u8; buf_len];
+            for expected in [0, 1, 99_999, 100_000, 100_001, 1 << 40] {
+                let (d, n) =
+                    hash_sized(Algorithm::Sha256, &mut &bytes[..], &mut buf, Some(expected))
+                        .expect("hash");
+                assert_eq!((d, n), (whole, bytes.len() as u64), "{buf_len} {expected}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_blobs_are_hashed_last_and_reported_in_order() {
+        let s = Scratch::new("rehash-large");
+        let st = Storage::open_fs(&s.0).expect("open");
+        let big: Vec<u8> = (0..LARGE as usize + 5).map(|i| (i % 241) as u8).collect();
+        let large = digest_of(Algorithm::Sha256, &big);
+        let tampered = digest_of(Algorithm::Sha256, &big[1..]);
+        let small = digest_of(Algorithm::Sha256, b"small");
+        put(&st, &large, &big);
+        put(&st, &tampered, &big);
+        put(&st, &small, b"small");
+        for stat_first in [false, true] {
+            let mut policy = Policy::simple(2, false);
+            if stat_first {
+                // A sample of everything takes the stat-first way.
+                policy.sample = Some(Sample::Basis(10_000));
+            }
+            let (out, counts) =
+                verify(&st, &[small, large, tampered], vec![None; 3], policy).expect("verify");
+            assert_eq!(
+                out[0],
+                BlobCheck::Present {
+                    size: 5,
+                    content: Content::Verified
+                }
+            );
+            assert_eq!(
+                out[1],
+                BlobCheck::Present {
+                    size: big.len() as u64,
+                    content: Content::Verified
+                }
+            );
+            assert_eq!(
+                out[2],
+                BlobCheck::Present {
+                    size: big.len() as u64,
+                    content: Content::Mismatch { actual: large }
+                }
+            );
+            assert_eq!(counts.blobs_hashed, 3);
+            assert_eq!(counts.bytes_hashed, 5 + 2 * big.len() as u64);
+        }
     }
 
     #[test]

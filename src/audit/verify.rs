@@ -94,13 +94,6 @@ pub(crate) struct Walk {
     pub links: HashMap<String, DigestSet>,
 }
 
-impl Walk {
-    /// Whether `repo` links `d`, when the walk knows.
-    pub(crate) fn linked(&self, repo: &str, d: &Digest) -> Option<bool> {
-        self.links.get(repo).map(|set| set.contains(d))
-    }
-}
-
 /// Walks the repositories `shard` owns: verification, blob stats and link sets (see
 /// [`Walk`]). Links are read and blobs stat-ed on `pool`; the manifests are followed on
 /// this thread. When `cancel` is set (the cache could not be read), it stops early.

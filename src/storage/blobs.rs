@@ -247,7 +247,7 @@ impl BlobTable {
     }
 
     /// The memo for `d`: `Err(true)` when it still has to be asked about.
-    fn known(&self, d: &Digest) -> Result<Stat, bool> {
+    fn known_stat(&self, d: &Digest) -> Result<Stat, bool> {
         match self.listing.listed.position(d) {
             Ok(i) => self.slots.get(i).copied().flatten().ok_or(true),
             Err(_) if !self.listing.may_hold(d) => Ok(Stat::Absent),
@@ -267,7 +267,7 @@ impl BlobTable {
             let mut seen = HashSet::new();
             digests
                 .iter()
-                .filter(|d| self.known(d).is_err() && seen.insert(**d))
+                .filter(|d| self.known_stat(d).is_err() && seen.insert(**d))
                 .copied()
                 .collect()
         };
@@ -303,15 +303,13 @@ impl BlobTable {
         s
     }
 
-    /// What storage holds for `d`, from the memo or asked now.
-    pub(crate) fn stat(&mut self, storage: &Storage, d: &Digest) -> BlobStat {
-        let s = match self.known(d) {
-            Ok(s) => s,
-            Err(_) => {
-                let st = storage.stat_blob(d);
-                self.remember(*d, st)
-            }
-        };
+    /// What the run knows of `d` without asking storage: the memo, or absent when the
+    /// listing rules it out; `None` when it has to be asked.
+    pub(crate) fn known(&self, d: &Digest) -> Option<BlobStat> {
+        self.known_stat(d).ok().map(|s| self.expand(s))
+    }
+
+    fn expand(&self, s: Stat) -> BlobStat {
         match s {
             Stat::Absent => BlobStat::Absent,
             Stat::Present { size, modified } => BlobStat::Present {
@@ -322,6 +320,18 @@ impl BlobTable {
                 reason: self.reasons.get(i as usize).cloned().unwrap_or_default(),
             },
         }
+    }
+
+    /// What storage holds for `d`, from the memo or asked now.
+    pub(crate) fn stat(&mut self, storage: &Storage, d: &Digest) -> BlobStat {
+        let s = match self.known_stat(d) {
+            Ok(s) => s,
+            Err(_) => {
+                let st = storage.stat_blob(d);
+                self.remember(*d, st)
+            }
+        };
+        self.expand(s)
     }
 }
 

@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -25,6 +26,10 @@ pub(crate) struct FsStorage {
     /// Directories below `v2` already found not to be symlinks (nor under one), so a
     /// million blobs cost two `lstat`s each rather than six.
     plain_dirs: RwLock<HashSet<PathBuf>>,
+    /// The same knowledge for the blob directories, by algorithm and first byte:
+    /// `blobs`, `blobs/<alg>` and `blobs/<alg>/<xx>` all found to be real directories,
+    /// so opening a blob there needs no `lstat` of them (see [`FsStorage::open_fast`]).
+    plain_prefixes: Box<[AtomicBool]>,
     /// Places a walk could not read (see [`Unread`]).
     pub(super) unread: Unread,
 }
@@ -65,6 +70,7 @@ impl FsStorage {
             root: canonical,
             v2,
             plain_dirs: RwLock::new(HashSet::new()),
+            plain_prefixes: (0..3 * 256).map(|_| AtomicBool::new(false)).collect(),
             unread: Unread::default(),
         })
     }
@@ -76,12 +82,16 @@ impl FsStorage {
     /// `<v2>/blobs/<alg>/<first two hex>/<hex>/data`
     pub(crate) fn blob_data_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.v2
-            .join("blobs")
-            .join(digest.algorithm().name())
-            .join(&hex[..2])
-            .join(&hex)
-            .join("data")
+        let alg = digest.algorithm().name();
+        // One allocation: this runs for every blob of every run.
+        let mut p = std::ffi::OsString::with_capacity(
+            self.v2.as_os_str().len() + "/blobs///data".len() + alg.len() + 2 + hex.len() + 8,
+        );
+        p.push(self.v2.as_os_str());
+        for part in ["/blobs/", alg, "/", &hex[..2], "/", &hex, "/data"] {
+            p.push(part);
+        }
+        PathBuf::from(p)
     }
 
     /// `<v2>/repositories/<name>`; `repo` must be a validated repository name.
@@ -93,14 +103,7 @@ impl FsStorage {
     pub(crate) fn stat_blob(&self, digest: &Digest) -> BlobStat {
         let path = self.blob_data_path(digest);
         match self.checked_metadata(&path) {
-            Ok(meta) if meta.is_file() => BlobStat::Present {
-                size: meta.len(),
-                modified: meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos() as i128),
-            },
+            Ok(meta) if meta.is_file() => present(&meta),
             Ok(_) => BlobStat::Unreadable {
                 reason: format!("{} is not a regular file", self.relative(&path)),
             },
@@ -121,8 +124,106 @@ impl FsStorage {
     /// anything that is not a regular file.
     pub(crate) fn open_blob(&self, digest: &Digest) -> io::Result<File> {
         let path = self.blob_data_path(digest);
-        self.checked_metadata(&path)?;
-        open_regular(&path)
+        match self.open_fast(digest, &path) {
+            Fast::Absent(e) => Err(e),
+            Fast::Opened(f, meta) if meta.is_file() => Ok(f),
+            Fast::Opened(_, meta) => Err(not_regular(&meta)),
+            Fast::Slow => {
+                self.checked_metadata(&path)?;
+                open_regular(&path)
+            }
+        }
+    }
+
+    /// What [`FsStorage::stat_blob`] says of a blob, and when it is present, the blob
+    /// opened as [`FsStorage::open_blob`] opens it - in one `open` and one `fstat` on
+    /// the usual layout (no symlinks), instead of a stat, a second stat and an open.
+    /// The size and time of a present blob are those of the open file.
+    pub(crate) fn stat_and_open(&self, digest: &Digest) -> (BlobStat, Option<io::Result<File>>) {
+        let path = self.blob_data_path(digest);
+        match self.open_fast(digest, &path) {
+            Fast::Absent(_) => (BlobStat::Absent, None),
+            Fast::Opened(f, meta) if meta.is_file() => (present(&meta), Some(Ok(f))),
+            Fast::Opened(..) => (
+                BlobStat::Unreadable {
+                    reason: format!("{} is not a regular file", self.relative(&path)),
+                },
+                None,
+            ),
+            Fast::Slow => {
+                let st = self.stat_blob(digest);
+                let file = matches!(st, BlobStat::Present { .. }).then(|| {
+                    self.checked_metadata(&path)?;
+                    open_regular(&path)
+                });
+                (st, file)
+            }
+        }
+    }
+
+    /// The fast way to a blob's data, for the usual layout: when `blobs`, its algorithm
+    /// and prefix directories are known to be real directories and the blob's own
+    /// directory is one too (one `lstat`), `data` is opened with `O_NOFOLLOW` (a
+    /// symlink fails the open rather than being followed), non-blocking (a FIFO never
+    /// blocks) and without becoming a controlling terminal, and its type is read from
+    /// the open file. Anything else - a symlink anywhere below `v2`, an error other
+    /// than "not found" - is `Slow`: the caller takes the path of `checked_metadata`,
+    /// which resolves symlinks and keeps only those inside the root, exactly as before.
+    fn open_fast(&self, digest: &Digest, path: &Path) -> Fast {
+        if !self.plain_prefix(digest, path) {
+            return Fast::Slow;
+        }
+        let Some(hex_dir) = path.parent() else {
+            return Fast::Slow;
+        };
+        match fs::symlink_metadata(hex_dir) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if is_absent(&e) => return Fast::Absent(e),
+            _ => return Fast::Slow,
+        }
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+            .open(path);
+        match file {
+            Ok(f) => match f.metadata() {
+                Ok(meta) => Fast::Opened(f, meta),
+                Err(_) => Fast::Slow,
+            },
+            Err(e) if is_absent(&e) => Fast::Absent(e),
+            Err(_) => Fast::Slow,
+        }
+    }
+
+    /// Whether `blobs/<alg>/<xx>` and the two directories above it are real
+    /// directories (not symlinks); a yes is remembered for the run, as `plain_dirs`.
+    fn plain_prefix(&self, digest: &Digest, path: &Path) -> bool {
+        let alg = match digest.algorithm() {
+            crate::digest::Algorithm::Sha256 => 0,
+            crate::digest::Algorithm::Sha384 => 1,
+            crate::digest::Algorithm::Sha512 => 2,
+        };
+        let Some(flag) = self
+            .plain_prefixes
+            .get(alg * 256 + usize::from(digest.raw()[0]))
+        else {
+            return false;
+        };
+        if flag.load(Ordering::Relaxed) {
+            return true;
+        }
+        // data -> hex -> prefix -> alg -> blobs
+        let prefix = path.ancestors().nth(2);
+        let plain = prefix.is_some_and(|prefix| {
+            prefix.ancestors().take(3).all(|d| {
+                d.starts_with(&self.v2)
+                    && fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir())
+            })
+        });
+        if plain {
+            flag.store(true, Ordering::Relaxed);
+        }
+        plain
     }
 
     /// Whether repository `repo` links `digest` as a layer or as a manifest revision.
@@ -445,6 +546,28 @@ impl FsStorage {
     }
 }
 
+/// How [`FsStorage::open_fast`] went.
+enum Fast {
+    /// Nothing there (the error says what).
+    Absent(io::Error),
+    /// Opened, with the metadata of the open file (of any type).
+    Opened(File, Metadata),
+    /// Not the usual layout, or an error: take the careful path.
+    Slow,
+}
+
+/// A regular file's size and modification time as a present blob.
+fn present(meta: &Metadata) -> BlobStat {
+    BlobStat::Present {
+        size: meta.len(),
+        modified: meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i128),
+    }
+}
+
 /// Whether an error means "nothing there": not found, or a path through a file.
 fn is_absent(e: &io::Error) -> bool {
     matches!(
@@ -582,6 +705,81 @@ pub(crate) mod tests {
             st.stat_blob(&f),
             BlobStat::Present { size: 3, .. }
         ));
+    }
+
+    #[test]
+    fn stat_and_open_agrees_with_stat_blob_on_every_kind_of_entry() {
+        let s = Scratch::new("statopen");
+        let outside = Scratch::new("statopen-out");
+        fs::write(outside.0.join("data"), b"secret").expect("write");
+        let st = FsStorage::open(&s.0).expect("open");
+        let dir_of = |d: &Digest| {
+            let p = st.blob_data_path(d);
+            fs::create_dir_all(p.parent().expect("parent").parent().expect("prefix"))
+                .expect("mkdir");
+            p
+        };
+        let mkdir = |p: &Path| fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        // A regular file, an absent one, a directory as data, a FIFO.
+        let (a, b, c, f) = (digest('a'), digest('b'), digest('c'), digest('f'));
+        let pa = dir_of(&a);
+        mkdir(&pa);
+        fs::write(&pa, b"hello").expect("write");
+        dir_of(&b);
+        fs::create_dir_all(dir_of(&c)).expect("dir as data");
+        let pf = dir_of(&f);
+        mkdir(&pf);
+        let fifo = std::process::Command::new("mkfifo").arg(&pf).status();
+        // A data symlink inside the root, one out of it, and a symlinked blob directory.
+        let (i, o, h) = (digest('1'), digest('2'), digest('3'));
+        fs::write(s.0.join("docker/registry/v2/inside"), b"abc").expect("write");
+        let pi = dir_of(&i);
+        mkdir(&pi);
+        std::os::unix::fs::symlink(s.0.join("docker/registry/v2/inside"), &pi).expect("link");
+        let po = dir_of(&o);
+        mkdir(&po);
+        std::os::unix::fs::symlink(outside.0.join("data"), &po).expect("link");
+        let ph = dir_of(&h);
+        std::os::unix::fs::symlink(&outside.0, ph.parent().expect("hex")).expect("link");
+
+        for d in [a, b, c, f, i, o, h] {
+            if d == f && !fifo.as_ref().is_ok_and(|s| s.success()) {
+                continue;
+            }
+            let (stat, file) = st.stat_and_open(&d);
+            assert_eq!(stat, st.stat_blob(&d), "{d}");
+            assert_eq!(
+                file.is_some(),
+                matches!(stat, BlobStat::Present { .. }),
+                "{d}"
+            );
+            if let Some(file) = file {
+                let mut f = file.expect("opened");
+                let bytes = read_bounded(&mut f, 100).expect("read");
+                let BlobStat::Present { size, .. } = stat else {
+                    unreachable!()
+                };
+                assert_eq!(bytes.len() as u64, size);
+            }
+            assert_eq!(
+                st.open_blob(&d).is_ok(),
+                matches!(stat, BlobStat::Present { .. }),
+                "{d}"
+            );
+        }
+        assert!(matches!(
+            st.stat_and_open(&i).0,
+            BlobStat::Present { size: 3, .. }
+        ));
+        assert!(matches!(
+            st.stat_and_open(&o).0,
+            BlobStat::Unreadable { .. }
+        ));
+        assert!(matches!(
+            st.stat_and_open(&h).0,
+            BlobStat::Unreadable { .. }
+        ));
+        assert_eq!(st.stat_and_open(&b).0, BlobStat::Absent);
     }
 
     #[test]
