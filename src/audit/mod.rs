@@ -93,7 +93,7 @@ fn walk_storage(
     pool: &rayon::ThreadPool,
     cancel: &AtomicBool,
 ) -> verify::Walk {
-    let blobs = BlobTable::new(BlobListing::list(storage, pool));
+    let blobs = BlobTable::new(BlobListing::list(storage, pool, cancel));
     tracing::info!(blobs = blobs.listing().len(), "blob directories listed");
     let walk = if opts.verify_storage {
         verify::walk(storage, opts.shard, blobs, pool, cancel)
@@ -130,12 +130,17 @@ fn judge_all(
         blobs,
         links,
     } = walk;
-    let known: Vec<Option<BlobStat>> = digests.iter().map(|d| blobs.known(d)).collect();
+    // A blob the walk found absent is asked again: the walk ran while the cache was
+    // read, and a push writes the blob before its cache entry.
+    let known: Vec<Option<BlobStat>> = digests
+        .iter()
+        .map(|d| blobs.known(d).filter(|st| *st != BlobStat::Absent))
+        .collect();
     drop(blobs);
     let (checks, hash_counts) = rehash::verify(storage, &digests, known, opts.hashing)?;
 
     // Links of the repositories that list a present blob: from the walk, or asked of
-    // storage (in parallel) for the repositories it did not read.
+    // storage (in parallel) where the walk did not read the repository or found no link.
     let mut unlinked: HashSet<(u32, Digest)> = HashSet::new();
     let mut ask: Vec<(u32, Digest)> = Vec::new();
     for (d, check) in digests.iter().zip(&checks) {
@@ -151,10 +156,9 @@ fn judge_all(
                 .map(|set| set.contains(d))
             {
                 Some(true) => {}
-                Some(false) => {
-                    unlinked.insert((r.repo, *d));
-                }
-                None => ask.push((r.repo, *d)),
+                // Not linked when the walk listed the repository: asked again, as a
+                // push may have linked it since.
+                Some(false) | None => ask.push((r.repo, *d)),
             }
         }
     }
@@ -552,5 +556,91 @@ mod tests {
         let mut sorted = audit.findings.clone();
         finding::sort(&mut sorted);
         assert_eq!(sorted, audit.findings);
+    }
+
+    fn opts() -> AuditOptions<'static> {
+        AuditOptions {
+            hashing: Policy::simple(2, true),
+            verify_storage: true,
+            shard: Shard::ALL,
+            io_threads: 3,
+        }
+    }
+
+    fn kinds(audit: &Audit) -> Vec<(Kind, Option<Digest>)> {
+        audit.findings.iter().map(|f| (f.kind, f.digest)).collect()
+    }
+
+    #[test]
+    fn a_link_reached_through_a_symlink_out_of_the_root_is_not_read() {
+        let scratch = Scratch::new("walk-symlink");
+        let outside = Scratch::new("walk-outside");
+        let d = put(&outside.0, "a", b"a layer");
+        let v2 = scratch.0.join("docker/registry/v2");
+        // The blob is in storage; repository a's _layers leads out of the root.
+        let hex = d.hex();
+        let data = v2.join("blobs/sha256").join(&hex[..2]).join(&hex);
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("data"), b"a layer").expect("write");
+        let repo = v2.join("repositories/a");
+        std::fs::create_dir_all(repo.join("_manifests/revisions")).expect("mkdir");
+        std::os::unix::fs::symlink(
+            outside.0.join("docker/registry/v2/repositories/a/_layers"),
+            repo.join("_layers"),
+        )
+        .expect("symlink");
+        let mut idx = CacheIndex::new();
+        cache(&mut idx, "a", d, "7");
+        let storage = Storage::open_fs(&scratch.0).expect("storage");
+        let audit = run(&storage, idx, opts()).expect("audit");
+        assert!(
+            audit
+                .findings
+                .iter()
+                .any(|f| f.kind == Kind::BadLink && f.detail.contains("outside the storage root")),
+            "{:#?}",
+            audit.findings
+        );
+    }
+
+    #[test]
+    fn what_the_walk_saw_before_a_push_is_asked_again() {
+        let scratch = Scratch::new("walk-push");
+        let v2 = scratch.0.join("docker/registry/v2");
+        std::fs::create_dir_all(v2.join("repositories/a/_layers/sha256")).expect("mkdir");
+        let storage = Storage::open_fs(&scratch.0).expect("storage");
+        let pool = verify::io_pool(3).expect("pool");
+        // The walk runs while the cache is read; the push lands in between.
+        let walk = walk_storage(&storage, opts(), &pool, &AtomicBool::new(false));
+        let d = put(&scratch.0, "a", b"pushed meanwhile");
+        let mut idx = CacheIndex::new();
+        cache(&mut idx, "a", d, "16");
+        let audit = judge_all(&storage, idx, walk, opts(), &pool).expect("audit");
+        assert_eq!(kinds(&audit), vec![], "{:#?}", audit.findings);
+    }
+
+    #[test]
+    fn links_under_a_directory_that_cannot_be_listed_are_asked_one_by_one() {
+        let scratch = Scratch::new("walk-loop");
+        let d = put(&scratch.0, "a", b"a layer");
+        let repo = scratch.0.join("docker/registry/v2/repositories/a");
+        std::fs::remove_dir_all(repo.join("_layers")).expect("rm");
+        std::fs::create_dir_all(repo.join("_manifests/revisions")).expect("mkdir");
+        // A symlink loop: nothing below it can be read (ELOOP), as root too.
+        std::os::unix::fs::symlink(repo.join("_layers"), repo.join("_layers")).expect("loop");
+        let mut idx = CacheIndex::new();
+        cache(&mut idx, "a", d, "7");
+        let storage = Storage::open_fs(&scratch.0).expect("storage");
+        let audit = run(&storage, idx, opts()).expect("audit");
+        let got = kinds(&audit);
+        assert!(
+            !got.iter().any(|(k, _)| *k == Kind::UnlinkedRepositoryBlob),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|(k, _)| *k == Kind::UnreadableStorage),
+            "{got:?}"
+        );
+        assert!(!audit.incomplete.is_empty());
     }
 }

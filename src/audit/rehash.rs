@@ -1,8 +1,10 @@
 //! Verifying blobs against storage, in parallel: for each digest, does its data exist,
 //! how large is it, and (unless a policy says to skip it) does it hash to its digest.
-//! This is the one place with parallel code (`parallel_map` lends the same machinery to
-//! the registry probes of `probe`, `check`, `gc` and its restart): a rayon pool of
-//! `jobs` threads. On a filesystem each blob is opened once when all are hashed (the
+//! The hashing is parallel here (`parallel_map` lends the same machinery to the registry
+//! probes of `probe`, `check`, `gc` and its restart), on a rayon pool of `jobs` threads;
+//! the only other parallel code is the storage walk's pool of I/O threads (`verify`,
+//! `storage::blobs`). What the walk already knows of a blob is taken as given. On a
+//! filesystem each blob is opened once when all are hashed (the
 //! open file gives existence, type and size); a small blob is read in one read, a large
 //! one through a reused buffer of a few hundred KiB, never held in memory whole, and
 //! large blobs go last, largest first, so no thread is left idle at the end. It reads

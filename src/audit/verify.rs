@@ -60,7 +60,7 @@ pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, Ve
             }
         }
     };
-    let blobs = BlobTable::new(BlobListing::list(storage, &pool));
+    let blobs = BlobTable::new(BlobListing::list(storage, &pool, &AtomicBool::new(false)));
     let w = walk(storage, shard, blobs, &pool, &AtomicBool::new(false));
     (w.findings, w.counts)
 }
@@ -115,7 +115,11 @@ pub(crate) fn walk(
         followed: HashSet::new(),
         links: HashMap::new(),
     };
-    let (repos, bad) = storage.repositories();
+    let (repos, bad) = if cancel.load(Ordering::Relaxed) {
+        (Vec::new(), Vec::new())
+    } else {
+        storage.repositories()
+    };
     let bad: Vec<String> = if shard.owns_unsharded() {
         bad
     } else {
@@ -289,6 +293,8 @@ enum Presence {
 struct Read {
     repo: String,
     path: String,
+    /// No symlink on the way to it: it may be read without the symlink checks.
+    plain: bool,
     what: LinkKind,
 }
 
@@ -328,7 +334,7 @@ impl Verifier<'_> {
     fn reads(&mut self, repo: &str) -> Vec<Read> {
         let storage = self.storage;
         let mut out = Vec::new();
-        let unread_before = storage.unread_len();
+        let mut complete = true;
         for (sub, kind, severity, what) in [
             (
                 "_layers",
@@ -343,10 +349,13 @@ impl Verifier<'_> {
                 "manifest revision",
             ),
         ] {
-            for (path, alg, hex) in storage.link_dirs(repo, sub) {
+            let (dirs, listed) = storage.link_dirs(repo, sub);
+            complete &= listed;
+            for (path, alg, hex, plain) in dirs {
                 out.push(Read {
                     repo: repo.to_string(),
                     path,
+                    plain,
                     what: LinkKind::Named {
                         expected: Digest::parse(format!("{alg}:{hex}").as_bytes()),
                         kind,
@@ -358,10 +367,8 @@ impl Verifier<'_> {
         }
         // The link set is only as good as the listing: with anything unread below the
         // repository's links, the cache check asks storage link by link instead.
-        self.links.insert(
-            repo.to_string(),
-            (storage.unread_len() == unread_before).then(DigestSet::default),
-        );
+        self.links
+            .insert(repo.to_string(), complete.then(DigestSet::default));
         for tag in storage.tags(repo) {
             self.counts.tags_checked += 1;
             if !crate::repo_name::is_valid_tag(&tag) {
@@ -382,6 +389,7 @@ impl Verifier<'_> {
                 out.push(Read {
                     repo: repo.to_string(),
                     path,
+                    plain: false,
                     what: LinkKind::Tag(tag),
                 });
             } else {
@@ -622,6 +630,7 @@ impl Verifier<'_> {
                         LinkKind::Named { expected: None, .. } => Ok(Vec::new()),
                         // Content that is not a digest is read again the checked
                         // way, which tells a regular file from anything else.
+                        LinkKind::Named { .. } if !r.plain => storage.read_small(&r.path, MAX_LINK),
                         LinkKind::Named { .. } => match storage.read_listed(&r.path, MAX_LINK) {
                             Ok(c) if Digest::parse(&c).is_none() => {
                                 storage.read_small(&r.path, MAX_LINK)

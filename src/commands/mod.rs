@@ -43,9 +43,15 @@ pub(crate) fn audit_with(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<(audit::Audit, Vec<String>), String> {
-    // Storage is walked while the cache is read.
+    // Redis is connected to first, so an unreachable one exits at once; then storage is
+    // walked while the cache is read.
+    let conn = match &source.cache {
+        CacheSource::Redis(target) => Some(target.connect_cache()?),
+        _ => None,
+    };
     let (mut audit, (notes, dump_incomplete)) = audit::run_reading(storage, opts, || {
-        read_cache(source, scan_count, opts).map(|(index, notes, dump)| (index, (notes, dump)))
+        read_cache_with(source, conn, scan_count, opts)
+            .map(|(index, notes, dump)| (index, (notes, dump)))
     })?;
     // What the dump held is audited; that it may not be the whole cache is said.
     audit.incomplete.extend(dump_incomplete);
@@ -59,13 +65,26 @@ pub(crate) fn read_cache(
     scan_count: usize,
     opts: AuditOptions<'_>,
 ) -> Result<(CacheIndex, Vec<String>, Option<String>), String> {
+    read_cache_with(source, None, scan_count, opts)
+}
+
+/// [`read_cache`] through a Redis connection already open (`None`: opened here).
+fn read_cache_with(
+    source: &Source,
+    conn: Option<redis_cache::CacheConn>,
+    scan_count: usize,
+    opts: AuditOptions<'_>,
+) -> Result<(CacheIndex, Vec<String>, Option<String>), String> {
     let mut notes = Vec::new();
     let mut dump_incomplete = None;
     let mut index = CacheIndex::for_shard(opts.shard);
     let keys = progress::counter("cache keys read");
     match &source.cache {
         CacheSource::Redis(target) => {
-            let mut conn = target.connect_cache()?;
+            let mut conn = match conn {
+                Some(c) => c,
+                None => target.connect_cache()?,
+            };
             let reread = redis_cache::scan(&mut conn, &mut index, scan_count, &keys)?;
             if reread > 0 {
                 notes.push(format!(

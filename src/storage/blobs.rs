@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -108,7 +109,12 @@ impl BlobListing {
     /// Only plain directories are listed; a symlinked or unreadable one leaves its part
     /// of the digest space unsure, so the blobs in it are stat-ed one by one as before,
     /// with the symlink rule and the unread record of [`Storage::stat_blob`].
-    pub(crate) fn list(storage: &Storage, pool: &rayon::ThreadPool) -> BlobListing {
+    /// When `cancel` is set meanwhile, the listing stops early (and is not to be used).
+    pub(crate) fn list(
+        storage: &Storage,
+        pool: &rayon::ThreadPool,
+        cancel: &AtomicBool,
+    ) -> BlobListing {
         let Storage::Fs(fs) = storage else {
             return BlobListing::unknown();
         };
@@ -149,7 +155,12 @@ impl BlobListing {
         let listed: Vec<Result<Vec<Digest>, (Algorithm, u8)>> = pool.install(|| {
             prefixes
                 .par_iter()
-                .map(|(alg, prefix, dir)| list_prefix(*alg, *prefix, dir).ok_or((*alg, *prefix)))
+                .map(|(alg, prefix, dir)| {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err((*alg, *prefix));
+                    }
+                    list_prefix(*alg, *prefix, dir).ok_or((*alg, *prefix))
+                })
                 .collect()
         });
         for r in listed {
@@ -369,7 +380,7 @@ mod tests {
         std::os::unix::fs::symlink(v2.join("elsewhere"), v2.join("blobs/sha256/ee"))
             .expect("symlink");
 
-        let listing = BlobListing::list(&storage, &pool());
+        let listing = BlobListing::list(&storage, &pool(), &AtomicBool::new(false));
         assert_eq!(listing.len(), 1);
         assert!(listing.may_hold(&a));
         assert!(!listing.may_hold(&b));

@@ -16,6 +16,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use super::{BlobStat, Unread};
 use crate::digest::Digest;
 
+/// A link directory as [`FsStorage::link_dirs`] lists it: (path of its `link`, alg,
+/// hex dir, whether no directory on the way is a symlink).
+pub(crate) type LinkDir = (PathBuf, String, String, bool);
+
 /// The registry's storage root (`rootdirectory`) on a filesystem, opened for reading.
 #[derive(Debug)]
 pub(crate) struct FsStorage {
@@ -385,24 +389,45 @@ impl FsStorage {
     /// The `link` files under `<repo>/<sub>/<alg>/<hex>/link` that exist, as (path,
     /// alg, hex dir), sorted; `sub` is `_layers` or `_manifests/revisions`.
     pub(crate) fn links(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
-        let mut out = self.link_dirs(repo, sub);
-        out.retain(|(link, _, _)| self.exists_path(link));
-        out
+        let (dirs, _) = self.link_dirs(repo, sub);
+        dirs.into_iter()
+            .filter(|(link, ..)| self.exists_path(link))
+            .map(|(link, alg, hex, _)| (link, alg, hex))
+            .collect()
     }
 
     /// The link directories `<repo>/<sub>/<alg>/<hex>/`, as (path of their `link`,
-    /// alg, hex dir), sorted; `sub` is `_layers` or `_manifests/revisions`. Each
-    /// directory is read once and no link is stat-ed here: whether the `link` file is
-    /// there shows when it is read.
-    pub(crate) fn link_dirs(&self, repo: &str, sub: &str) -> Vec<(PathBuf, String, String)> {
+    /// alg, hex dir, plain), sorted, and whether they were all listed (nothing below
+    /// recorded as unread); `sub` is `_layers` or `_manifests/revisions`. Each directory
+    /// is read once and no link is stat-ed here: whether the `link` file is there shows
+    /// when it is read. `plain` says that no directory from the root down to the link
+    /// is a symlink, so [`FsStorage::read_listed`] may read it without the symlink
+    /// checks of [`FsStorage::read_small`].
+    pub(crate) fn link_dirs(&self, repo: &str, sub: &str) -> (Vec<LinkDir>, bool) {
         let base = self.repository_path(repo).join(sub);
+        let base_plain = self.plain_below_v2(&base);
+        let mut complete = true;
         let mut out = Vec::new();
-        for (alg, alg_dir) in self.dir_entries(&base) {
-            for (hex, hex_dir) in self.dir_entries(&alg_dir) {
-                out.push((hex_dir.join("link"), alg.clone(), hex));
+        for (alg, alg_dir, alg_link) in self.dir_entries_flagged(&base, &mut complete) {
+            for (hex, hex_dir, hex_link) in self.dir_entries_flagged(&alg_dir, &mut complete) {
+                let plain = base_plain && !alg_link && !hex_link;
+                out.push((hex_dir.join("link"), alg.clone(), hex, plain));
             }
         }
-        out
+        (out, complete)
+    }
+
+    /// Whether `dir` and every directory between it and `docker/registry/v2` is a plain
+    /// directory, not a symlink (one `lstat` each).
+    fn plain_below_v2(&self, dir: &Path) -> bool {
+        let Ok(rel) = dir.strip_prefix(&self.v2) else {
+            return false;
+        };
+        let mut at = self.v2.clone();
+        rel.components().all(|c| {
+            at.push(c);
+            fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_dir())
+        })
     }
 
     /// The tags of a repository, sorted (a name that is not UTF-8 comes escaped, and so
@@ -420,10 +445,20 @@ impl FsStorage {
     /// none; one that cannot be listed, an entry whose type cannot be read, or a symlink
     /// out of the root is recorded as unread.
     fn dir_entries(&self, dir: &Path) -> Vec<(String, PathBuf)> {
+        self.dir_entries_flagged(dir, &mut true)
+            .into_iter()
+            .map(|(name, path, _)| (name, path))
+            .collect()
+    }
+
+    /// [`FsStorage::dir_entries`], each with whether it is a symlink; `complete` turns
+    /// false when anything in `dir` was recorded as unread.
+    fn dir_entries_flagged(&self, dir: &Path, complete: &mut bool) -> Vec<(String, PathBuf, bool)> {
         let rd = match fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) if is_absent(&e) => return Vec::new(),
             Err(e) => {
+                *complete = false;
                 self.unread.record(self.relative(dir), e.to_string());
                 return Vec::new();
             }
@@ -433,24 +468,35 @@ impl FsStorage {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
+                    *complete = false;
                     self.unread.record(self.relative(dir), e.to_string());
                     continue;
                 }
             };
             let path = entry.path();
-            let is_dir = match entry.file_type() {
-                Ok(t) if t.is_dir() => true,
+            let (is_dir, symlink) = match entry.file_type() {
+                Ok(t) if t.is_dir() => (true, false),
                 Ok(t) if t.is_symlink() => {
-                    self.inside(&path) && fs::metadata(&path).is_ok_and(|m| m.is_dir())
+                    let inside = self.inside(&path);
+                    *complete &= inside;
+                    (
+                        inside && fs::metadata(&path).is_ok_and(|m| m.is_dir()),
+                        true,
+                    )
                 }
-                Ok(_) => false,
+                Ok(_) => (false, false),
                 Err(e) => {
+                    *complete = false;
                     self.unread.record(self.relative(&path), e.to_string());
-                    false
+                    (false, false)
                 }
             };
             if is_dir {
-                out.push((crate::finding::escape(entry.file_name().as_bytes()), path));
+                out.push((
+                    crate::finding::escape(entry.file_name().as_bytes()),
+                    path,
+                    symlink,
+                ));
             }
         }
         out.sort();
@@ -470,8 +516,8 @@ impl FsStorage {
         read_bounded(open_regular(path)?, max)
     }
 
-    /// Reads a small file in a directory this run listed itself (a link of the storage
-    /// walk, whose directories were checked on the way down), at most `max` bytes, in
+    /// Reads a small file in a directory this run listed itself, with no symlink from
+    /// the root down to it (a `plain` link of [`FsStorage::link_dirs`]), at most `max` bytes, in
     /// three calls: an open that neither follows a final symlink nor blocks, one read of
     /// up to `max + 1` bytes, a close. What that read cannot vouch for - a symlink, an
     /// error, content that is empty or over `max` - takes [`FsStorage::read_small`]'s
@@ -480,12 +526,14 @@ impl FsStorage {
     pub(crate) fn read_listed(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
         let f = match fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
             .open(path)
         {
             Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return self.read_small(path, max),
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            // A symlink, a socket, a device without a driver, ...: the checked way
+            // names what is there.
+            Err(_) => return self.read_small(path, max),
         };
         let mut out = vec![0u8; usize::try_from(max).unwrap_or(usize::MAX).min(64 * 1024) + 1];
         match io::Read::read(&mut &f, &mut out) {

@@ -39,10 +39,6 @@ impl Unread {
             .or_insert(why);
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// Everything recorded so far, sorted by path; the list starts again empty.
     pub(crate) fn take(&self) -> Vec<(String, String)> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
@@ -184,16 +180,31 @@ impl Storage {
     }
 
     /// Like [`Storage::links`], but on a filesystem every link directory, listed
-    /// without a call per link: a directory without its `link` file shows when the link
-    /// is read (object storage lists the link objects themselves).
-    pub(crate) fn link_dirs(&self, repo: &str, sub: &str) -> Vec<(String, String, String)> {
+    /// without a call per link (a directory without its `link` file shows when the link
+    /// is read), as (loc, alg, hex, plain: no symlink on the way, so it may be read with
+    /// [`Storage::read_listed`]), and whether everything below was listed; object storage
+    /// lists the link objects themselves.
+    pub(crate) fn link_dirs(
+        &self,
+        repo: &str,
+        sub: &str,
+    ) -> (Vec<(String, String, String, bool)>, bool) {
         match self {
-            Storage::Fs(fs) => fs
-                .link_dirs(repo, sub)
-                .into_iter()
-                .map(|(p, a, h)| (fs.loc_of(&p), a, h))
-                .collect(),
-            Storage::Object(o) => o.links(repo, sub),
+            Storage::Fs(fs) => {
+                let (dirs, complete) = fs.link_dirs(repo, sub);
+                let dirs = dirs
+                    .into_iter()
+                    .map(|(p, a, h, plain)| (fs.loc_of(&p), a, h, plain))
+                    .collect();
+                (dirs, complete)
+            }
+            Storage::Object(o) => (
+                o.links(repo, sub)
+                    .into_iter()
+                    .map(|(l, a, h)| (l, a, h, true))
+                    .collect(),
+                true,
+            ),
         }
     }
 
@@ -232,8 +243,8 @@ impl Storage {
         }
     }
 
-    /// Like [`Storage::read_small`], for a file in a directory this run listed itself
-    /// (a link from [`Storage::link_dirs`]): on a filesystem, four calls per file.
+    /// Like [`Storage::read_small`], for a `plain` link of [`Storage::link_dirs`]: on a
+    /// filesystem, three calls per file.
     pub(crate) fn read_listed(&self, loc: &str, max: u64) -> io::Result<Vec<u8>> {
         match self {
             Storage::Fs(fs) => fs.read_listed(&fs.v2.join(loc), max),
@@ -255,15 +266,6 @@ impl Storage {
         match self {
             Storage::Fs(fs) => fs.unread.record(path, why),
             Storage::Object(_) => tracing::warn!("cannot read {path}: {why}"),
-        }
-    }
-
-    /// How many places are recorded as unread so far (to tell whether a listing was
-    /// complete).
-    pub(crate) fn unread_len(&self) -> usize {
-        match self {
-            Storage::Fs(fs) => fs.unread.len(),
-            Storage::Object(_) => 0,
         }
     }
 
