@@ -40,7 +40,8 @@ pub(crate) enum Content {
     /// Hashes to its digest.
     Verified,
     /// Hashes to something else.
-    Mismatch { actual: Digest },
+    /// (Boxed: it is rare, and a check per cached blob stays small.)
+    Mismatch { actual: Box<Digest> },
     /// Not hashed this run, and why.
     NotHashed(Skip),
 }
@@ -322,17 +323,16 @@ pub(crate) fn verify(
         }
         out
     });
-    let mut late_checks: Vec<Option<BlobCheck>> = vec![None; first.len()];
-    for (i, check) in done.into_iter().flatten() {
-        late_checks[i] = Some(check);
-    }
+    let mut late_checks: std::collections::HashMap<usize, BlobCheck> =
+        done.into_iter().flatten().collect();
     let checks = first
         .into_iter()
-        .zip(late_checks)
-        .map(|(r, late)| match (r, late) {
-            (Ok(check), _) => Ok(check),
-            (Err(_), Some(check)) => Ok(check),
-            (Err(_), None) => Err("a large blob was left unhashed".to_string()),
+        .enumerate()
+        .map(|(i, r)| match r {
+            Ok(check) => Ok(check),
+            Err(_) => late_checks
+                .remove(&i)
+                .ok_or_else(|| "a large blob was left unhashed".to_string()),
         })
         .collect::<Result<Vec<_>, _>>()?;
     bar.finish();
@@ -447,7 +447,9 @@ fn check_one(
                 if let Some(state) = policy.state {
                     state.forget(d);
                 }
-                Content::Mismatch { actual }
+                Content::Mismatch {
+                    actual: Box::new(actual),
+                }
             };
             // The size hashed is the size that counts, should the file change meanwhile.
             BlobCheck::Present {
@@ -704,7 +706,9 @@ mod tests {
                 out[2],
                 BlobCheck::Present {
                     size: big.len() as u64,
-                    content: Content::Mismatch { actual: large }
+                    content: Content::Mismatch {
+                        actual: Box::new(large)
+                    }
                 }
             );
             assert_eq!(counts.blobs_hashed, 3);

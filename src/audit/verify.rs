@@ -367,8 +367,11 @@ impl Verifier<'_> {
         }
         // The link set is only as good as the listing: with anything unread below the
         // repository's links, the cache check asks storage link by link instead.
-        self.links
-            .insert(repo.to_string(), complete.then(DigestSet::default));
+        let named = out.len();
+        self.links.insert(
+            repo.to_string(),
+            complete.then(|| DigestSet::with_capacity(named)),
+        );
         for tag in storage.tags(repo) {
             self.counts.tags_checked += 1;
             if !crate::repo_name::is_valid_tag(&tag) {

@@ -37,6 +37,14 @@ fn sha256_key(d: &Digest) -> Option<[u64; 4]> {
 }
 
 impl DigestSet {
+    /// An empty set with room for `n` sha256 digests.
+    pub(crate) fn with_capacity(n: usize) -> DigestSet {
+        DigestSet {
+            sha256: Vec::with_capacity(n),
+            other: Vec::new(),
+        }
+    }
+
     pub(crate) fn push(&mut self, d: Digest) {
         match sha256_key(&d) {
             Some(k) => self.sha256.push(k),
@@ -163,6 +171,9 @@ impl BlobListing {
                 })
                 .collect()
         });
+        // Reserved exactly, so a million blobs never cost a doubling's worth more.
+        let total: usize = listed.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum();
+        out.listed.sha256.reserve_exact(total);
         for r in listed {
             match r {
                 Ok(ds) => ds.into_iter().for_each(|d| out.listed.push(d)),
