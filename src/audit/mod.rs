@@ -141,7 +141,6 @@ fn judge_all(
 
     // Links of the repositories that list a present blob: from the walk, or asked of
     // storage (in parallel) where the walk did not read the repository or found no link.
-    let mut unlinked: HashSet<(u32, Digest)> = HashSet::new();
     let mut ask: Vec<(u32, Digest)> = Vec::new();
     for (d, check) in digests.iter().zip(&checks) {
         if !matches!(check, BlobCheck::Present { .. }) {
@@ -168,11 +167,11 @@ fn judge_all(
             .map(|(repo, d)| storage.is_linked(index.repo_name(*repo), d))
             .collect::<Vec<bool>>()
     });
-    unlinked.extend(
-        ask.into_iter()
-            .zip(linked)
-            .filter_map(|(pair, linked)| (!linked).then_some(pair)),
-    );
+    let unlinked: HashSet<(u32, Digest)> = ask
+        .into_iter()
+        .zip(linked)
+        .filter_map(|(pair, linked)| (!linked).then_some(pair))
+        .collect();
     let mut findings = Vec::new();
     let mut absent = 0;
     for (d, check) in digests.iter().zip(&checks) {
