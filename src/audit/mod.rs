@@ -642,4 +642,32 @@ mod tests {
         );
         assert!(!audit.incomplete.is_empty());
     }
+
+    #[test]
+    fn a_link_that_is_a_socket_is_a_bad_link_as_before() {
+        let scratch = Scratch::new("walk-socket");
+        let d = put(&scratch.0, "a", b"a layer");
+        let link = scratch
+            .0
+            .join("docker/registry/v2/repositories/a/_layers/sha256")
+            .join(d.hex())
+            .join("link");
+        std::fs::remove_file(&link).expect("rm");
+        // Bound at a short path (a socket's path is limited), then moved into place.
+        let short = std::env::temp_dir().join(format!("ra-sock-{}", std::process::id()));
+        let _ = std::fs::remove_file(&short);
+        let _socket = std::os::unix::net::UnixListener::bind(&short).expect("socket");
+        std::fs::rename(&short, &link).expect("move the socket");
+        let storage = Storage::open_fs(&scratch.0).expect("storage");
+        let audit = run(&storage, CacheIndex::new(), opts()).expect("audit");
+        assert!(
+            audit
+                .findings
+                .iter()
+                .any(|f| f.kind == Kind::BadLink && f.detail.contains("socket")),
+            "{:#?}",
+            audit.findings
+        );
+        assert!(audit.incomplete.is_empty(), "{:?}", audit.incomplete);
+    }
 }
