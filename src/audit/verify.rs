@@ -631,9 +631,10 @@ impl Verifier<'_> {
                     let unnamed = matches!(r.what, LinkKind::Named { expected: None, .. });
                     let content = match r.what {
                         LinkKind::Named { expected: None, .. } => Ok(Vec::new()),
-                        // Content that is not a digest is read again the checked
-                        // way, which tells a regular file from anything else.
+                        // With a symlink on the way, the checked read.
                         LinkKind::Named { .. } if !r.plain => storage.read_small(&r.path, MAX_LINK),
+                        // Content that is not a digest is read again the checked way,
+                        // which tells a regular file from anything else.
                         LinkKind::Named { .. } => match storage.read_listed(&r.path, MAX_LINK) {
                             Ok(c) if Digest::parse(&c).is_none() => {
                                 storage.read_small(&r.path, MAX_LINK)
