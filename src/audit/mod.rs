@@ -85,24 +85,25 @@ pub(crate) fn run_reading<T>(
     Ok((judge_all(storage, index, walk, opts, &pool)?, extra))
 }
 
-/// One walk of storage: the blob directories listed and, when storage is verified, every
-/// repository's links read (see [`verify::Walk`]).
+/// One walk of storage when it is verified: the blob directories listed and every
+/// repository's links read (see [`verify::Walk`]); nothing otherwise.
 fn walk_storage(
     storage: &Storage,
     opts: AuditOptions<'_>,
     pool: &rayon::ThreadPool,
     cancel: &AtomicBool,
 ) -> verify::Walk {
+    // Without verification nothing is walked: the cache check asks again whatever a
+    // listing would call absent, so a listing alone would be work for nothing.
+    if !opts.verify_storage {
+        return verify::Walk {
+            blobs: BlobTable::new(BlobListing::unknown()),
+            ..verify::Walk::default()
+        };
+    }
     let blobs = BlobTable::new(BlobListing::list(storage, pool, cancel));
     tracing::info!(blobs = blobs.listing().len(), "blob directories listed");
-    let walk = if opts.verify_storage {
-        verify::walk(storage, opts.shard, blobs, pool, cancel)
-    } else {
-        verify::Walk {
-            blobs,
-            ..verify::Walk::default()
-        }
-    };
+    let walk = verify::walk(storage, opts.shard, blobs, pool, cancel);
     tracing::info!(
         repositories = walk.counts.repositories,
         links = walk.counts.links_checked,

@@ -50,14 +50,19 @@ pub(crate) fn verify(storage: &Storage) -> (Vec<Finding>, VerifyCounts) {
 
 /// Verifies the repositories `shard` owns.
 pub(crate) fn verify_shard(storage: &Storage, shard: Shard) -> (Vec<Finding>, VerifyCounts) {
-    let pool = match io_pool(DEFAULT_IO_THREADS) {
-        Ok(p) => p,
+    // Without even one thread to read with, nothing was verified: said, never sound.
+    let pool = match io_pool(DEFAULT_IO_THREADS).or_else(|_| io_pool(1)) {
+        Ok(pool) => pool,
         Err(e) => {
-            tracing::warn!("{e}; reading storage on one thread");
-            match io_pool(1) {
-                Ok(p) => p,
-                Err(_) => return (Vec::new(), VerifyCounts::default()),
-            }
+            let f = Finding::storage(
+                Kind::UnreadableStorage,
+                Severity::Error,
+                None,
+                None,
+                "docker/registry/v2".to_string(),
+                format!("cannot be read ({e}): storage was not verified"),
+            );
+            return (vec![f], VerifyCounts::default());
         }
     };
     let blobs = BlobTable::new(BlobListing::list(storage, &pool, &AtomicBool::new(false)));
