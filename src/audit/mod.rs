@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use self::rehash::{BlobCheck, Content, Policy};
+use self::rehash::{BlobCheck, Content, DigestList, Policy};
 use crate::cache::index::{
     self as cache_index, CacheIndex, DigestEntry, GlobalEntry, RepoEntry, RepoHash,
 };
@@ -121,69 +121,79 @@ fn judge_all(
     opts: AuditOptions<'_>,
     pool: &rayon::ThreadPool,
 ) -> Result<Audit, String> {
-    let mut digests: Vec<Digest> = index.digests().map(|(d, _)| d).collect();
-    digests.sort_unstable();
-    // What the walk already knows of each blob (its memo, or absent by the listing);
-    // the rest is asked while hashing.
+    // Digests by id, in digest order; each `Digest` is made from the index when needed.
+    let ids = index.sorted_ids();
+    let digests = IndexDigests {
+        index: &index,
+        ids: &ids,
+    };
     let verify::Walk {
         findings: storage_findings,
         counts: storage_counts,
         blobs,
         links,
     } = walk;
-    // A blob the walk found absent is asked again: the walk ran while the cache was
-    // read, and a push writes the blob before its cache entry.
-    let known: Vec<Option<BlobStat>> = digests
-        .iter()
-        .map(|d| blobs.known(d).filter(|st| *st != BlobStat::Absent))
-        .collect();
-    drop(blobs);
-    let (checks, hash_counts) = rehash::verify(storage, &digests, known, opts.hashing)?;
-
-    // Links of the repositories that list a present blob: from the walk, or asked of
-    // storage (in parallel) where the walk did not read the repository or found no link.
-    let mut ask: Vec<(u32, Digest)> = Vec::new();
-    for (d, check) in digests.iter().zip(&checks) {
-        if !matches!(check, BlobCheck::Present { .. }) {
-            continue;
-        }
-        let Some(entry) = index.entry(d) else {
-            continue;
-        };
-        for r in entry.repos.iter().filter(|r| r.member) {
-            match links
+    // The repositories' entries the walk did not find linked: asked of storage (in
+    // parallel) for a blob that is present, as the walk did not read the repository, or
+    // a push may have linked it since. Taken before hashing, so that the walk's link sets
+    // are gone by then.
+    let mut ask: Vec<(usize, u32)> = Vec::new();
+    for (at, &id) in ids.iter().enumerate() {
+        let d = index.digest_of(id);
+        for r in index.entry_of(id).repos.iter().filter(|r| r.member) {
+            let linked = links
                 .get(index.repo_name(r.repo))
-                .map(|set| set.contains(d))
-            {
-                Some(true) => {}
-                // Not linked when the walk listed the repository: asked again, as a
-                // push may have linked it since.
-                Some(false) | None => ask.push((r.repo, *d)),
+                .is_some_and(|set| set.contains(&d));
+            if !linked {
+                ask.push((at, r.repo));
             }
         }
     }
     drop(links);
+    // What the walk already knows of each blob (its memo); the rest is asked while
+    // hashing. A blob the walk found absent is asked again: the walk ran while the cache
+    // was read, and a push writes the blob before its cache entry.
+    let known: Vec<Option<BlobStat>> = ids
+        .iter()
+        .map(|&id| {
+            blobs
+                .known(&index.digest_of(id))
+                .filter(|st| *st != BlobStat::Absent)
+        })
+        .collect();
+    drop(blobs);
+    let (checks, hash_counts) = rehash::verify(storage, &digests, known, opts.hashing)?;
+
+    ask.retain(|(at, _)| matches!(checks[*at], BlobCheck::Present { .. }));
     let linked = pool.install(|| {
         ask.par_iter()
-            .map(|(repo, d)| storage.is_linked(index.repo_name(*repo), d))
+            .map(|(at, repo)| storage.is_linked(index.repo_name(*repo), &digests.get(*at)))
             .collect::<Vec<bool>>()
     });
     let unlinked: HashSet<(u32, Digest)> = ask
         .into_iter()
         .zip(linked)
-        .filter_map(|(pair, linked)| (!linked).then_some(pair))
+        .filter_map(|((at, repo), linked)| (!linked).then(|| (repo, digests.get(at))))
         .collect();
     let mut findings = Vec::new();
     let mut absent = 0;
-    for (d, check) in digests.iter().zip(&checks) {
-        let Some(entry) = index.entry(d) else {
-            continue;
-        };
+    for ((&id, check), at) in ids.iter().zip(&checks).zip(0..) {
         if *check == BlobCheck::Absent {
             absent += 1;
         }
-        judge(&index, &unlinked, d, &entry, check, &mut findings);
+        let d = digests.get(at);
+        judge(
+            &index,
+            &unlinked,
+            &d,
+            &index.entry_of(id),
+            check,
+            &mut findings,
+        );
     }
+    let checked = ids.len() as u64;
+    drop(checks);
+    drop(ids);
 
     let counts = index.counts;
     findings.extend(index.into_malformed());
@@ -213,7 +223,7 @@ fn judge_all(
         keys_scanned: counts.keys,
         set_members_scanned: counts.set_members,
         foreign_keys_skipped: counts.foreign_keys,
-        blobs_checked: digests.len() as u64,
+        blobs_checked: checked,
         blobs_absent: absent,
         bytes_hashed: hash_counts.bytes_hashed,
         hashing: hash_counts,
@@ -227,6 +237,18 @@ fn judge_all(
         summary,
         incomplete,
     })
+}
+
+/// The index's digests, in the order of `ids`.
+struct IndexDigests<'a> {
+    index: &'a CacheIndex,
+    ids: &'a [u32],
+}
+
+impl DigestList for IndexDigests<'_> {
+    fn get(&self, at: usize) -> Digest {
+        self.index.digest_of(self.ids[at])
+    }
 }
 
 fn severity_by_live(live: bool) -> Severity {

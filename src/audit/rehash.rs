@@ -161,6 +161,18 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(
     Ok(pool.install(|| items.par_iter().map(&f).collect()))
 }
 
+/// The digests `verify` checks, by position: a slice, or ids looked up in the cache
+/// index (so a million digests need not be copied out of it, 65 bytes each).
+pub(crate) trait DigestList: Sync {
+    fn get(&self, at: usize) -> Digest;
+}
+
+impl DigestList for [Digest] {
+    fn get(&self, at: usize) -> Digest {
+        self[at]
+    }
+}
+
 /// Blobs at least this large are hashed after all the others, largest first, each by
 /// the next free thread: hashing one blob cannot be split, so a large blob started
 /// last would keep one thread busy while the others idle.
@@ -176,9 +188,9 @@ const LARGE: u64 = 16 * READ_BUFFER as u64;
 /// (existence and size are checked every run), then the ones the policy selects are
 /// hashed, with a progress bar of the bytes to go. Either way blobs of [`LARGE`] bytes
 /// or more are hashed last, largest first.
-pub(crate) fn verify(
+pub(crate) fn verify<L: DigestList + ?Sized>(
     storage: &Storage,
-    digests: &[Digest],
+    digests: &L,
     known: Vec<Option<BlobStat>>,
     policy: Policy<'_>,
 ) -> Result<(Vec<BlobCheck>, HashCounts), String> {
@@ -203,12 +215,13 @@ pub(crate) fn verify(
                 && bar.is_hidden() =>
         {
             pool.install(|| {
-                digests
-                    .par_iter()
-                    .zip(known.into_par_iter())
+                known
+                    .into_par_iter()
+                    .enumerate()
                     .map_init(
                         || vec![0u8; READ_BUFFER],
-                        |buf, (d, known)| {
+                        |buf, (i, known)| {
+                            let d = &digests.get(i);
                             let (st, file) = match known {
                                 Some(st) => (st, None),
                                 None if policy.deadline.is_some_and(|t| Instant::now() >= t) => {
@@ -229,18 +242,18 @@ pub(crate) fn verify(
         }
         _ => {
             let stats: Vec<BlobStat> = pool.install(|| {
-                digests
-                    .par_iter()
-                    .zip(known.into_par_iter())
-                    .map(|(d, known)| known.unwrap_or_else(|| storage.stat_blob(d)))
+                known
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(i, known)| known.unwrap_or_else(|| storage.stat_blob(&digests.get(i))))
                     .collect()
             });
-            let plan: Vec<Option<Skip>> = digests
+            let plan: Vec<Option<Skip>> = stats
                 .iter()
-                .zip(&stats)
-                .map(|(d, st)| match st {
+                .enumerate()
+                .map(|(i, st)| match st {
                     BlobStat::Present { size, modified } => {
-                        let skip = skip_reason(&policy, d, *size, *modified, now);
+                        let skip = skip_reason(&policy, &digests.get(i), *size, *modified, now);
                         match skip {
                             Some(Skip::Trusted) => totals.trusted.fetch_add(1, Ordering::Relaxed),
                             Some(Skip::Sample) => {
@@ -263,18 +276,27 @@ pub(crate) fn verify(
                 .sum();
             bar.set_length(to_hash);
             pool.install(|| {
-                digests
-                    .par_iter()
-                    .zip(stats.into_par_iter())
+                stats
+                    .into_par_iter()
                     .zip(plan.par_iter())
+                    .enumerate()
                     .map_init(
                         || vec![0u8; READ_BUFFER],
-                        |buf, ((d, st), skip)| {
+                        |buf, (i, (st, skip))| {
                             if late(&st, *skip) {
                                 return Err(st);
                             }
                             let check = check_one(
-                                storage, d, st, *skip, &policy, buf, &totals, &bar, now, None,
+                                storage,
+                                &digests.get(i),
+                                st,
+                                *skip,
+                                &policy,
+                                buf,
+                                &totals,
+                                &bar,
+                                now,
+                                None,
                             );
                             if let Some(state) = policy.state {
                                 state.maybe_save();
@@ -306,7 +328,7 @@ pub(crate) fn verify(
             buf.resize(READ_BUFFER, 0);
             let check = check_one(
                 storage,
-                &digests[i],
+                &digests.get(i),
                 st.clone(),
                 None,
                 &policy,
@@ -613,7 +635,7 @@ mod tests {
         ];
         let (out, counts) = verify(
             &st,
-            &[good, large, corrupt, absent],
+            &[good, large, corrupt, absent][..],
             known,
             Policy::simple(2, false),
         )
@@ -644,7 +666,7 @@ mod tests {
         assert_eq!(counts.blobs_hashed, 3);
 
         let (quick, _) =
-            verify(&st, &[corrupt], vec![None], Policy::simple(1, true)).expect("verify");
+            verify(&st, &[corrupt][..], vec![None], Policy::simple(1, true)).expect("verify");
         assert_eq!(
             quick[0],
             BlobCheck::Present {
@@ -687,7 +709,7 @@ mod tests {
                 policy.sample = Some(Sample::Basis(10_000));
             }
             let (out, counts) =
-                verify(&st, &[small, large, tampered], vec![None; 3], policy).expect("verify");
+                verify(&st, &[small, large, tampered][..], vec![None; 3], policy).expect("verify");
             assert_eq!(
                 out[0],
                 BlobCheck::Present {

@@ -546,6 +546,23 @@ impl CacheIndex {
             .map(move |id| (self.digests.digest(id), self.view(links, id)))
     }
 
+    /// Every digest id, in the order of the digests (as `Digest` sorts).
+    pub(crate) fn sorted_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..self.digests.len() as u32).collect();
+        ids.sort_unstable_by(|a, b| self.digests.digest(*a).cmp(&self.digests.digest(*b)));
+        ids
+    }
+
+    /// The digest of an id (from `sorted_ids`).
+    pub(crate) fn digest_of(&self, id: u32) -> Digest {
+        self.digests.digest(id)
+    }
+
+    /// The entries of an id (from `sorted_ids`).
+    pub(crate) fn entry_of(&self, id: u32) -> DigestEntry<'_> {
+        self.view(self.links(), id)
+    }
+
     pub(crate) fn entry(&self, d: &Digest) -> Option<DigestEntry<'_>> {
         let id = self.digests.find(d)?;
         Some(self.view(self.links(), id))

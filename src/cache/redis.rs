@@ -5,7 +5,6 @@
 //! `CacheIndex`. It reads Redis and never writes - writes live in `repair`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use redis::cluster::ClusterConnection;
@@ -177,15 +176,15 @@ impl Reader<'_> {
 }
 
 /// Keys already handed out, by hash: SCAN may return a key twice, and a resharding
-/// makes some keys read again; each reaches the caller once.
+/// makes some keys read again; each reaches the caller once. The hash is keyed at
+/// random per run, so keys written to collide on purpose cannot hide one another.
 #[derive(Default)]
-struct Seen(HashSet<u64>);
+struct Seen(HashSet<u64>, std::hash::RandomState);
 
 impl Seen {
     fn first_time(&mut self, key: &[u8]) -> bool {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        self.0.insert(h.finish())
+        let h = std::hash::BuildHasher::hash_one(&self.1, key);
+        self.0.insert(h)
     }
 }
 
