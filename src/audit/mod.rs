@@ -173,7 +173,8 @@ fn judge_all(
     let unlinked: HashSet<(u32, Digest)> = ask
         .into_iter()
         .zip(linked)
-        .filter_map(|((at, repo), linked)| (!linked).then(|| (repo, digests.get(at))))
+        .filter(|(_, linked)| !linked)
+        .map(|((at, repo), _)| (repo, digests.get(at)))
         .collect();
     let mut findings = Vec::new();
     let mut absent = 0;

@@ -549,7 +549,7 @@ impl CacheIndex {
     /// Every digest id, in the order of the digests (as `Digest` sorts).
     pub(crate) fn sorted_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = (0..self.digests.len() as u32).collect();
-        ids.sort_unstable_by(|a, b| self.digests.digest(*a).cmp(&self.digests.digest(*b)));
+        ids.sort_unstable_by_key(|id| self.digests.digest(*id));
         ids
     }
 
