@@ -143,7 +143,7 @@ fn judge_all(
         for r in index.entry_of(id).repos.iter().filter(|r| r.member) {
             let linked = links
                 .get(index.repo_name(r.repo))
-                .is_some_and(|set| set.contains(&d));
+                .is_some_and(|set| set.contains(blobs.listing(), &d));
             if !linked {
                 ask.push((at, r.repo));
             }

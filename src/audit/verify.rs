@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::finding::{Finding, Kind, Severity};
 use crate::shard::Shard;
-use crate::storage::blobs::{BlobListing, BlobTable, DigestSet};
+use crate::storage::blobs::{BlobListing, BlobTable, LinkSet};
 use crate::storage::{BlobStat, Storage};
 use crate::summary::VerifyCounts;
 
@@ -96,7 +96,8 @@ pub(crate) struct Walk {
     /// revision (a link file exists for the digest's directory). A repository missing
     /// here was not read (another shard's, or something below it could not be read),
     /// and is asked about link by link.
-    pub links: HashMap<String, DigestSet>,
+    /// The sets are over `blobs`' listing.
+    pub links: HashMap<String, LinkSet>,
 }
 
 /// Walks the repositories `shard` owns: verification, blob stats and link sets (see
@@ -323,7 +324,7 @@ struct Verifier<'a> {
     blobs: BlobTable,
     /// The digests each repository links (see [`Walk::links`]); `None` once something
     /// below the repository's links could not be read.
-    links: HashMap<String, Option<DigestSet>>,
+    links: HashMap<String, Option<LinkSet>>,
     /// Each manifest already followed.
     nodes: HashMap<Digest, Rc<Node>>,
     /// What is wrong below each tagged manifest already checked.
@@ -375,7 +376,7 @@ impl Verifier<'_> {
         let named = out.len();
         self.links.insert(
             repo.to_string(),
-            complete.then(|| DigestSet::with_capacity(named)),
+            complete.then(|| LinkSet::with_capacity(named)),
         );
         for tag in storage.tags(repo) {
             self.counts.tags_checked += 1;
@@ -470,7 +471,7 @@ impl Verifier<'_> {
                         self.counts.links_checked += 1;
                         if let (Some(e), Some(Some(set))) = (expected, self.links.get_mut(&r.repo))
                         {
-                            set.push(*e);
+                            set.push(self.blobs.listing(), *e);
                         }
                         let Some(d) =
                             self.read_link(&r.repo, &r.path, Some(*expected), None, content)

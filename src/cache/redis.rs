@@ -178,13 +178,27 @@ impl Reader<'_> {
 /// Keys already handed out, by hash: SCAN may return a key twice, and a resharding
 /// makes some keys read again; each reaches the caller once. The hash is keyed at
 /// random per run, so keys written to collide on purpose cannot hide one another.
-#[derive(Default)]
-struct Seen(HashSet<u64>, std::hash::RandomState);
+/// The hashes are kept in 256 sets by their first byte: each grows on its own, so the
+/// whole never doubles at once (a million keys would otherwise hold 28 MB while the
+/// last set grew, for 9 MB of hashes).
+struct Seen {
+    parts: Vec<HashSet<u64>>,
+    hasher: std::hash::RandomState,
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        Seen {
+            parts: vec![HashSet::new(); 256],
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
 
 impl Seen {
     fn first_time(&mut self, key: &[u8]) -> bool {
-        let h = std::hash::BuildHasher::hash_one(&self.1, key);
-        self.0.insert(h)
+        let h = std::hash::BuildHasher::hash_one(&self.hasher, key);
+        self.parts[(h >> 56) as usize].insert(h)
     }
 }
 

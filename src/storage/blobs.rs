@@ -37,14 +37,6 @@ fn sha256_key(d: &Digest) -> Option<[u64; 4]> {
 }
 
 impl DigestSet {
-    /// An empty set with room for `n` sha256 digests.
-    pub(crate) fn with_capacity(n: usize) -> DigestSet {
-        DigestSet {
-            sha256: Vec::with_capacity(n),
-            other: Vec::new(),
-        }
-    }
-
     pub(crate) fn push(&mut self, d: Digest) {
         match sha256_key(&d) {
             Some(k) => self.sha256.push(k),
@@ -75,6 +67,47 @@ impl DigestSet {
 
     pub(crate) fn len(&self) -> usize {
         self.sha256.len() + self.other.len()
+    }
+}
+
+/// The digests one repository links, kept compact over a blob listing: a listed blob
+/// as its position in the listing (4 bytes instead of 32), any other digest whole.
+/// Positions are only meaningful with the listing they were taken from.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LinkSet {
+    listed: Vec<u32>,
+    others: DigestSet,
+}
+
+impl LinkSet {
+    /// An empty set with room for `n` listed digests.
+    pub(crate) fn with_capacity(n: usize) -> LinkSet {
+        LinkSet {
+            listed: Vec::with_capacity(n),
+            others: DigestSet::default(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, listing: &BlobListing, d: Digest) {
+        match listing.listed.position(&d) {
+            Ok(at) => self.listed.push(at as u32),
+            Err(_) => self.others.push(d),
+        }
+    }
+
+    /// Sorts and removes duplicates; call once after the last `push`.
+    pub(crate) fn seal(&mut self) {
+        self.listed.sort_unstable();
+        self.listed.dedup();
+        self.listed.shrink_to_fit();
+        self.others.seal();
+    }
+
+    pub(crate) fn contains(&self, listing: &BlobListing, d: &Digest) -> bool {
+        match listing.listed.position(d) {
+            Ok(at) => self.listed.binary_search(&(at as u32)).is_ok(),
+            Err(_) => self.others.contains(d),
+        }
     }
 }
 
@@ -426,5 +459,31 @@ mod tests {
         assert_eq!(set.len(), 3);
         assert!(set.contains(&long) && set.contains(&digest('0')));
         assert!(!set.contains(&digest('1')));
+    }
+
+    #[test]
+    fn link_sets_hold_listed_and_unlisted_digests() {
+        let mut listed = DigestSet::default();
+        for c in ['1', '5', '9'] {
+            listed.push(digest(c));
+        }
+        listed.seal();
+        let listing = BlobListing {
+            listed,
+            ..BlobListing::default()
+        };
+        let long = Digest::parse_str(&format!("sha384:{}", "cd".repeat(48))).expect("digest");
+        let mut set = LinkSet::with_capacity(1);
+        // Listed blobs are kept by position, the rest (a dangling link) whole.
+        for d in [digest('9'), digest('3'), long, digest('1'), digest('9')] {
+            set.push(&listing, d);
+        }
+        set.seal();
+        for d in [digest('9'), digest('3'), long, digest('1')] {
+            assert!(set.contains(&listing, &d), "{d}");
+        }
+        for d in [digest('5'), digest('7'), digest('0')] {
+            assert!(!set.contains(&listing, &d), "{d}");
+        }
     }
 }
