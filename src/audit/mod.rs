@@ -137,8 +137,8 @@ fn judge_all(
     // parallel) for a blob that is present, as the walk did not read the repository, or
     // a push may have linked it since. Taken before hashing, so that the walk's link sets
     // are gone by then.
-    let mut ask: Vec<(usize, u32)> = Vec::new();
-    for (at, &id) in ids.iter().enumerate() {
+    let mut ask: Vec<(u32, u32)> = Vec::new();
+    for (at, &id) in (0u32..).zip(&ids) {
         let d = index.digest_of(id);
         for r in index.entry_of(id).repos.iter().filter(|r| r.member) {
             let linked = links
@@ -164,17 +164,17 @@ fn judge_all(
     drop(blobs);
     let (checks, hash_counts) = rehash::verify(storage, &digests, known, opts.hashing)?;
 
-    ask.retain(|(at, _)| matches!(checks[*at], BlobCheck::Present { .. }));
+    ask.retain(|(at, _)| matches!(checks[*at as usize], BlobCheck::Present { .. }));
     let linked = pool.install(|| {
         ask.par_iter()
-            .map(|(at, repo)| storage.is_linked(index.repo_name(*repo), &digests.get(*at)))
+            .map(|(at, repo)| storage.is_linked(index.repo_name(*repo), &digests.get(*at as usize)))
             .collect::<Vec<bool>>()
     });
     let unlinked: HashSet<(u32, Digest)> = ask
         .into_iter()
         .zip(linked)
         .filter(|(_, linked)| !linked)
-        .map(|((at, repo), _)| (repo, digests.get(at)))
+        .map(|((at, repo), _)| (repo, digests.get(at as usize)))
         .collect();
     let mut findings = Vec::new();
     let mut absent = 0;
