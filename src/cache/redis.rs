@@ -5,7 +5,7 @@
 //! `CacheIndex`. It reads Redis and never writes - writes live in `repair`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::cluster::ClusterConnection;
 use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, Value};
@@ -241,9 +241,12 @@ impl CacheConn {
                         &mut f,
                     )?;
                 }
-                // Until the slot map holds still and nothing is migrating.
+                // Until the slot map holds still and nothing is migrating, for at most
+                // RESHARD_WAIT: a resharding on a busy cluster takes a while, and a run
+                // that gives up early has to start over.
                 let mut reread = 0u64;
-                for _ in 0..50 {
+                let deadline = Instant::now() + RESHARD_WAIT;
+                while Instant::now() < deadline {
                     let after = cluster.slot_map()?;
                     let mut slots: Vec<usize> =
                         before.moved_to(&after).into_values().flatten().collect();
@@ -279,14 +282,18 @@ impl CacheConn {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
-                Err(
-                    "the Redis Cluster kept resharding during the scan; run again when it is done"
-                        .into(),
-                )
+                Err(format!(
+                    "the Redis Cluster kept resharding for {} s after the scan; run again when it is done",
+                    RESHARD_WAIT.as_secs()
+                ))
             }
         }
     }
 }
+
+/// How long a scan of a cluster waits, after the last node, for slots that moved or are
+/// migrating to settle (re-reading them as they move).
+const RESHARD_WAIT: Duration = Duration::from_secs(120);
 
 /// A SCAN may return each key more than once (while Redis rehashes): it is stopped
 /// once it has returned this many times as many keys as the server holds...
