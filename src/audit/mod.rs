@@ -178,11 +178,11 @@ fn judge_all(
         .collect();
     let mut findings = Vec::new();
     let mut absent = 0;
-    for ((&id, check), at) in ids.iter().zip(&checks).zip(0..) {
+    for (&id, check) in ids.iter().zip(&checks) {
         if *check == BlobCheck::Absent {
             absent += 1;
         }
-        let d = digests.get(at);
+        let d = index.digest_of(id);
         judge(
             &index,
             &unlinked,
